@@ -1,0 +1,96 @@
+// The one Python binding of bct_fast (module bct_fast._C). It knows nothing of torch: tensors
+// arrive as integer device addresses (data_ptr()), sizes, a dtype code and the raw CUDA stream
+// handle, already validated by the Python op layer.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+#include "bct_fast/common.h"
+
+#ifdef BCT_FAST_WITH_CUDA
+#include "bct_fast/margin_softmax.h"
+#include "bct_fast/runtime_info.h"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void raise_if_error(const bct_fast::Status& status) {
+  if (!status.ok()) throw std::runtime_error(status.error);
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = BCT_FAST_VERSION;
+#ifdef BCT_FAST_WITH_CUDA
+  info["cuda_compiled"] = true;
+  info["cuda_compiler_version"] = BCT_FAST_CUDA_COMPILER_VERSION;
+  info["cuda_architectures"] = BCT_FAST_CUDA_ARCHS;
+#else
+  info["cuda_compiled"] = false;
+  info["cuda_compiler_version"] = py::none();
+  info["cuda_architectures"] = py::none();
+#endif
+  return info;
+}
+
+py::dict runtime_info() {
+  py::dict info;
+#ifdef BCT_FAST_WITH_CUDA
+  bct_fast::RuntimeInfo r = bct_fast::query_runtime_info();
+  info["driver_version"] = r.driver_version;
+  info["runtime_version"] = r.runtime_version;
+  info["device_count"] = r.device_count;
+  info["note"] = r.note;
+#else
+  info["driver_version"] = 0;
+  info["runtime_version"] = 0;
+  info["device_count"] = 0;
+  info["note"] = "bct_fast was built without CUDA";
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "bct_fast native kernels (raw-pointer interface; no libtorch)";
+  m.def("build_info", &build_info, "Compile-time facts: CUDA compiled, nvcc version, architectures");
+  m.def("runtime_info", &runtime_info, "Run-time facts: driver version, visible CUDA devices");
+
+#ifdef BCT_FAST_WITH_CUDA
+  m.def(
+      "margin_softmax_stats",
+      [](std::uintptr_t x, std::uintptr_t w, std::uintptr_t inv_nx, std::uintptr_t inv_nw,
+         std::uintptr_t labels, std::uintptr_t target_logit, int64_t B, int64_t C, int64_t d,
+         int dtype, float scale, int splits, std::uintptr_t m_out, std::uintptr_t l_out,
+         std::uintptr_t acc_out, std::uintptr_t stream) {
+        raise_if_error(bct_fast::margin_softmax_stats(
+            ptr<const void>(x), ptr<const void>(w), ptr<const float>(inv_nx),
+            ptr<const float>(inv_nw), ptr<const int64_t>(labels), ptr<const float>(target_logit),
+            B, C, d, static_cast<bct_fast::DType>(dtype), scale, splits, ptr<float>(m_out),
+            ptr<float>(l_out), ptr<float>(acc_out), ptr<void>(stream)));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "margin_softmax_grad_weight",
+      [](std::uintptr_t x, std::uintptr_t w, std::uintptr_t inv_nx, std::uintptr_t inv_nw,
+         std::uintptr_t labels, std::uintptr_t target_logit, std::uintptr_t lse,
+         std::uintptr_t row_coef, int64_t B, int64_t C, int64_t d, int dtype, float scale,
+         std::uintptr_t out, std::uintptr_t stream) {
+        raise_if_error(bct_fast::margin_softmax_grad_weight(
+            ptr<const void>(x), ptr<const void>(w), ptr<const float>(inv_nx),
+            ptr<const float>(inv_nw), ptr<const int64_t>(labels), ptr<const float>(target_logit),
+            ptr<const float>(lse), ptr<const float>(row_coef), B, C, d,
+            static_cast<bct_fast::DType>(dtype), scale, ptr<float>(out), ptr<void>(stream)));
+      },
+      py::call_guard<py::gil_scoped_release>());
+#endif
+}
