@@ -1,0 +1,55 @@
+"""Argument validation shared by the ops: clear exceptions that name the offending argument."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_matrix(t: object, name: str, dtypes: Iterable[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
+    """A 2-D tensor with at least one row and column, of an accepted floating dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor [rows, dim], got shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name}: must not be empty, got shape {tuple(t.shape)}")
+    dtypes = tuple(dtypes)
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported (expected one of {[str(d) for d in dtypes]})")
+    return t
+
+
+def check_labels(labels: object, name: str, rows: int, device: torch.device) -> torch.Tensor:
+    """A 1-D integer tensor of length ``rows`` on ``device``."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() != 1 or labels.shape[0] != rows:
+        raise ValueError(f"{name}: expected shape [{rows}], got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got {labels.dtype}")
+    if labels.device != device:
+        raise ValueError(f"{name}: on {labels.device}, but the embeddings are on {device}")
+    return labels
+
+
+def check_same_device(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{b_name}: on {b.device}, but {a_name} is on {a.device}")
+
+
+def check_choice(value: object, name: str, choices: Iterable[object]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def nonfinite_error(tensors: dict[str, torch.Tensor]) -> ValueError:
+    """Name the first input that holds NaN/inf (called only once a result came out non-finite)."""
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            rows = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero()[:5, 0].tolist()
+            return ValueError(f"{name}: contains NaN or inf (rows {rows}{'...' if len(rows) == 5 else ''})")
+    return ValueError("the result is not finite although every input is (overflow?)")

@@ -1,0 +1,96 @@
+"""Chunked PyTorch implementations of the native primitives (any device, bounded memory).
+
+Same contract as the CUDA launchers in csrc/include/bct_fast/margin_softmax.h, computed over
+class chunks of ``chunk`` rows so that at most B x chunk logits exist at a time. fp16/bf16
+inputs are upcast chunk by chunk; accumulation is in the dtype of the inverse norms
+(fp32, or fp64 for float64 inputs so that gradcheck can run on this path).
+"""
+from __future__ import annotations
+
+import torch
+
+# Elements of one B x chunk logit block: 4M fp32 = 16 MiB, a few such blocks live at a time.
+_BLOCK_ELEMS = 1 << 22
+
+
+def auto_chunk(rows: int, classes: int) -> int:
+    """Classes per chunk: about 4M logits per block, at least 256 classes."""
+    return max(1, min(classes, max(256, _BLOCK_ELEMS // max(rows, 1))))
+
+
+def _chunk_logits(xh: torch.Tensor, wc: torch.Tensor, c0: int, labels: torch.Tensor,
+                  target_logit: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * xh @ wc.T with the target column of each row replaced by its margin logit."""
+    z = torch.mm(xh, wc.T).mul_(scale)
+    local = labels - c0
+    hit = (local >= 0) & (local < wc.shape[0])
+    rows = hit.nonzero()[:, 0]
+    if rows.numel():
+        z[rows, local[rows]] = target_logit[rows]
+    return z
+
+
+def _normalized(t: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
+    return t.to(inv_norm.dtype) * inv_norm[:, None]
+
+
+def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw: torch.Tensor,
+                  labels: torch.Tensor, target_logit: torch.Tensor, scale: float, with_pws: bool,
+                  chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row log-sum-exp of the logits and, with ``with_pws``, sum_j softmax_ij * w_hat_j."""
+    B, d = x.shape
+    C = w.shape[0]
+    chunk = chunk or auto_chunk(B, C)
+    xh = _normalized(x, inv_nx)
+    f = dict(device=x.device, dtype=inv_nx.dtype)
+    m = torch.full((B,), float("-inf"), **f)
+    l = torch.zeros(B, **f)
+    acc = torch.zeros(B, d, **f) if with_pws else None
+    for c0 in range(0, C, chunk):
+        wc = _normalized(w[c0:c0 + chunk], inv_nw[c0:c0 + chunk])
+        z = _chunk_logits(xh, wc, c0, labels, target_logit, scale)
+        m_new = torch.maximum(m, z.amax(1))
+        alpha = torch.exp(m - m_new)
+        e = z.sub_(m_new[:, None]).exp_()
+        l = l * alpha + e.sum(1)
+        if acc is not None:
+            acc.mul_(alpha[:, None]).addmm_(e, wc)
+        m = m_new
+    lse = m + torch.log(l)
+    pws = acc / l[:, None] if acc is not None else x.new_empty((0,), dtype=inv_nx.dtype)
+    return lse, pws
+
+
+def softmax_grads(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw: torch.Tensor,
+                  labels: torch.Tensor, target_logit: torch.Tensor, lse: torch.Tensor,
+                  row_coef: torch.Tensor, scale: float, need_x: bool, need_w: bool,
+                  chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """With P_ij = row_coef_i * softmax_ij (softmax from the given ``lse``):
+    gx = P @ W_hat  [B, d]  and  gw = P.T @ X_hat  [C, d] (fp32; empty when not needed).
+    One logit recompute serves both (3 GEMMs per chunk)."""
+    B, d = x.shape
+    C = w.shape[0]
+    chunk = chunk or auto_chunk(B, C)
+    xh = _normalized(x, inv_nx)
+    f = dict(device=x.device, dtype=inv_nx.dtype)
+    gx = torch.zeros(B, d, **f) if need_x else torch.empty(0, **f)
+    gw = torch.empty(C, d, **f) if need_w else torch.empty(0, **f)
+    if not (need_x or need_w):
+        return gx, gw
+    for c0 in range(0, C, chunk):
+        wc = _normalized(w[c0:c0 + chunk], inv_nw[c0:c0 + chunk])
+        z = _chunk_logits(xh, wc, c0, labels, target_logit, scale)
+        p = z.sub_(lse[:, None]).exp_().mul_(row_coef[:, None])
+        if need_x:
+            gx.addmm_(p, wc)
+        if need_w:
+            torch.mm(p.T, xh, out=gw[c0:c0 + chunk])
+    return gx, gw
+
+
+def weighted_row_sum(t: torch.Tensor, coef: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """sum_j coef_j * t_j in coef's dtype without an upcast copy of all of ``t``."""
+    out = torch.zeros(t.shape[1], device=t.device, dtype=coef.dtype)
+    for c0 in range(0, t.shape[0], chunk):
+        out.addmv_(t[c0:c0 + chunk].to(coef.dtype).T, coef[c0:c0 + chunk])
+    return out

@@ -1,0 +1,91 @@
+"""Calls into the CUDA kernels of ``bct_fast._C`` with raw pointers and the current stream.
+
+The Python side owns all memory: outputs and workspaces are torch tensors allocated here on the
+caller's device and stream, so the caching allocator, streams and CUDA graphs behave as usual.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bct_fast._backend import cuda_kernels_compiled, native
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def kernel_applies(*tensors: torch.Tensor) -> bool:
+    """True when the compiled CUDA kernels can serve these tensors."""
+    return (
+        all(t.is_cuda and t.dtype in DTYPE_CODES for t in tensors)
+        and len({t.dtype for t in tensors}) == 1
+        and cuda_kernels_compiled()
+    )
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _class_splits(B: int, C: int, device: torch.device) -> int:
+    """Split the classes so that about 4 blocks per SM run even for small batches."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_blocks = math.ceil(B / 32)
+    return int(max(1, min(math.ceil(4 * sms / row_blocks), math.ceil(C / 256), 1024)))
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+def softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale: float, with_pws: bool):
+    """CUDA version of bct_fast._chunked.softmax_stats (same contract)."""
+    x, w = x.contiguous(), w.contiguous()
+    inv_nx, inv_nw, target_logit = _f32(inv_nx), _f32(inv_nw), _f32(target_logit)
+    labels = labels.to(torch.int64).contiguous()
+    B, d = x.shape
+    C = w.shape[0]
+    S = _class_splits(B, C, x.device)
+    m = torch.empty(S, B, device=x.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty(S, B, d, device=x.device, dtype=torch.float32) if with_pws else None
+    with torch.cuda.device(x.device):
+        native().margin_softmax_stats(
+            x.data_ptr(), w.data_ptr(), inv_nx.data_ptr(), inv_nw.data_ptr(), labels.data_ptr(),
+            target_logit.data_ptr(), B, C, d, DTYPE_CODES[x.dtype], float(scale), S,
+            m.data_ptr(), l.data_ptr(), acc.data_ptr() if acc is not None else 0, _stream(x))
+    # log-sum-exp merge of the class splits (empty splits carry m = -inf, l = 0).
+    m_all = m.amax(0)
+    weights = torch.exp(m - m_all)
+    l_all = (l * weights).sum(0)
+    lse = m_all + torch.log(l_all)
+    if acc is None:
+        return lse, x.new_empty((0,), dtype=torch.float32)
+    pws = torch.einsum("sb,sbd->bd", weights, acc) / l_all[:, None]
+    return lse, pws
+
+
+def softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale: float,
+                  need_x: bool, need_w: bool):
+    """CUDA version of bct_fast._chunked.softmax_grads (same contract)."""
+    B, d = x.shape
+    C = w.shape[0]
+    empty = x.new_empty((0,), dtype=torch.float32)
+    gx, gw = empty, empty
+    if need_x:
+        # The online sweep recomputes the softmax it needs; its result equals P @ W_hat for the
+        # given lse up to rounding.
+        _, pws = softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, True)
+        gx = pws * row_coef.to(torch.float32)[:, None]
+    if need_w:
+        x, w = x.contiguous(), w.contiguous()
+        inv_nx, inv_nw, target_logit = _f32(inv_nx), _f32(inv_nw), _f32(target_logit)
+        lse, row_coef = _f32(lse), _f32(row_coef)
+        labels = labels.to(torch.int64).contiguous()
+        gw = torch.empty(C, d, device=x.device, dtype=torch.float32)
+        with torch.cuda.device(x.device):
+            native().margin_softmax_grad_weight(
+                x.data_ptr(), w.data_ptr(), inv_nx.data_ptr(), inv_nw.data_ptr(),
+                labels.data_ptr(), target_logit.data_ptr(), lse.data_ptr(), row_coef.data_ptr(),
+                B, C, d, DTYPE_CODES[x.dtype], float(scale), gw.data_ptr(), _stream(x))
+    return gx, gw

@@ -1,0 +1,271 @@
+"""The op layer: torch.library ops with per-device kernels, and the autograd Function on top.
+
+Two primitive ops carry every B x C sweep of the normalized-softmax loss family:
+
+- ``bct_fast::softmax_stats``: per-row log-sum-exp of the logits, optionally with the
+  softmax-weighted sum of normalized class rows (the frozen-classifier gradient, in one pass).
+- ``bct_fast::softmax_grads``: P @ W_hat and P.T @ X_hat for the backward pass.
+
+Each has a CUDA kernel (``bct_fast._C``, when compiled), a chunked PyTorch kernel for CPU (and
+for CUDA tensors on a CPU-only build) and a fake implementation so that ``torch.compile`` can
+trace them. Everything of size B (target cosines, margins, the loss itself) is plain PyTorch in
+:class:`CosineMarginCrossEntropyFunction`, shared by both devices.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from bct_fast import _chunked, _native
+from bct_fast._backend import cuda_kernels_compiled, warn_fallback
+from bct_fast._checks import check_choice, check_labels, check_matrix, check_same_device, nonfinite_error
+from bct_fast.margins import Margin, MarginValue, make_margin, target_function
+
+__all__ = ["cosine_margin_cross_entropy", "CosineMarginCrossEntropyFunction"]
+
+_NORM_EPS = 1e-12  # as F.normalize
+
+# ---- op definitions ----------------------------------------------------------------------
+
+torch.library.define(
+    "bct_fast::softmax_stats",
+    "(Tensor x, Tensor w, Tensor inv_nx, Tensor inv_nw, Tensor labels, Tensor target_logit, "
+    "float scale, bool with_pws, int chunk_size) -> (Tensor, Tensor)",
+)
+torch.library.define(
+    "bct_fast::softmax_grads",
+    "(Tensor x, Tensor w, Tensor inv_nx, Tensor inv_nw, Tensor labels, Tensor target_logit, "
+    "Tensor lse, Tensor row_coef, float scale, bool need_x, bool need_w, int chunk_size) "
+    "-> (Tensor, Tensor)",
+)
+
+
+@torch.library.register_fake("bct_fast::softmax_stats")
+def _stats_fake(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size):
+    B, d = x.shape
+    lse = x.new_empty((B,), dtype=inv_nx.dtype)
+    return lse, x.new_empty((B, d) if with_pws else (0,), dtype=inv_nx.dtype)
+
+
+@torch.library.register_fake("bct_fast::softmax_grads")
+def _grads_fake(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x, need_w, chunk_size):
+    B, d = x.shape
+    C = w.shape[0]
+    return (x.new_empty((B, d) if need_x else (0,), dtype=inv_nx.dtype),
+            x.new_empty((C, d) if need_w else (0,), dtype=inv_nx.dtype))
+
+
+@torch.library.register_kernel("bct_fast::softmax_stats", "cpu")
+def _stats_cpu(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size):
+    return _chunked.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size)
+
+
+@torch.library.register_kernel("bct_fast::softmax_grads", "cpu")
+def _grads_cpu(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x, need_w, chunk_size):
+    return _chunked.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale,
+                                  need_x, need_w, chunk_size)
+
+
+def _use_kernel(op: str, x: Tensor, w: Tensor) -> bool:
+    if _native.kernel_applies(x, w):
+        return True
+    if not cuda_kernels_compiled() and x.dtype != torch.float64:
+        warn_fallback(op)
+    return False
+
+
+@torch.library.register_kernel("bct_fast::softmax_stats", "cuda")
+def _stats_cuda(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size):
+    if _use_kernel("softmax_stats", x, w):
+        return _native.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws)
+    return _stats_cpu(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size)
+
+
+@torch.library.register_kernel("bct_fast::softmax_grads", "cuda")
+def _grads_cuda(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x, need_w, chunk_size):
+    if _use_kernel("softmax_grads", x, w):
+        return _native.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef,
+                                     scale, need_x, need_w)
+    return _grads_cpu(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x,
+                      need_w, chunk_size)
+
+
+# ---- autograd ------------------------------------------------------------------------------
+
+def _inv_norm(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.linalg.vector_norm(t, dim=1, dtype=dtype).clamp_min(_NORM_EPS).reciprocal()
+
+
+def _normalization_backward_rows(t: Tensor, inv_n: Tensor, grad_hat: Tensor, chunk: int = 1 << 16) -> Tensor:
+    """Gradient through t_hat = t * inv_n, in place on ``grad_hat`` (chunked rows):
+    d t = inv_n * (g - t_hat (t_hat . g))."""
+    for r0 in range(0, t.shape[0], chunk):
+        g = grad_hat[r0:r0 + chunk]
+        th = t[r0:r0 + chunk].to(g.dtype) * inv_n[r0:r0 + chunk, None]
+        g.sub_(th * (th * g).sum(1, keepdim=True)).mul_(inv_n[r0:r0 + chunk, None])
+    return grad_hat
+
+
+class CosineMarginCrossEntropyFunction(torch.autograd.Function):
+    """Fused normalized-softmax margin cross-entropy; see :func:`cosine_margin_cross_entropy`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, labels: Tensor, scale: float, margin: Margin,
+                straight_through: bool, reduction: str, ignore_index: int, label_smoothing: float,
+                chunk_size: int, validate: bool) -> Tensor:
+        orig_dtypes = (x.dtype, w.dtype)
+        dt = torch.promote_types(x.dtype, w.dtype)
+        x, w = x.to(dt), w.to(dt)
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        B, C = x.shape[0], w.shape[0]
+        eps = float(label_smoothing)
+
+        labels = labels.to(torch.int64)
+        valid = labels != ignore_index
+        in_range = (labels >= 0) & (labels < C)
+        safe = torch.where(valid & in_range, labels, torch.zeros_like(labels))
+        lab_eff = torch.where(valid, safe, torch.full_like(labels, -1))
+
+        inv_nx, inv_nw = _inv_norm(x, acc), _inv_norm(w, acc)
+        xh = x.to(acc) * inv_nx[:, None]
+        wyh = w[safe].to(acc) * inv_nw[safe][:, None]
+        cos_y = (xh * wyh).sum(1)
+        f, df = target_function(cos_y, margin, straight_through)
+        z_y = scale * f
+
+        fused = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        lse, pws = torch.ops.bct_fast.softmax_stats(x, w, inv_nx, inv_nw, lab_eff, z_y, scale, fused, chunk_size)
+        rows = lse - (1.0 - eps) * z_y
+        wsum = None
+        if eps > 0:
+            wsum = _chunked.weighted_row_sum(w, inv_nw)  # sum_j w_hat_j
+            rows = rows - (eps / C) * (scale * (xh @ wsum) - scale * cos_y + z_y)
+        rows = torch.where(valid, rows, torch.zeros_like(rows))
+        n_valid = valid.sum()
+
+        if validate and not torch.compiler.is_compiling():
+            bad_label = valid & ~in_range
+            flags = torch.stack([bad_label.any(), ~torch.isfinite(rows).all()]).tolist()
+            if flags[0]:
+                found = labels[bad_label][:5].tolist()
+                raise ValueError(f"labels: values must lie in [0, {C}) or equal ignore_index="
+                                 f"{ignore_index}; found {found}")
+            if flags[1]:
+                raise nonfinite_error({"embeddings": x, "weight": w})
+
+        if reduction == "none":
+            loss = rows
+        elif reduction == "sum":
+            loss = rows.sum()
+        else:
+            loss = rows.sum() / n_valid.clamp_min(1)
+
+        ctx.save_for_backward(x, w, inv_nx, inv_nw, lab_eff, safe, valid, xh, wyh, z_y, df, lse,
+                              pws if fused else None, wsum, n_valid)
+        ctx.cfg = (scale, reduction, eps, chunk_size, orig_dtypes, fused)
+        return loss.to(torch.float32) if acc == torch.float32 else loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        (x, w, inv_nx, inv_nw, lab_eff, safe, valid, xh, wyh, z_y, df, lse, pws, wsum,
+         n_valid) = ctx.saved_tensors
+        scale, reduction, eps, chunk_size, (x_dtype, w_dtype), fused = ctx.cfg
+        need_x, need_w = ctx.needs_input_grad[:2]
+        C = w.shape[0]
+        acc = inv_nx.dtype
+
+        go = grad_out.to(acc)
+        if reduction == "mean":
+            go = go / n_valid.clamp_min(1).to(acc)
+        go = torch.where(valid, go.expand(valid.shape), torch.zeros((), dtype=acc, device=go.device))
+        r = go * scale
+        p_y = torch.exp(z_y - lse)
+        # Target-column correction: the sweeps use coefficient p_y there; the true one is
+        # f'(c_y) (p_y - (1 - eps) - eps/C), and the label-smoothing term is added separately.
+        corr = r * (df * (p_y - (1.0 - eps) - eps / C) - p_y + eps / C)
+
+        grad_x = grad_w = None
+        if fused:
+            gx_part, gw_part = pws * r[:, None], None
+        else:
+            gx_part, gw_part = torch.ops.bct_fast.softmax_grads(
+                x, w, inv_nx, inv_nw, lab_eff, z_y, lse, r, scale, need_x, need_w, chunk_size)
+        if need_x:
+            g = gx_part + corr[:, None] * wyh
+            if wsum is not None:
+                g = g - (r * (eps / C))[:, None] * wsum[None, :]
+            grad_x = _normalization_backward_rows(x, inv_nx, g).to(x_dtype)
+        if need_w:
+            K = gw_part
+            K.index_add_(0, safe, corr[:, None] * xh)
+            if wsum is not None:
+                K.sub_(((eps / C) * (r[:, None] * xh).sum(0))[None, :])
+            grad_w = _normalization_backward_rows(w, inv_nw, K).to(w_dtype)
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None
+
+
+def cosine_margin_cross_entropy(
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    scale: float = 64.0,
+    margin_type: str = "none",
+    margin: MarginValue = 0.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    arcface_grad: str = "exact",
+    chunk_size: int | None = None,
+    validate: bool = True,
+) -> Tensor:
+    """Normalized-softmax cross-entropy with an optional CosFace / ArcFace / combined margin.
+
+    ``loss_i = CE(scale * [cos(x_i, w_j) for j], y_i)`` with the target logit replaced by
+    ``scale * f(cos)`` (see :mod:`bct_fast.margins`). Embeddings and weight rows are
+    L2-normalized inside the op and gradients flow through the normalization. The B x C logits
+    are never materialized: a CUDA kernel streams class tiles (fp32/fp16/bf16 inputs, fp32
+    accumulation), elsewhere a chunked PyTorch path does the same with bounded memory.
+
+    A weight that does not require grad (the BCT influence loss's frozen old classifier) takes
+    the one-pass path: the gradient of the embeddings is produced by the forward sweep.
+
+    Args:
+        embeddings: [B, d] float tensor.
+        weight: [C, d] class rows (nn.Linear layout), same device; dtypes may differ (the op
+            computes in the promoted dtype and returns each gradient in its input's dtype).
+        labels: [B] integers in [0, C), or ``ignore_index``.
+        scale: the logit scale s (> 0).
+        margin_type: ``"none"`` (NormFace), ``"cosface"``, ``"arcface"`` (radians) or
+            ``"combined"`` (margin = (m1, m2, m3)).
+        reduction: ``"mean"`` over non-ignored rows (0 when every row is ignored), ``"sum"``,
+            or ``"none"`` ([B], 0 at ignored rows).
+        label_smoothing: as ``F.cross_entropy`` (over the margin logits).
+        arcface_grad: ``"exact"`` or ``"straight_through"`` (insightface arcface_torch).
+        chunk_size: classes per chunk on the PyTorch path (default: ~4M logits per chunk).
+        validate: check labels and finiteness (costs one host sync; off under torch.compile).
+
+    Returns:
+        fp32 loss (float64 for float64 inputs): a scalar, or [B] with ``reduction="none"``.
+    """
+    check_matrix(embeddings, "embeddings")
+    check_matrix(weight, "weight")
+    check_same_device(embeddings, "embeddings", weight, "weight")
+    if weight.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"weight: has dim {weight.shape[1]} but embeddings have dim {embeddings.shape[1]}")
+    check_labels(labels, "labels", embeddings.shape[0], embeddings.device)
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a finite positive number, got {scale!r}")
+    check_choice(reduction, "reduction", ("mean", "sum", "none"))
+    check_choice(arcface_grad, "arcface_grad", ("exact", "straight_through"))
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing: expected a value in [0, 1), got {label_smoothing!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
+    mg = make_margin(margin_type, margin)
+    return CosineMarginCrossEntropyFunction.apply(
+        embeddings, weight, labels, float(scale), mg, arcface_grad == "straight_through",
+        reduction, int(ignore_index), float(label_smoothing), int(chunk_size or 0), validate)
