@@ -16,7 +16,7 @@ from bct_fast._backend import build_info
 __version__ = "0.1.0"
 __all__ = ["build_info", "__version__", "ops", "losses", "cosine_margin_cross_entropy"]
 
-_SUBMODULES = {"ops", "losses", "margins", "cli"}
+_SUBMODULES = {"ops", "losses", "margins", "search", "cli"}
 _LAZY_ATTRS = {"cosine_margin_cross_entropy": "ops"}
 
 

@@ -1,0 +1,49 @@
+"""The package imports everywhere and reports what it was built with."""
+import os
+import shutil
+import subprocess
+import sys
+
+import bct_fast
+
+
+def test_build_info_keys():
+    info = bct_fast.build_info()
+    for key in ("version", "extension_loaded", "cuda_compiled", "cuda_architectures",
+                "driver_version", "device_count", "torch_version"):
+        assert key in info
+    assert info["version"] == bct_fast.__version__
+    assert info["extension_loaded"], info.get("extension_error")
+    assert isinstance(info["device_count"], int) and info["device_count"] >= 0
+
+
+def test_cuda_compiled_when_nvcc_present():
+    """Where nvcc exists (this project's CI) the default AUTO build must compile the kernels."""
+    if os.environ.get("BCT_FAST_CUDA", "AUTO").upper() == "OFF":
+        return
+    nvcc = shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")
+    info = bct_fast.build_info()
+    assert info["cuda_compiled"] == bool(nvcc), info
+    if nvcc:
+        assert "90" in info["cuda_architectures"] and "native" not in info["cuda_architectures"]
+
+
+def test_extension_imports_without_torch():
+    """The compiled module never links libtorch: it must load with torch unimportable."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import bct_fast, bct_fast._C as c\n"
+            "info = bct_fast.build_info()\n"
+            "assert info['torch_version'] is None and info['extension_loaded'], info\n"
+            "print(c.build_info()['cuda_compiled'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("True", "False")
+
+
+def test_lazy_import_is_cheap():
+    code = ("import sys, bct_fast\n"
+            "assert 'bct_fast.ops' not in sys.modules and 'bct_fast._C' not in sys.modules\n"
+            "bct_fast.losses\n"
+            "assert 'bct_fast.ops' in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
