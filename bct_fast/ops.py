@@ -98,7 +98,7 @@ def _inv_norm(t: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.linalg.vector_norm(t, dim=1, dtype=dtype).clamp_min(_NORM_EPS).reciprocal()
 
 
-def _normalization_backward_rows(t: Tensor, inv_n: Tensor, grad_hat: Tensor, chunk: int = 1 << 16) -> Tensor:
+def _normalization_backward_rows(t: Tensor, inv_n: Tensor, grad_hat: Tensor, chunk: int = 4096) -> Tensor:
     """Gradient through t_hat = t * inv_n, in place on ``grad_hat`` (chunked rows):
     d t = inv_n * (g - t_hat (t_hat . g))."""
     for r0 in range(0, t.shape[0], chunk):
@@ -114,7 +114,7 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, labels: Tensor, scale: float, margin: Margin,
                 straight_through: bool, reduction: str, ignore_index: int, label_smoothing: float,
-                chunk_size: int, validate: bool) -> Tensor:
+                chunk_size: int, validate: bool, fuse_grad: bool) -> Tensor:
         orig_dtypes = (x.dtype, w.dtype)
         dt = torch.promote_types(x.dtype, w.dtype)
         x, w = x.to(dt), w.to(dt)
@@ -135,7 +135,8 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
         f, df = target_function(cos_y, margin, straight_through)
         z_y = scale * f
 
-        fused = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        # Frozen classifier: the forward sweep also produces d(loss)/d(x_hat) (one pass).
+        fused = fuse_grad and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
         lse, pws = torch.ops.bct_fast.softmax_stats(x, w, inv_nx, inv_nw, lab_eff, z_y, scale, fused, chunk_size)
         rows = lse - (1.0 - eps) * z_y
         wsum = None
@@ -204,7 +205,7 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
             if wsum is not None:
                 K.sub_(((eps / C) * (r[:, None] * xh).sum(0))[None, :])
             grad_w = _normalization_backward_rows(w, inv_nw, K).to(w_dtype)
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None
 
 
 def cosine_margin_cross_entropy(
@@ -266,6 +267,9 @@ def cosine_margin_cross_entropy(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
     mg = make_margin(margin_type, margin)
+    # Grad mode is off inside Function.forward, so decide here whether a backward will follow.
+    fuse_grad = torch.is_grad_enabled() and embeddings.requires_grad and not weight.requires_grad
     return CosineMarginCrossEntropyFunction.apply(
         embeddings, weight, labels, float(scale), mg, arcface_grad == "straight_through",
-        reduction, int(ignore_index), float(label_smoothing), int(chunk_size or 0), validate)
+        reduction, int(ignore_index), float(label_smoothing), int(chunk_size or 0), validate,
+        fuse_grad)

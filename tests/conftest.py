@@ -6,28 +6,11 @@ import os
 import pytest
 import torch
 
-from bct_fast._backend import cuda_kernels_compiled
-
-
-def cuda_ready() -> bool:
-    return torch.cuda.is_available() and cuda_kernels_compiled()
-
-
-def available_devices() -> list[str]:
-    """cpu always; cuda when a GPU and the compiled kernels are both present.
-    BCT_FAST_TEST_DEVICE=cpu|cuda restricts the list."""
-    devices = ["cpu"] + (["cuda"] if cuda_ready() else [])
-    only = os.environ.get("BCT_FAST_TEST_DEVICE")
-    return [d for d in devices if d == only] if only else devices
+from bct_fast.testing import available_devices, skip_cuda_items  # noqa: F401  (re-exported to tests)
 
 
 def pytest_collection_modifyitems(config, items):
-    if cuda_ready():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU and bct_fast built with CUDA kernels")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+    skip_cuda_items(items)
 
 
 @pytest.fixture

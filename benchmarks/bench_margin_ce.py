@@ -1,0 +1,77 @@
+"""Fused margin cross-entropy vs the naive PyTorch formulation (normalize, matmul, margin,
+F.cross_entropy), fwd and fwd+bwd, trainable and frozen (influence-loss) classifier.
+
+Axes: provider (bct_fast | torch) x mode (forward | full) x classifier (trainable | frozen).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bct_fast.ops import cosine_margin_cross_entropy
+
+D = 512
+SCALE, MARGIN = 64.0, 0.35
+CPU_SHAPES = [(256, 10_000), (1024, 200_000)]  # (B, C)
+CUDA_SHAPES = [(256, 10_000), (1024, 200_000), (1024, 1_000_000)]
+
+
+def naive(x, w, y):
+    cos = F.normalize(x, dim=1) @ F.normalize(w, dim=1).T
+    logits = cos - MARGIN * F.one_hot(y, w.shape[0]).to(cos.dtype)
+    return F.cross_entropy(SCALE * logits.float(), y)
+
+
+def ours(x, w, y):
+    return cosine_margin_cross_entropy(x, w, y, scale=SCALE, margin_type="cosface", margin=MARGIN)
+
+
+PROVIDERS = {"bct_fast": ours, "torch": naive}
+
+
+def make_case(B, C, device, dtype, frozen):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(B, D, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    w = torch.randn(C, D, generator=g).to(device=device, dtype=dtype).requires_grad_(not frozen)
+    y = torch.randint(0, C, (B,), generator=g).to(device)
+    return x, w, y
+
+
+def step_fn(provider, mode, x, w, y):
+    fn = PROVIDERS[provider]
+    params = [t for t in (x, w) if t.requires_grad]
+
+    def step():
+        if mode == "forward":
+            with torch.no_grad():
+                return fn(x, w, y)
+        return torch.autograd.grad(fn(x, w, y), params)
+
+    return step
+
+
+def _bench(measure, device, dtype, B, C, provider, mode, classifier):
+    x, w, y = make_case(B, C, device, dtype, classifier == "frozen")
+    grad_w_mib = 0.0 if classifier == "frozen" or mode == "forward" else C * D * 4 / 2**20
+    measure(step_fn(provider, mode, x, w, y), device, rounds=3, B=B, C=C, d=D, dtype=str(dtype),
+            provider=provider, mode=mode, classifier=classifier,
+            weight_grad_mib=round(grad_w_mib, 1))
+
+
+@pytest.mark.parametrize("classifier", ["trainable", "frozen"])
+@pytest.mark.parametrize("mode", ["forward", "full"])
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("B,C", CPU_SHAPES, ids=[f"B{b}-C{c}" for b, c in CPU_SHAPES])
+def test_margin_ce_cpu(measure, B, C, provider, mode, classifier):
+    _bench(measure, "cpu", torch.float32, B, C, provider, mode, classifier)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("classifier", ["trainable", "frozen"])
+@pytest.mark.parametrize("mode", ["forward", "full"])
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("B,C", CUDA_SHAPES, ids=[f"B{b}-C{c}" for b, c in CUDA_SHAPES])
+def test_margin_ce_cuda(measure, B, C, dtype, provider, mode, classifier):
+    _bench(measure, "cuda", dtype, B, C, provider, mode, classifier)

@@ -1,0 +1,76 @@
+"""Merge one benchmark session into a single JSON: machine, build, test summary, every figure.
+
+Used by benchmarks/gpu_session.sh; works on CPU machines too (device fields are then null).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import xml.etree.ElementTree as ET
+
+
+def machine() -> dict:
+    import torch
+
+    import bct_fast
+
+    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "bct_fast": bct_fast.build_info(), "gpu": None, "driver": None}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": p.name, "sm_count": p.multi_processor_count,
+                       "memory_gib": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}"}
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
+def tests_summary(path: str) -> dict | None:
+    if not path or not os.path.exists(path):
+        return None
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    keys = ("tests", "failures", "errors", "skipped", "time")
+    return {k: suite.get(k) for k in keys} if suite is not None else None
+
+
+def bench_rows(path: str) -> list[dict]:
+    if not path or not os.path.exists(path):
+        return []
+    raw = json.load(open(path))
+    return [{"name": b["fullname"], "params": b.get("params"), "extra_info": b.get("extra_info"),
+             "stats_s": {k: b["stats"][k] for k in ("min", "median", "mean", "stddev", "rounds")}}
+            for b in raw.get("benchmarks", [])]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--bench", default="")
+    ap.add_argument("--tests", default="")
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--rc", nargs="*", default=[], help="name=exit_code pairs")
+    a = ap.parse_args()
+    doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "commit": a.commit, "exit_codes": dict(kv.split("=", 1) for kv in a.rc),
+           "machine": machine(), "tests": tests_summary(a.tests), "benchmarks": bench_rows(a.bench)}
+    # Atomic write: a partial JSON never lands under the final name.
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(a.out)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, a.out)
+    print(f"wrote {a.out} ({len(doc['benchmarks'])} benchmark rows)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""CUDA kernels at sizes that exercise several class splits, partial tiles and every dtype.
+(The device-parametrized tests in test_margin_ce.py also run on CUDA when it is available.)"""
+import pytest
+import torch
+
+from test_margin_ce import check_against_reference, inputs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("B,C,d", [(1, 5003, 64), (37, 20011, 128), (64, 4099, 129), (300, 2053, 512)])
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_kernels_match_reference(seed, dtype, tol, B, C, d, frozen):
+    x, w, y = inputs(B, C, d, "cuda", dtype=dtype, ignore_rows=(0,) if B > 1 else ())
+    check_against_reference(x, w, y, frozen, tol, scale=32.0, margin_type="arcface", margin=0.4,
+                            label_smoothing=0.1)
+
+
+@pytest.mark.cuda
+def test_kernel_is_used_and_matches_chunked_path(seed):
+    """The CUDA kernel and the chunked PyTorch path agree on the same CUDA tensors."""
+    from bct_fast import _chunked, _native
+
+    x, w, y = inputs(50, 3001, 256, "cuda")
+    inv_nx, inv_nw = x.norm(dim=1).reciprocal(), w.norm(dim=1).reciprocal()
+    target = torch.randn(50, device="cuda")
+    assert _native.kernel_applies(x, w)
+    a = _native.softmax_stats(x, w, inv_nx, inv_nw, y, target, 20.0, True)
+    b = _chunked.softmax_stats(x, w, inv_nx, inv_nw, y, target, 20.0, True)
+    for u, v in zip(a, b):
+        assert torch.allclose(u, v, rtol=1e-4, atol=1e-5)
+    r = torch.rand(50, device="cuda")
+    ga = _native.softmax_grads(x, w, inv_nx, inv_nw, y, target, b[0], r, 20.0, True, True)
+    gb = _chunked.softmax_grads(x, w, inv_nx, inv_nw, y, target, b[0], r, 20.0, True, True)
+    for u, v in zip(ga, gb):
+        assert torch.allclose(u, v, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,100 @@
+"""cosine_topk: exact against a float64 reference and faiss-cpu, ties, k = N, errors."""
+import numpy as np
+import pytest
+import torch
+
+from bct_fast.search import cosine_topk
+from conftest import available_devices
+
+
+def reference_topk(q, g, k, exclude_self=False):
+    """float64 full score matrix; order by (score desc, index asc)."""
+    s = torch.nn.functional.normalize(q.double(), dim=1) @ torch.nn.functional.normalize(g.double(), dim=1).T
+    if exclude_self:
+        s.fill_diagonal_(-float("inf"))
+    idx = np.lexsort((np.broadcast_to(np.arange(g.shape[0]), s.shape), -s.numpy()), axis=1)[:, :k]
+    return s.gather(1, torch.from_numpy(idx)), torch.from_numpy(idx)
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("Q,N,d,k,chunk", [(1, 1, 3, 1, None), (7, 100, 33, 100, 13), (20, 257, 64, 5, 64),
+                                           (3, 1000, 129, 17, 100), (50, 50, 8, 1, 7)])
+def test_matches_float64_reference(seed, device, Q, N, d, k, chunk):
+    q, g = torch.randn(Q, d), torch.randn(N, d)
+    s, i = cosine_topk(q.to(device), g.to(device), k, chunk_size=chunk)
+    rs, ri = reference_topk(q, g, k)
+    assert s.dtype == torch.float32 and i.dtype == torch.int64 and s.shape == (Q, k)
+    assert torch.equal(i.cpu(), ri)
+    assert torch.allclose(s.cpu().double(), rs, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 3, 4])
+def test_ties_go_to_the_lower_index(chunk):
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [1.0, 0.0], [0.5, 0.0], [-1.0, 0.0]])
+    q = torch.tensor([[1.0, 0.0]])
+    s, i = cosine_topk(q, g, 6, chunk_size=chunk)
+    assert i[0].tolist() == [0, 2, 3, 4, 1, 5]
+    assert s[0, :4].tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_exclude_self_and_numpy_input(seed):
+    x = torch.randn(40, 16)
+    s, i = cosine_topk(x.numpy(), x.numpy(), 39, exclude_self=True, chunk_size=9)
+    rs, ri = reference_topk(x, x, 39, exclude_self=True)
+    assert torch.equal(i, ri)
+    assert not (i == torch.arange(40)[:, None]).any()
+
+
+def test_inner_product_mode(seed):
+    q, g = torch.randn(5, 8), torch.randn(30, 8)
+    s, i = cosine_topk(q, g, 30, normalize=False)
+    full = q @ g.T
+    assert torch.allclose(s, full.gather(1, i), atol=1e-6)
+    assert (s[:, :-1] >= s[:, 1:]).all()
+
+
+def test_matches_faiss_flat_ip(seed):
+    faiss = pytest.importorskip("faiss")
+    q = torch.nn.functional.normalize(torch.randn(25, 48), dim=1)
+    g = torch.nn.functional.normalize(torch.randn(3000, 48), dim=1)
+    index = faiss.IndexFlatIP(48)
+    index.add(g.numpy())
+    fs, fi = index.search(q.numpy(), 50)
+    s, i = cosine_topk(q, g, 50, chunk_size=700)
+    assert np.allclose(s.numpy(), fs, atol=1e-5)
+    # identical neighbour lists unless two scores are within float noise of each other
+    assert (i.numpy() == fi).mean() > 0.99
+
+
+def test_bf16_gallery_scores_in_fp32(seed):
+    q, g = torch.randn(4, 32), torch.randn(200, 32)
+    s, i = cosine_topk(q, g.bfloat16(), 10)
+    rs, _ = reference_topk(q, g.bfloat16().float(), 10)
+    assert s.dtype == torch.float32 and torch.allclose(s.double(), rs, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw,exc,needle", [
+    (dict(k=0), ValueError, "k"),
+    (dict(k=11), ValueError, "k"),
+    (dict(k=10, exclude_self=True), ValueError, "exclude_self|k"),
+    (dict(k=2.0), ValueError, "k"),
+    (dict(k=2, chunk_size=0), ValueError, "chunk_size"),
+])
+def test_bad_arguments(kw, exc, needle):
+    with pytest.raises(exc, match=needle):
+        cosine_topk(torch.randn(3, 4), torch.randn(10, 4), **kw)
+
+
+def test_bad_tensors():
+    with pytest.raises(ValueError, match="gallery"):
+        cosine_topk(torch.randn(3, 4), torch.randn(0, 4), 1)
+    with pytest.raises(ValueError, match="gallery"):
+        cosine_topk(torch.randn(3, 4), torch.randn(10, 5), 1)
+    g = torch.randn(10, 4)
+    g[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="gallery"):
+        cosine_topk(torch.randn(3, 4), g, 2)
+    q = torch.randn(3, 4)
+    q[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="queries"):
+        cosine_topk(q, torch.randn(10, 4), 2)
