@@ -3,8 +3,15 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import bct_fast
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter outside the source tree (so the installed package loads)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=tempfile.gettempdir())
 
 
 def test_build_info_keys():
@@ -35,7 +42,7 @@ def test_extension_imports_without_torch():
             "info = bct_fast.build_info()\n"
             "assert info['torch_version'] is None and info['extension_loaded'], info\n"
             "print(c.build_info()['cuda_compiled'])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = run_python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() in ("True", "False")
 
@@ -45,5 +52,5 @@ def test_lazy_import_is_cheap():
             "assert 'bct_fast.ops' not in sys.modules and 'bct_fast._C' not in sys.modules\n"
             "bct_fast.losses\n"
             "assert 'bct_fast.ops' in sys.modules")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = run_python(code)
     assert out.returncode == 0, out.stderr
