@@ -30,7 +30,8 @@ def _chunk_logits(xh: torch.Tensor, wc: torch.Tensor, c0: int, labels: torch.Ten
     return z
 
 
-def _normalized(t: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
+def normalized_rows(t: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
+    """Rows of ``t`` scaled by ``inv_norm``, in inv_norm's dtype."""
     return t.to(inv_norm.dtype) * inv_norm[:, None]
 
 
@@ -41,13 +42,13 @@ def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
     B, d = x.shape
     C = w.shape[0]
     chunk = chunk or auto_chunk(B, C)
-    xh = _normalized(x, inv_nx)
+    xh = normalized_rows(x, inv_nx)
     f = dict(device=x.device, dtype=inv_nx.dtype)
     m = torch.full((B,), float("-inf"), **f)
     l = torch.zeros(B, **f)
     acc = torch.zeros(B, d, **f) if with_pws else None
     for c0 in range(0, C, chunk):
-        wc = _normalized(w[c0:c0 + chunk], inv_nw[c0:c0 + chunk])
+        wc = normalized_rows(w[c0:c0 + chunk], inv_nw[c0:c0 + chunk])
         z = _chunk_logits(xh, wc, c0, labels, target_logit, scale)
         m_new = torch.maximum(m, z.amax(1))
         alpha = torch.exp(m - m_new)
@@ -71,14 +72,14 @@ def softmax_grads(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
     B, d = x.shape
     C = w.shape[0]
     chunk = chunk or auto_chunk(B, C)
-    xh = _normalized(x, inv_nx)
+    xh = normalized_rows(x, inv_nx)
     f = dict(device=x.device, dtype=inv_nx.dtype)
     gx = torch.zeros(B, d, **f) if need_x else torch.empty(0, **f)
     gw = torch.empty(C, d, **f) if need_w else torch.empty(0, **f)
     if not (need_x or need_w):
         return gx, gw
     for c0 in range(0, C, chunk):
-        wc = _normalized(w[c0:c0 + chunk], inv_nw[c0:c0 + chunk])
+        wc = normalized_rows(w[c0:c0 + chunk], inv_nw[c0:c0 + chunk])
         z = _chunk_logits(xh, wc, c0, labels, target_logit, scale)
         p = z.sub_(lse[:, None]).exp_().mul_(row_coef[:, None])
         if need_x:

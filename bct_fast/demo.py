@@ -68,8 +68,7 @@ def batches(x, y, cfg: DemoConfig, gen: torch.Generator):
 
 def train(model: nn.Module, objective, x, y, epochs: int, cfg: DemoConfig, name: str) -> nn.Module:
     """Adam on ``objective(model, inputs, labels)``; the objective's own parameters train too."""
-    params = list(model.parameters()) + [p for p in getattr(objective, "parameters", lambda: [])()]
-    opt = torch.optim.Adam(params, lr=3e-3)
+    opt = torch.optim.Adam(list(model.parameters()) + list(objective.parameters()), lr=3e-3)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     model.train()
     for _ in tqdm(range(epochs), desc=f"train {name}", leave=False):
@@ -87,15 +86,18 @@ class Classify(nn.Module):
 
     def __init__(self, loss: nn.Module, l2_to: nn.Module | None = None, l2_weight: float = 0.0):
         super().__init__()
-        self.loss, self.l2_to, self.l2_weight = loss, l2_to, l2_weight
+        self.loss, self.l2_weight = loss, l2_weight
         self.l2 = losses.L2CompatibilityLoss()
+        # A plain tuple, not a submodule: the frozen old model's parameters must not reach
+        # the optimizer through objective.parameters().
+        self._old = (l2_to,)
 
     def forward(self, model, x, y):
         emb = model(x)
         out = self.loss(emb, y)
-        if self.l2_to is not None:
+        if self._old[0] is not None:
             with torch.no_grad():
-                old = self.l2_to(x)
+                old = self._old[0](x)
             out = out + self.l2_weight * self.l2(emb, old)
         return out
 

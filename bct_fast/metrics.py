@@ -47,8 +47,10 @@ def evaluate_retrieval(query: Tensor, query_labels: Tensor, gallery: Tensor | No
     for a cross-model test where gallery row i is the OLD model's embedding of query i's image.
     k defaults to the whole gallery (exact mAP)."""
     same = gallery is None
+    if not same and gallery_labels is None:
+        raise ValueError("gallery_labels: required when a gallery is given")
     gallery = query if same else gallery
-    gallery_labels = query_labels if gallery_labels is None else gallery_labels
+    gallery_labels = query_labels if same else gallery_labels
     exclude_self = same if exclude_self is None else exclude_self
     k = k or (gallery.shape[0] - 1 if exclude_self else gallery.shape[0])
     _, idx = cosine_topk(query, gallery, k, exclude_self=exclude_self)

@@ -103,7 +103,7 @@ def _normalization_backward_rows(t: Tensor, inv_n: Tensor, grad_hat: Tensor, chu
     d t = inv_n * (g - t_hat (t_hat . g))."""
     for r0 in range(0, t.shape[0], chunk):
         g = grad_hat[r0:r0 + chunk]
-        th = t[r0:r0 + chunk].to(g.dtype) * inv_n[r0:r0 + chunk, None]
+        th = _chunked.normalized_rows(t[r0:r0 + chunk], inv_n[r0:r0 + chunk])
         g.sub_(th * (th * g).sum(1, keepdim=True)).mul_(inv_n[r0:r0 + chunk, None])
     return grad_hat
 
@@ -129,7 +129,7 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
         lab_eff = torch.where(valid, safe, torch.full_like(labels, -1))
 
         inv_nx, inv_nw = _inv_norm(x, acc), _inv_norm(w, acc)
-        xh = x.to(acc) * inv_nx[:, None]
+        xh = _chunked.normalized_rows(x, inv_nx)
         wyh = w[safe].to(acc) * inv_nw[safe][:, None]
         cos_y = (xh * wyh).sum(1)
         f, df = target_function(cos_y, margin, straight_through)

@@ -77,8 +77,7 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
     qn = q.to(acc)
     if normalize:
         qn = torch.nn.functional.normalize(qn, dim=1)
-    chunk = chunk_size or max(k, min(N, max(1024, _BLOCK_ELEMS // max(1, min(q.shape[0], 4096)))))
-    chunk = max(chunk, k)
+    chunk = max(k, chunk_size or min(N, max(1024, _BLOCK_ELEMS // max(1, min(q.shape[0], 4096)))))
     q_block = max(1, min(q.shape[0], _BLOCK_ELEMS // chunk))
     out_s = torch.empty(q.shape[0], k, dtype=acc, device=q.device)
     out_i = torch.empty(q.shape[0], k, dtype=torch.int64, device=q.device)

@@ -27,3 +27,8 @@ def test_matches_pml_accuracy_calculator(seed):
     pml = calc.get_accuracy(q, labels, q, labels, ref_includes_query=True)
     assert ours["precision_at_1"] == pytest.approx(pml["precision_at_1"], abs=1e-6)
     assert ours["mean_average_precision"] == pytest.approx(pml["mean_average_precision"], abs=1e-5)
+
+
+def test_gallery_without_labels_is_an_error():
+    with pytest.raises(ValueError, match="gallery_labels"):
+        evaluate_retrieval(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), torch.randn(7, 4))
