@@ -20,8 +20,9 @@ def grads_of(loss_module, x, labels, weight_param):
 
 @pytest.mark.parametrize("kind", ["cosface", "arcface", "normsoftmax"])
 def test_matches_pytorch_metric_learning(seed, kind):
+    # float64 on both sides: the comparison tests the formulas, not fp32 rounding at scale 64.
     C, d, B = 37, 24, 11
-    x = torch.randn(B, d)
+    x = torch.randn(B, d, dtype=torch.float64)
     y = torch.randint(0, C, (B,))
     if kind == "cosface":
         pml, ours = pml_losses.CosFaceLoss(C, d, margin=0.35, scale=64), losses.CosFaceLoss(C, d, scale=64, margin=0.35)
@@ -29,7 +30,8 @@ def test_matches_pytorch_metric_learning(seed, kind):
         pml, ours = pml_losses.ArcFaceLoss(C, d, margin=28.6, scale=64), losses.ArcFaceLoss(C, d, scale=64, margin=math.radians(28.6))
     else:  # PML temperature = 1 / scale
         pml, ours = pml_losses.NormalizedSoftmaxLoss(C, d, temperature=0.05), losses.NormSoftmaxLoss(C, d, scale=20.0)
-    ours.load_pml_weight(pml.W.detach())
+    pml.double()
+    ours.double().load_pml_weight(pml.W.detach())
     v1, gx1, gw1 = grads_of(pml, x, y, pml.W)
     v2, gx2, gw2 = grads_of(ours, x, y, ours.weight)
     assert torch.allclose(v1, v2, rtol=1e-5, atol=1e-6)
