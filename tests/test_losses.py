@@ -46,9 +46,10 @@ def test_load_pml_weight_rejects_wrong_shape():
 
 @pytest.mark.parametrize("new_dim", [16, 24, 9])
 def test_influence_loss_dims_and_frozen_weight(seed, new_dim):
-    old_w = torch.randn(12, 16)
+    # float64: the loss is a difference of O(scale) terms; fp32 cancellation would dominate rtol.
+    old_w = torch.randn(12, 16, dtype=torch.float64)
     loss = losses.InfluenceLoss(old_w, scale=10.0, margin_type="cosface", margin=0.2)
-    x = torch.randn(5, new_dim, requires_grad=True)
+    x = torch.randn(5, new_dim, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 12, (5,))
     value = loss(x, y)
     value.backward()
@@ -61,8 +62,8 @@ def test_influence_loss_dims_and_frozen_weight(seed, new_dim):
 
 
 def test_influence_loss_unknown_labels(seed):
-    old_w = torch.randn(5, 8)
-    x = torch.randn(4, 8)
+    old_w = torch.randn(5, 8, dtype=torch.float64)  # float64: see test above
+    x = torch.randn(4, 8, dtype=torch.float64)
     y = torch.tensor([0, 7, 4, 9])
     ignoring = losses.InfluenceLoss(old_w, unknown_labels="ignore")
     expected = cosine_margin_cross_entropy_ref(x[[0, 2]], old_w, y[[0, 2]], scale=30.0)
