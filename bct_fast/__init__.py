@@ -4,6 +4,9 @@ Submodules load lazily so that ``import bct_fast`` is cheap and never fails on a
 
 - :mod:`bct_fast.ops`: the fused ops (``cosine_margin_cross_entropy``) as autograd-aware functions
 - :mod:`bct_fast.losses`: drop-in loss modules (NormSoftmax, CosFace, ArcFace, Influence, BCT)
+- :mod:`bct_fast.search`: exact top-k cosine search (``cosine_topk``, ``GalleryIndex``, ``KnnFunc``)
+- :mod:`bct_fast.metrics`: retrieval / verification metrics from top-k results
+- :mod:`bct_fast.evaluate`: cross-test, compatibility criterion, compatibility matrices
 - :func:`build_info`: what this installation was built with and can run
 """
 from __future__ import annotations
@@ -16,7 +19,7 @@ from bct_fast._backend import build_info
 __version__ = "0.1.0"
 __all__ = ["build_info", "__version__", "ops", "losses", "cosine_margin_cross_entropy"]
 
-_SUBMODULES = {"ops", "losses", "margins", "search", "cli"}
+_SUBMODULES = {"ops", "losses", "margins", "search", "gallery", "metrics", "evaluate", "cli"}
 _LAZY_ATTRS = {"cosine_margin_cross_entropy": "ops"}
 
 

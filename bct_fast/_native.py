@@ -89,3 +89,65 @@ def softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, sca
                 labels.data_ptr(), target_logit.data_ptr(), lse.data_ptr(), row_coef.data_ptr(),
                 B, C, d, DTYPE_CODES[x.dtype], float(scale), gw.data_ptr(), _stream(x))
     return gx, gw
+
+
+def topk_kernel_applies(q_dtype: torch.dtype, g_dtype: torch.dtype, k: int) -> bool:
+    """True when the fused top-k kernel serves these dtypes and k (CUDA tensors assumed)."""
+    mod = native()
+    return (
+        cuda_kernels_compiled()
+        and mod is not None and k <= getattr(mod, "topk_max_k", 0)
+        and q_dtype in DTYPE_CODES and g_dtype in DTYPE_CODES
+        and (q_dtype == g_dtype or q_dtype == torch.float32)
+    )
+
+
+def _gallery_splits(Q: int, N: int, k: int, qt: int, device: torch.device) -> int:
+    """Cut the gallery so about 4 blocks per SM run, keeping the [splits, Q, k] lists small."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    q_blocks = math.ceil(Q / qt)
+    by_occupancy = math.ceil(4 * sms / q_blocks)
+    by_rows = max(1, N // max(4 * k, 256))  # each split should see several times k rows
+    by_memory = max(1, (256 << 20) // max(1, Q * k * 12))  # <= 256 MiB of partial lists
+    return int(max(1, min(by_occupancy, by_rows, by_memory, 1024)))
+
+
+def _inv_norms(t: torch.Tensor) -> torch.Tensor:
+    # Same eps as torch.nn.functional.normalize: x / max(||x||, 1e-12).
+    return torch.linalg.vector_norm(t.float(), dim=1).clamp_min(1e-12).reciprocal()
+
+
+def cosine_topk_block(q: torch.Tensor, g: torch.Tensor, k: int, normalize: bool,
+                      self_row0: int, gallery_row0: int):
+    """Exact top-k of ``q`` against one gallery chunk ``g`` (rows ``gallery_row0 + j``) with the
+    fused kernel. ``self_row0 >= 0``: query r is global gallery row ``self_row0 + r`` and never
+    its own neighbour. Returns ``(scores [Q, k] fp32, global indices [Q, k] int64)``; raises
+    ``bct_fast.search._NonFinite`` when the kernel saw a NaN/inf score."""
+    from bct_fast.search import _NonFinite, _topk_lowest_index_ties
+
+    q, g = q.contiguous(), g.contiguous()
+    Q, d = q.shape
+    N = g.shape[0]
+    kcap = max(64, 1 << (k - 1).bit_length())
+    qt = {64: 32, 128: 32, 256: 32, 512: 16, 1024: 8, 2048: 4}.get(kcap, 2)
+    S = _gallery_splits(Q, N, k, qt, q.device)
+    inv_nq = _inv_norms(q) if normalize else None
+    inv_ng = _inv_norms(g) if normalize else None
+    out_s = torch.empty(S, Q, k, device=q.device, dtype=torch.float32)
+    out_i = torch.empty(S, Q, k, device=q.device, dtype=torch.int64)
+    flag = torch.zeros(1, device=q.device, dtype=torch.int32)
+    exclude = self_row0 >= 0
+    exclude_offset = self_row0 - gallery_row0 if exclude else 0  # may be negative
+    with torch.cuda.device(q.device):
+        native().cosine_topk_partial(
+            q.data_ptr(), g.data_ptr(), inv_nq.data_ptr() if inv_nq is not None else 0,
+            inv_ng.data_ptr() if inv_ng is not None else 0, Q, N, d, DTYPE_CODES[q.dtype],
+            DTYPE_CODES[g.dtype], k, S, exclude, exclude_offset, out_s.data_ptr(), out_i.data_ptr(),
+            flag.data_ptr(), _stream(q))
+    if bool(flag.item()):
+        raise _NonFinite()
+    # Splits hold increasing row ranges, so column order among equal scores is index order.
+    s_all = out_s.permute(1, 0, 2).reshape(Q, S * k)
+    i_all = out_i.permute(1, 0, 2).reshape(Q, S * k)
+    top, cols = _topk_lowest_index_ties(s_all, k)
+    return top, i_all.gather(1, cols) + gallery_row0

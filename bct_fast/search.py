@@ -1,107 +1,259 @@
 """Exact top-k cosine search of queries against a gallery, in bounded memory.
 
-This module holds the chunked PyTorch path (CPU, and any device): similarity blocks of
-``query_block x chunk_size`` are scored, reduced to their top-k and merged, so the Q x N score
-matrix never exists. Results are exact, sorted by score descending, ties to the lower index.
+``cosine_topk`` scores ``query_block x chunk_size`` similarity blocks, reduces each to its top-k
+and merges, so the Q x N score matrix never exists. On CUDA (when the extension was built with
+nvcc) each gallery chunk goes through the fused kernel, which keeps the per-query top-k on chip;
+elsewhere a chunked PyTorch path computes the same function. Results are exact, sorted by score
+descending, ties to the lower gallery index.
+
+Galleries larger than device memory: pass the gallery as a CPU tensor or a numpy array / memmap
+with CUDA queries; chunks are copied through pinned memory and merged on the device.
 """
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from bct_fast import _native
+from bct_fast._backend import warn_fallback
 from bct_fast._checks import check_matrix, nonfinite_error
 
-__all__ = ["cosine_topk"]
+__all__ = ["cosine_topk", "KnnFunc", "GalleryIndex"]
 
 _BLOCK_ELEMS = 1 << 24  # scores per block: 16M fp32 = 64 MiB
+_NUMPY_FLOATS = (np.float16, np.float32, np.float64)
 
 
-def _as_tensor(a, name: str) -> Tensor:
-    if isinstance(a, np.ndarray):
-        a = torch.from_numpy(np.ascontiguousarray(a))
-    return check_matrix(a, name)
+def __getattr__(name: str):  # GalleryIndex lives in its own module (it imports this one)
+    if name == "GalleryIndex":
+        from bct_fast.gallery import GalleryIndex
+        return GalleryIndex
+    raise AttributeError(f"module 'bct_fast.search' has no attribute {name!r}")
+
+
+def _check_gallery(g, name: str):
+    """A torch matrix, or a 2-D float numpy array / memmap (kept on the host, read by chunks)."""
+    if isinstance(g, np.ndarray):
+        if g.ndim != 2 or g.shape[0] == 0 or g.shape[1] == 0:
+            raise ValueError(f"{name}: expected a non-empty 2-D array [rows, dim], got shape {g.shape}")
+        if g.dtype.type not in _NUMPY_FLOATS:
+            raise TypeError(f"{name}: numpy dtype {g.dtype} is not supported (float16/32/64)")
+        return g
+    return check_matrix(g, name)
+
+
+def _host_tensor(a: np.ndarray) -> Tensor:
+    """numpy -> CPU tensor; read-only arrays (memmaps opened "r") are copied, as torch needs."""
+    return torch.from_numpy(np.ascontiguousarray(a) if a.flags.writeable else np.array(a))
+
+
+def _torch_dtype(g) -> torch.dtype:
+    return {np.float16: torch.float16, np.float32: torch.float32, np.float64: torch.float64}[g.dtype.type] \
+        if isinstance(g, np.ndarray) else g.dtype
+
+
+def _sort_rows_by_score_then_column(vals: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Order each row by score descending, equal scores by ascending column."""
+    cols, perm = cols.sort(dim=1)
+    vals = vals.gather(1, perm)
+    order = vals.sort(dim=1, descending=True, stable=True).indices
+    return vals.gather(1, order), cols.gather(1, order)
 
 
 def _topk_lowest_index_ties(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k per row, descending, equal scores ordered by ascending column (exact tie rule)."""
-    vals, _ = torch.topk(scores, k, dim=1)
-    kth = vals[:, -1:]
-    above = scores > kth
-    need = k - above.sum(1, keepdim=True)
-    equal = scores == kth
-    take = above | (equal & (torch.cumsum(equal, dim=1) <= need))
-    cols = take.nonzero()[:, 1].view(scores.shape[0], k)  # ascending column order per row
-    picked = scores.gather(1, cols)
-    order = torch.sort(picked, dim=1, descending=True, stable=True).indices
-    return picked.gather(1, order), cols.gather(1, order)
+    """Top-k per row, descending, equal scores ordered by ascending column (exact tie rule).
+
+    torch.topk breaks ties arbitrarily; only rows with a tie across the k-th place need the
+    slower exact selection, the rest are just reordered."""
+    n = scores.shape[1]
+    if k >= n:
+        return torch.sort(scores, dim=1, descending=True, stable=True)
+    vals, cols = torch.topk(scores, k + 1, dim=1)
+    tied = vals[:, k - 1] == vals[:, k]
+    out_v, out_c = _sort_rows_by_score_then_column(vals[:, :k], cols[:, :k])
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        s = scores[rows]
+        kth = vals[rows, k - 1:k]
+        above = s > kth
+        equal = s == kth
+        need = k - above.sum(1, keepdim=True)
+        take = above | (equal & (torch.cumsum(equal, dim=1) <= need))
+        c = take.nonzero()[:, 1].view(rows.shape[0], k)
+        out_v[rows], out_c[rows] = _sort_rows_by_score_then_column(s.gather(1, c), c)
+    return out_v, out_c
+
+
+def _gallery_chunks(g, chunk: int, device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[int, Tensor]]:
+    """Yield ``(row0, chunk on device)``. Host galleries headed for CUDA go through two pinned
+    staging buffers so the next copy overlaps the current chunk's search."""
+    N = g.shape[0]
+    host = isinstance(g, np.ndarray) or g.device.type == "cpu"
+    if not (host and device.type == "cuda"):
+        for n0 in range(0, N, chunk):
+            part = g[n0:n0 + chunk]
+            if isinstance(part, np.ndarray):
+                part = _host_tensor(part)
+            yield n0, part.to(device=device, dtype=dtype or part.dtype)
+        return
+    src_dtype = _torch_dtype(g)
+    staging = [torch.empty(chunk, g.shape[1], dtype=src_dtype).pin_memory() for _ in range(2)]
+    done = [None, None]
+    for step, n0 in enumerate(range(0, N, chunk)):
+        buf = staging[step % 2]
+        if done[step % 2] is not None:
+            done[step % 2].synchronize()  # the copy that last read this buffer has finished
+        part = g[n0:n0 + chunk]
+        rows = part.shape[0]
+        buf[:rows].copy_(_host_tensor(part) if isinstance(part, np.ndarray) else part)
+        on_dev = buf[:rows].to(device, non_blocking=True)
+        done[step % 2] = torch.cuda.Event()
+        done[step % 2].record(torch.cuda.current_stream(device))
+        yield n0, on_dev.to(dtype or on_dev.dtype)
+
+
+def _block_topk_torch(qb: Tensor, gb: Tensor, k: int, q0: int, n0: int,
+                      exclude_self: bool) -> tuple[Tensor, Tensor]:
+    """Top-k of one (already normalized) query block against one gallery chunk."""
+    s = qb @ gb.T
+    if not bool(torch.isfinite(s).all()):
+        raise _NonFinite()
+    if exclude_self:
+        rows = torch.arange(q0, q0 + qb.shape[0], device=qb.device)
+        own = (rows >= n0) & (rows < n0 + gb.shape[0])
+        s[own.nonzero()[:, 0], rows[own] - n0] = -math.inf
+    s_top, cols = _topk_lowest_index_ties(s, min(k, s.shape[1]))
+    return s_top, cols + n0
+
+
+class _NonFinite(Exception):
+    """A block produced NaN/inf scores; the caller names the input that holds them."""
+
+
+def _merge(best: tuple[Tensor, Tensor] | None, new: tuple[Tensor, Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """Merge two candidate lists; every index in ``best`` is lower than every index in ``new``,
+    so column order among equal scores is index order."""
+    if best is None:
+        return new
+    s = torch.cat([best[0], new[0].to(best[0].dtype)], 1)
+    i = torch.cat([best[1], new[1]], 1)
+    s_top, cols = _topk_lowest_index_ties(s, min(k, s.shape[1]))
+    return s_top, i.gather(1, cols)
 
 
 def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_self: bool = False,
-                chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+                chunk_size: int | None = None, progress: bool = False) -> tuple[Tensor, Tensor]:
     """Exact top-k cosine (or inner-product) search.
 
     Args:
         queries: [Q, d] tensor or numpy array (fp32 / fp16 / bf16 / fp64).
-        gallery: [N, d] on the same device as ``queries``.
+        gallery: [N, d] tensor on the queries' device, or a CPU tensor / numpy array / memmap
+            with CUDA queries (streamed to the device in chunks: galleries larger than memory).
         k: neighbours per query, 1 <= k <= N (N - 1 with ``exclude_self``).
         normalize: L2-normalize both sides (cosine); False scores raw inner products.
-        exclude_self: queries ARE the gallery (same rows, same order): drop each query's own
-            row (leave-one-out retrieval).
+        exclude_self: query i is gallery row i (queries are the first Q gallery rows, e.g. the
+            same set): drop that row from query i's results (leave-one-out retrieval).
         chunk_size: gallery rows per block (default: ~16M scores per block).
+        progress: show a tqdm bar over gallery chunks.
 
     Returns:
-        ``(scores [Q, k] float32, indices [Q, k] int64)``, sorted by score descending with ties
-        to the lower gallery index.
+        ``(scores [Q, k] float32, indices [Q, k] int64)`` on the queries' device, sorted by score
+        descending with ties to the lower gallery index.
+
+    Raises:
+        ValueError / TypeError naming the argument: bad shapes, k out of range, empty gallery,
+        dim mismatch, mixed devices, NaN/inf rows.
     """
-    q = _as_tensor(queries, "queries")
-    g = _as_tensor(gallery, "gallery")
-    if q.device != g.device:
-        raise ValueError(f"gallery: on {g.device}, but queries are on {q.device}")
+    q = _host_tensor(queries) if isinstance(queries, np.ndarray) else queries
+    q = check_matrix(q, "queries")
+    g = _check_gallery(gallery, "gallery")
+    g_dev = torch.device("cpu") if isinstance(g, np.ndarray) else g.device
+    streamed = q.device.type == "cuda" and g_dev.type == "cpu"
+    if g_dev != q.device and not streamed:
+        raise ValueError(f"gallery: on {g_dev}, but queries are on {q.device} (a CPU gallery may "
+                         "be streamed to CUDA queries; other mixes are not supported)")
+    Q, N = q.shape[0], g.shape[0]
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"gallery: has dim {g.shape[1]} but queries have dim {q.shape[1]}")
-    if exclude_self and q.shape[0] != g.shape[0]:
-        raise ValueError("exclude_self: queries and gallery must be the same rows "
-                         f"(got {q.shape[0]} queries, {g.shape[0]} gallery rows)")
-    N = g.shape[0]
+    if exclude_self and Q > N:
+        raise ValueError(f"exclude_self: query i must be gallery row i, but there are {Q} queries "
+                         f"and only {N} gallery rows")
     limit = N - 1 if exclude_self else N
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
         raise ValueError(f"k: expected an integer in [1, {limit}] (gallery size"
                          f"{' - 1 with exclude_self' if exclude_self else ''}), got {k!r}")
-    if chunk_size is not None and chunk_size < 1:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
 
-    acc = torch.float64 if torch.float64 in (q.dtype, g.dtype) else torch.float32
+    g_is_f64 = (g.dtype == np.float64) if isinstance(g, np.ndarray) else g.dtype == torch.float64
+    acc = torch.float64 if (q.dtype == torch.float64 or g_is_f64) else torch.float32
     qn = q.to(acc)
     if normalize:
         qn = torch.nn.functional.normalize(qn, dim=1)
-    chunk = max(k, chunk_size or min(N, max(1024, _BLOCK_ELEMS // max(1, min(q.shape[0], 4096)))))
-    q_block = max(1, min(q.shape[0], _BLOCK_ELEMS // chunk))
-    out_s = torch.empty(q.shape[0], k, dtype=acc, device=q.device)
-    out_i = torch.empty(q.shape[0], k, dtype=torch.int64, device=q.device)
-    for q0 in range(0, q.shape[0], q_block):
-        qb = qn[q0:q0 + q_block]
-        best_s = best_i = None
-        for n0 in range(0, N, chunk):
-            gb = g[n0:n0 + chunk].to(acc)
-            if normalize:
-                gb = torch.nn.functional.normalize(gb, dim=1)
-            s = qb @ gb.T
-            if not bool(torch.isfinite(s).all()):
-                raise nonfinite_error({"queries": q[q0:q0 + q_block], "gallery": g[n0:n0 + chunk]})
-            if exclude_self:
-                rows = torch.arange(q0, q0 + qb.shape[0], device=q.device)
-                own = (rows >= n0) & (rows < n0 + gb.shape[0])
-                s[own.nonzero()[:, 0], rows[own] - n0] = -math.inf
-            if best_s is not None:  # merge: earlier candidates first, so index order holds for ties
-                s = torch.cat([best_s, s], 1)
-            kk = min(k, s.shape[1])
-            best_s, cols = _topk_lowest_index_ties(s, kk)
-            new_idx = torch.arange(n0, n0 + gb.shape[0], device=q.device).expand(qb.shape[0], -1)
-            idx = new_idx if best_i is None else torch.cat([best_i, new_idx], 1)
-            best_i = idx.gather(1, cols)
-        out_s[q0:q0 + qb.shape[0]] = best_s
-        out_i[q0:q0 + qb.shape[0]] = best_i
+    if not bool(torch.isfinite(qn).all()):
+        raise nonfinite_error({"queries": q})
+    chunk = max(k, chunk_size or min(N, max(1024, _BLOCK_ELEMS // max(1, min(Q, 4096)))))
+    q_block = max(1, min(Q, _BLOCK_ELEMS // chunk))
+    g_dtype = _torch_dtype(g)
+    use_kernel = (q.device.type == "cuda" and acc == torch.float32
+                  and _native.topk_kernel_applies(q.dtype, g_dtype, k))
+    if q.device.type == "cuda" and not use_kernel and acc == torch.float32:
+        warn_fallback("cosine_topk")
+
+    out_s = torch.empty(Q, k, dtype=acc, device=q.device)
+    out_i = torch.empty(Q, k, dtype=torch.int64, device=q.device)
+    # Gallery-chunk-major order: the gallery is read (and streamed) once, the queries stay put.
+    chunks = _gallery_chunks(g, chunk, q.device, None if use_kernel else acc)
+    if progress:
+        from tqdm.auto import tqdm
+        chunks = tqdm(chunks, total=math.ceil(N / chunk), desc="cosine_topk", unit="chunk")
+    bests: list = [None] * math.ceil(Q / q_block)
+    for n0, gb in chunks:
+        if not use_kernel and normalize:
+            gb = torch.nn.functional.normalize(gb, dim=1)
+        for b, q0 in enumerate(range(0, Q, q_block)):
+            qb = qn[q0:q0 + q_block]
+            try:
+                if use_kernel:
+                    new = _native.cosine_topk_block(q[q0:q0 + q_block], gb, min(k, gb.shape[0]), normalize,
+                                                    q0 if exclude_self else -1, n0)
+                else:
+                    new = _block_topk_torch(qb, gb, k, q0, n0, exclude_self)
+            except _NonFinite:
+                raise nonfinite_error({"queries": q[q0:q0 + q_block], "gallery": _rows(g, n0, gb.shape[0])}) from None
+            bests[b] = _merge(bests[b], new, k)
+    for b, q0 in enumerate(range(0, Q, q_block)):
+        out_s[q0:q0 + q_block], out_i[q0:q0 + q_block] = bests[b]
     return out_s.to(torch.float32), out_i
+
+
+def _rows(g, n0: int, rows: int) -> Tensor:
+    part = g[n0:n0 + rows]
+    return _host_tensor(part) if isinstance(part, np.ndarray) else part
+
+
+class KnnFunc:
+    """A ``knn_func`` for pytorch-metric-learning's ``AccuracyCalculator``.
+
+    PML calls ``knn_func(query, k, reference, ref_includes_query)`` and expects ``(distances,
+    indices)`` of shape [Q, k]; with ``ref_includes_query`` the first Q reference rows are the
+    queries and each query's own row must be left out. Returned "distances" are cosine
+    similarities (larger is nearer), as PML's own ``CosineSimilarity`` knn does.
+
+    Example::
+
+        calc = AccuracyCalculator(knn_func=KnnFunc())
+    """
+
+    def __init__(self, *, normalize: bool = True, chunk_size: int | None = None):
+        self.normalize = normalize
+        self.chunk_size = chunk_size
+
+    def __call__(self, query, k: int, reference, ref_includes_query: bool = False) -> tuple[Tensor, Tensor]:
+        limit = reference.shape[0] - (1 if ref_includes_query else 0)
+        return cosine_topk(query, reference, min(int(k), limit), normalize=self.normalize,
+                           exclude_self=ref_includes_query, chunk_size=self.chunk_size)

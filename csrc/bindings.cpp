@@ -9,6 +9,7 @@
 #include "bct_fast/common.h"
 
 #ifdef BCT_FAST_WITH_CUDA
+#include "bct_fast/cosine_topk.h"
 #include "bct_fast/margin_softmax.h"
 #include "bct_fast/runtime_info.h"
 #endif
@@ -90,6 +91,21 @@ PYBIND11_MODULE(_C, m) {
             ptr<const float>(inv_nw), ptr<const int64_t>(labels), ptr<const float>(target_logit),
             ptr<const float>(lse), ptr<const float>(row_coef), B, C, d,
             static_cast<bct_fast::DType>(dtype), scale, ptr<float>(out), ptr<void>(stream)));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.attr("topk_max_k") = bct_fast::kTopkMaxK;
+  m.def(
+      "cosine_topk_partial",
+      [](std::uintptr_t q, std::uintptr_t g, std::uintptr_t inv_nq, std::uintptr_t inv_ng,
+         int64_t Q, int64_t N, int64_t d, int q_dtype, int g_dtype, int k, int splits,
+         bool exclude, int64_t exclude_offset, std::uintptr_t out_scores, std::uintptr_t out_idx,
+         std::uintptr_t nonfinite, std::uintptr_t stream) {
+        raise_if_error(bct_fast::cosine_topk_partial(
+            ptr<const void>(q), ptr<const void>(g), ptr<const float>(inv_nq),
+            ptr<const float>(inv_ng), Q, N, d, static_cast<bct_fast::DType>(q_dtype),
+            static_cast<bct_fast::DType>(g_dtype), k, splits, exclude, exclude_offset,
+            ptr<float>(out_scores), ptr<int64_t>(out_idx), ptr<int>(nonfinite),
+            ptr<void>(stream)));
       },
       py::call_guard<py::gil_scoped_release>());
 #endif

@@ -21,7 +21,7 @@ def test_matches_pml_accuracy_calculator(seed):
     # PML's default kNN is FAISS IndexFlatL2 on raw vectors: same ranking as cosine once normalized.
     q = torch.nn.functional.normalize(torch.randn(60, 8), dim=1)
     labels = torch.randint(0, 6, (60,))
-    ours = evaluate_retrieval(q, labels)  # leave-one-out, full ranking
+    ours = evaluate_retrieval(q, labels, k="all")  # leave-one-out, full ranking
     calc = acc_mod.AccuracyCalculator(include=("precision_at_1", "mean_average_precision"), k=59,
                                       device=torch.device("cpu"))
     pml = calc.get_accuracy(q, labels, q, labels, ref_includes_query=True)
@@ -32,3 +32,78 @@ def test_matches_pml_accuracy_calculator(seed):
 def test_gallery_without_labels_is_an_error():
     with pytest.raises(ValueError, match="gallery_labels"):
         evaluate_retrieval(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), torch.randn(7, 4))
+
+
+def _tm():
+    return pytest.importorskip("torchmetrics.functional.retrieval")
+
+
+def test_full_ranking_metrics_match_torchmetrics(seed):
+    """k='all' gives full-ranking mAP / R-precision / hit rate equal to torchmetrics'."""
+    tm = _tm()
+    q, g = torch.randn(40, 12), torch.randn(150, 12)
+    ql, gl = torch.randint(0, 6, (40,)), torch.randint(0, 6, (150,))
+    ours = evaluate_retrieval(q, ql, g, gl, k="all", recall_at=(1, 5))
+    # torchmetrics treats items with a score <= 0 as irrelevant: shift cosines to (1, 3), same ranking
+    scores = 2 + torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(g, dim=1).T
+    rel = gl[None, :] == ql[:, None]
+    keep = rel.any(1)
+    ap = [tm.retrieval_average_precision(scores[i], rel[i]) for i in range(40) if keep[i]]
+    rp = [tm.retrieval_r_precision(scores[i], rel[i]) for i in range(40) if keep[i]]
+    hr5 = [tm.retrieval_hit_rate(scores[i], rel[i], top_k=5) for i in range(40) if keep[i]]
+    assert ours["mean_average_precision"] == pytest.approx(float(torch.stack(ap).mean()), abs=1e-6)
+    assert ours["r_precision"] == pytest.approx(float(torch.stack(rp).mean()), abs=1e-6)
+    assert ours["recall_at_5"] == pytest.approx(float(torch.stack(hr5).mean()), abs=1e-6)
+
+
+def test_auto_k_is_exact_for_r_metrics_and_recall(seed):
+    q = torch.randn(120, 6)
+    labels = torch.randint(0, 9, (120,))
+    auto = evaluate_retrieval(q, labels)
+    full = evaluate_retrieval(q, labels, k="all")
+    for name in ("precision_at_1", "recall_at_5", "recall_at_10", "r_precision", "mean_average_precision_at_r"):
+        assert auto[name] == pytest.approx(full[name], abs=1e-7), name
+
+
+def test_r_metrics_need_enough_neighbours():
+    from bct_fast.metrics import cmc_curve
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    idx = torch.tensor([[4, 1], [0, 2], [3, 5], [2, 0], [0, 5], [4, 1]])  # rows 0 and 4 miss at rank 1
+    with pytest.raises(ValueError, match="k=2 < max R=3"):
+        retrieval_metrics(idx, labels, labels, exclude_self=True, include=("r_precision",))
+    m = retrieval_metrics(idx, labels, labels, exclude_self=True)
+    assert "r_precision" not in m and m["precision_at_1"] == pytest.approx(4 / 6)
+    assert cmc_curve(idx, labels, labels, exclude_self=True).tolist() == pytest.approx([4 / 6, 1.0])
+    with pytest.raises(ValueError, match="include"):
+        retrieval_metrics(idx, labels, labels, include=("top1",))
+
+
+def test_lone_queries_are_left_out_as_in_pml():
+    gallery_labels = torch.tensor([1, 1, 2])
+    m = retrieval_metrics(torch.tensor([[0, 1, 2], [2, 0, 1]]), torch.tensor([1, 5]), gallery_labels)
+    assert m["precision_at_1"] == 1.0 and m["mean_average_precision"] == 1.0
+
+
+def test_tar_at_far_matches_torchmetrics_roc(seed):
+    roc = pytest.importorskip("torchmetrics.functional.classification").binary_roc
+    from bct_fast.metrics import tar_at_far
+    same = torch.rand(5000) < 0.3
+    scores = torch.randn(5000) + 1.5 * same
+    ours = tar_at_far(scores, same, fars=(1e-3, 1e-2, 0.1))
+    fpr, tpr, _ = roc(scores, same.long(), thresholds=None)
+    for far in (1e-3, 1e-2, 0.1):
+        best = float(tpr[fpr <= far + 1e-12].max())
+        assert ours[f"tar_at_far_{far:.0e}"] == pytest.approx(best, abs=1e-6)  # torchmetrics: fp32 rates
+
+
+def test_tar_at_far_edge_cases():
+    from bct_fast.metrics import pair_scores, tar_at_far
+    assert tar_at_far(torch.tensor([0.9, 0.1]), torch.tensor([True, False]), fars=(1.0,))["tar_at_far_1e+00"] == 1.0
+    with pytest.raises(ValueError, match="is_same"):
+        tar_at_far(torch.tensor([0.9, 0.8]), torch.tensor([True, True]))
+    with pytest.raises(ValueError, match="scores"):
+        tar_at_far(torch.tensor([float("nan"), 0.8]), torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="b"):
+        pair_scores(torch.randn(3, 4), torch.randn(3, 5))
+    a = torch.randn(3, 4)
+    assert torch.allclose(pair_scores(a, 2 * a), torch.ones(3, dtype=torch.float64))

@@ -98,3 +98,63 @@ def test_bad_tensors():
     q[0, 0] = float("nan")
     with pytest.raises(ValueError, match="queries"):
         cosine_topk(q, torch.randn(10, 4), 2)
+
+
+def test_boundary_and_inner_ties_with_random_data(seed):
+    """Small-integer vectors (inner product: exact in fp32) make many ties, across and inside
+    the k-th place."""
+    g = torch.randint(-2, 3, (500, 3)).float()
+    q = torch.randint(-2, 3, (30, 3)).float()
+    full = (q @ g.T).numpy()
+    for k in (1, 7, 64, 499, 500):
+        s, i = cosine_topk(q, g, k, normalize=False, chunk_size=37)
+        ri = np.lexsort((np.broadcast_to(np.arange(500), full.shape), -full), axis=1)[:, :k]
+        assert torch.equal(i, torch.from_numpy(ri)), k
+
+
+def test_exclude_self_with_a_larger_gallery(seed):
+    """Queries are the first Q gallery rows (PML's ref_includes_query layout)."""
+    g = torch.randn(90, 12)
+    s, i = cosine_topk(g[:25], g, 30, exclude_self=True, chunk_size=16)
+    full = torch.nn.functional.normalize(g[:25].double(), dim=1) @ torch.nn.functional.normalize(g.double(), dim=1).T
+    full[torch.arange(25), torch.arange(25)] = -float("inf")
+    idx = np.lexsort((np.broadcast_to(np.arange(90), full.shape), -full.numpy()), axis=1)[:, :30]
+    assert torch.equal(i, torch.from_numpy(idx))
+
+
+def test_memmap_gallery_is_streamed_by_chunks(seed, tmp_path):
+    g = torch.randn(1000, 24)
+    path = tmp_path / "g.f32"
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(1000, 24))
+    mm[:] = g.numpy()
+    mm.flush()
+    ro = np.memmap(path, dtype=np.float32, mode="r", shape=(1000, 24))
+    q = torch.randn(9, 24)
+    s, i = cosine_topk(q, ro, 40, chunk_size=128, progress=True)
+    rs, ri = reference_topk(q, g, 40)
+    assert torch.equal(i, ri) and torch.allclose(s.double(), rs, atol=1e-6)
+
+
+def test_mixed_devices_are_an_error():
+    with pytest.raises(ValueError, match="gallery: on meta"):
+        cosine_topk(torch.randn(3, 4), torch.randn(10, 4, device="meta"), 2)
+
+
+def test_knn_func_in_pml_accuracy_calculator(seed):
+    acc_mod = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    from bct_fast.search import KnnFunc
+
+    ref = torch.randn(300, 16)
+    ref_labels = torch.randint(0, 10, (300,))
+    q, q_labels = ref[:80], ref_labels[:80]
+    metrics = ("precision_at_1", "r_precision", "mean_average_precision_at_r", "mean_average_precision")
+    ours = acc_mod.AccuracyCalculator(include=metrics, knn_func=KnnFunc(), k=60)
+    # PML's own exact cosine kNN as the peer
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.inference import CustomKNN
+    peer = acc_mod.AccuracyCalculator(include=metrics, knn_func=CustomKNN(CosineSimilarity()), k=60)
+    for ref_includes_query in (False, True):
+        a = ours.get_accuracy(q, q_labels, ref, ref_labels, ref_includes_query=ref_includes_query)
+        b = peer.get_accuracy(q, q_labels, ref, ref_labels, ref_includes_query=ref_includes_query)
+        for name in metrics:
+            assert a[name] == pytest.approx(b[name], abs=1e-6), (name, ref_includes_query)

@@ -1,0 +1,73 @@
+"""cross_test and compatibility_matrix on constructed embeddings with known answers."""
+import json
+
+import pytest
+import torch
+
+from bct_fast.evaluate import CompatibilityMatrix, compatibility_matrix, cross_test
+
+
+def clustered(n_classes=20, per=6, dim=16, noise=0.3):
+    centers = torch.nn.functional.normalize(torch.randn(n_classes, dim), dim=1)
+    labels = torch.arange(n_classes).repeat_interleave(per)
+    return centers, labels, centers[labels] + noise * torch.randn(len(labels), dim)
+
+
+def test_compatible_update_passes_the_criterion(seed):
+    centers, labels, old = clustered(noise=0.6)
+    new = centers[labels] + 0.2 * torch.randn_like(old)  # same space, tighter clusters
+    r = cross_test(old, new, labels)
+    assert r.new_new["precision_at_1"] >= r.old_old["precision_at_1"]
+    assert r.compatible and r.update_gain > 0
+    assert "new/old" in r.table() and json.dumps(r.to_dict())
+
+
+def test_independent_model_fails_the_criterion(seed):
+    _, labels, old = clustered()
+    rot = torch.linalg.qr(torch.randn(16, 16)).Q
+    new = old @ rot  # as good as old on its own, but in a rotated space
+    r = cross_test(old, new, labels)
+    assert r.new_new["precision_at_1"] == pytest.approx(r.old_old["precision_at_1"], abs=1e-6)
+    assert not r.compatible and r.new_old["precision_at_1"] < 0.5 * r.old_old["precision_at_1"]
+
+
+def test_cross_test_with_separate_gallery_and_errors(seed):
+    _, labels, old = clustered()
+    new = old + 0.01 * torch.randn_like(old)
+    qi, gi = torch.arange(0, 120, 3), torch.cat([torch.arange(1, 120, 3), torch.arange(2, 120, 3)])
+    r = cross_test(old[qi], new[qi], labels[qi], old_gallery=old[gi], new_gallery=new[gi],
+                   gallery_labels=labels[gi])
+    assert r.old_old["precision_at_1"] > 0.5
+    with pytest.raises(ValueError, match="give all three"):
+        cross_test(old, new, labels, old_gallery=old)
+    with pytest.raises(ValueError, match="new_query"):
+        cross_test(old, new[:5], labels)
+    with pytest.raises(ValueError, match="metric"):
+        cross_test(old, new, labels, metric="top1")
+
+
+def test_compatibility_matrix_ac_am_table_and_heatmap(seed, tmp_path):
+    pytest.importorskip("matplotlib")
+    centers, labels, m0 = clustered(noise=0.7)
+    m1 = centers[labels] + 0.4 * torch.randn_like(m0)
+    m2 = (centers[labels] + 0.3 * torch.randn_like(m0)) @ torch.linalg.qr(torch.randn(16, 16)).Q
+    cm = compatibility_matrix({"v0": m0, "v1": m1, "v2": m2}, labels)
+    v = cm.values
+    assert len(v) == 3 and all(len(row) == 3 for row in v)
+    expected_ac = sum(v[i][j] > v[j][j] for i, j in ((1, 0), (2, 0), (2, 1))) / 3
+    assert cm.ac == pytest.approx(expected_ac)
+    assert v[1][0] > v[0][0] and v[2][0] < v[0][0]  # v1 compatible with v0, the rotated v2 not
+    assert cm.am == pytest.approx(sum(v[i][j] for i in range(3) for j in range(i + 1)) / 6)
+    assert "AC =" in cm.table()
+    png = cm.plot(tmp_path / "heat.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(cm.save_json(tmp_path / "m.json").read_text())
+    assert data["AC"] == pytest.approx(cm.ac)
+    lower = compatibility_matrix({"v0": m0, "v1": m1}, labels, lower_only=True)
+    assert lower.values[0][1] is None and lower.ac == pytest.approx(float(v[1][0] > v[0][0]))
+
+
+def test_hand_made_matrix_summaries():
+    cm = CompatibilityMatrix(["a", "b", "c"], [[0.5, None, None], [0.6, 0.7, None], [0.4, 0.8, 0.9]], "p@1")
+    assert cm.ac == pytest.approx(2 / 3)  # (b,a) and (c,b) pass, (c,a) fails
+    assert cm.am == pytest.approx((0.5 + 0.6 + 0.7 + 0.4 + 0.8 + 0.9) / 6)

@@ -1,0 +1,168 @@
+"""GalleryIndex: search equals cosine_topk, save/load round trips, atomic writes, bad files."""
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from bct_fast.gallery import FORMAT_VERSION, GalleryIndex, IndexFileError
+from bct_fast.search import cosine_topk
+
+
+def make_index(n=300, dim=16, dtype=torch.float32, labels=True, **kw):
+    x = torch.randn(n, dim)
+    index = GalleryIndex(dim, "old-v1", dtype=dtype, metadata={"dataset": "synthetic"}, **kw)
+    ids = torch.randperm(10 * n)[:n]
+    index.add(x, ids=ids, labels=torch.randint(0, 7, (n,)) if labels else None)
+    return index, x, ids
+
+
+def test_search_maps_rows_to_ids_and_labels(seed):
+    index, x, ids = make_index()
+    q = torch.randn(11, 16)
+    res = index.search(q, 9)
+    s, i = cosine_topk(q, x, 9)
+    assert torch.equal(res.indices, i) and torch.allclose(res.scores, s, atol=1e-6)
+    assert torch.equal(res.ids, ids[i]) and torch.equal(res.labels, index.labels[i])
+
+
+def test_incremental_add_and_default_ids(seed):
+    index = GalleryIndex(8, "m")
+    a = index.add(torch.randn(5, 8))
+    b = index.add(torch.randn(3, 8))
+    assert a.tolist() == [0, 1, 2, 3, 4] and b.tolist() == [5, 6, 7] and len(index) == 8
+    with pytest.raises(ValueError, match="ids"):
+        index.add(torch.randn(2, 8), ids=torch.tensor([1, 100]))
+    with pytest.raises(ValueError, match="ids"):
+        index.add(torch.randn(2, 8), ids=torch.tensor([50, 50]))
+    with pytest.raises(ValueError, match="labels"):
+        index.add(torch.randn(2, 8), labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="dim"):
+        index.add(torch.randn(2, 9))
+    with pytest.raises(ValueError, match="NaN"):
+        index.add(torch.full((1, 8), float("nan")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mmap", [False, True])
+@pytest.mark.parametrize("labels", [True, False])
+def test_save_load_round_trip(seed, tmp_path, dtype, mmap, labels):
+    index, x, ids = make_index(dtype=dtype, labels=labels)
+    path = index.save(tmp_path / "g.bctidx")
+    back = GalleryIndex.load(path, mmap=mmap)
+    assert back.model_version == "old-v1" and back.metadata == {"dataset": "synthetic"}
+    assert back.dtype == dtype and len(back) == len(index)
+    assert torch.equal(back.embeddings.view(torch.int16) if dtype != torch.float32 else back.embeddings,
+                       index.embeddings.view(torch.int16) if dtype != torch.float32 else index.embeddings)
+    assert torch.equal(back.ids, ids)
+    assert (back.labels is None) == (not labels) and (not labels or torch.equal(back.labels, index.labels))
+    q = torch.randn(4, 16)
+    r1, r2 = index.search(q, 5), back.search(q, 5, chunk_size=64)
+    assert torch.equal(r1.ids, r2.ids)
+
+
+def test_mmap_load_never_writes_the_file(tmp_path, seed):
+    index, _, _ = make_index()
+    path = index.save(tmp_path / "g.bctidx")
+    before = path.read_bytes()
+    back = GalleryIndex.load(path, mmap=True)
+    back.embeddings[0, 0] = 42.0  # copy-on-write mapping
+    del back
+    assert path.read_bytes() == before
+    GalleryIndex.load(path)  # still valid
+
+
+def test_failed_save_leaves_the_old_file(tmp_path, seed, monkeypatch):
+    index, _, _ = make_index()
+    path = index.save(tmp_path / "g.bctidx")
+    before = path.read_bytes()
+    bigger, _, _ = make_index(n=500)
+
+    def boom(self):
+        raise OSError("disk full")
+    monkeypatch.setattr(GalleryIndex, "_arrays", boom)
+    with pytest.raises(OSError, match="disk full"):
+        bigger.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["g.bctidx"]  # no temporary file left
+
+
+def test_atomic_write_cleans_up_on_error(tmp_path):
+    from bct_fast._io import atomic_write
+
+    def partial(f):
+        f.write(b"half")
+        raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError):
+        atomic_write(tmp_path / "x.bin", partial)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _saved(tmp_path):
+    index, _, _ = make_index()
+    return index.save(tmp_path / "g.bctidx")
+
+
+def test_truncated_file(tmp_path, seed):
+    path = _saved(tmp_path)
+    data = path.read_bytes()
+    for cut in (3, 12, 40, len(data) - 1):
+        path.write_bytes(data[:cut])
+        with pytest.raises(IndexFileError, match="truncated|too short|header"):
+            GalleryIndex.load(path)
+
+
+def test_corrupted_payload_and_trailing_bytes(tmp_path, seed):
+    path = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="checksum"):
+        GalleryIndex.load(path)
+    GalleryIndex.load(path, verify=False)  # the caller may skip the check
+    path.write_bytes(bytes(data) + b"xx")
+    with pytest.raises(IndexFileError, match="trailing"):
+        GalleryIndex.load(path, verify=False)
+
+
+def test_bad_magic_newer_version_and_bad_header(tmp_path, seed):
+    path = _saved(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(b"NOTANIDX" + data[8:])
+    with pytest.raises(IndexFileError, match="magic"):
+        GalleryIndex.load(path)
+    path.write_bytes(data[:8] + struct.pack("<I", FORMAT_VERSION + 1) + data[12:])
+    with pytest.raises(IndexFileError, match="version"):
+        GalleryIndex.load(path)
+    hlen = struct.unpack("<I", data[12:16])[0]
+    header = json.loads(data[16:16 + hlen])
+    header["count"] += 1
+    raw = json.dumps(header).encode().ljust(hlen)[:hlen]
+    path.write_bytes(data[:16] + raw + data[16 + hlen:])
+    with pytest.raises(IndexFileError, match="inconsistent|header"):
+        GalleryIndex.load(path)
+    with pytest.raises(FileNotFoundError):
+        GalleryIndex.load(tmp_path / "missing.bctidx")
+
+
+def test_constructor_and_search_errors():
+    with pytest.raises(ValueError, match="dim"):
+        GalleryIndex(0, "m")
+    with pytest.raises(ValueError, match="model_version"):
+        GalleryIndex(4, "")
+    with pytest.raises(TypeError, match="dtype"):
+        GalleryIndex(4, "m", dtype=torch.int8)
+    with pytest.raises(TypeError):
+        GalleryIndex(4, "m", metadata={"x": object()})
+    with pytest.raises(ValueError, match="empty"):
+        GalleryIndex(4, "m").search(torch.randn(1, 4), 1)
+    index = GalleryIndex(4, "m")
+    index.add(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="k"):
+        index.search(torch.randn(1, 4), 4)
+
+
+def test_search_module_exports_gallery_index():
+    import bct_fast.search as search
+    assert search.GalleryIndex is GalleryIndex
