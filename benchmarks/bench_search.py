@@ -1,0 +1,92 @@
+"""Exact top-k search vs its peers: faiss-cpu IndexFlatIP and torch mm + topk.
+
+Axes: provider x (Q, N, k) at d = 512, fp32 on CPU. Every provider gets the same L2-normalized
+vectors (IndexFlatIP's contract); ``bct_fast`` is ``cosine_topk(normalize=False)`` (what
+``GalleryIndex`` runs: rows are normalized once when added), ``bct_fast_cosine`` also
+normalizes on the fly. ``torch`` is the plain q @ g.T + topk (a Q x N matrix) where it fits in
+memory. On CUDA: bct_fast (fused kernel) vs torch mm + topk in gallery chunks.
+Run: pytest benchmarks/bench_search.py --benchmark-only
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bct_fast.search import cosine_topk
+
+D = 512
+CPU_CASES = [(1, 1_000_000, 100), (16, 1_000_000, 100), (100, 1_000_000, 100),
+             (1000, 100_000, 10), (1000, 100_000, 1000), (1000, 200_000, 100)]
+CUDA_CASES = [(1, 10_000_000, 100), (1000, 1_000_000, 100), (10_000, 1_000_000, 100),
+              (10_000, 1_000_000, 1000), (10_000, 1_000_000, 4096)]
+
+_data: dict = {}
+
+
+def unit_rows(n, seed, device="cpu", dtype=torch.float32):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, D, generator=g, device=device), dim=1)
+    return x.to(dtype=dtype)
+
+
+def cpu_data(Q, N):
+    key = (Q, N)
+    if key not in _data:
+        _data.clear()
+        _data[key] = (unit_rows(Q, 1), unit_rows(N, 2))
+    return _data[key]
+
+
+def faiss_index(g):
+    faiss = pytest.importorskip("faiss")
+    key = ("faiss", g.shape[0], g.data_ptr())
+    if key not in _data:
+        index = faiss.IndexFlatIP(D)
+        index.add(g.numpy())
+        _data[key] = index
+    return _data[key]
+
+
+@pytest.mark.parametrize("provider", ["bct_fast", "bct_fast_cosine", "faiss", "torch"])
+@pytest.mark.parametrize("Q,N,k", CPU_CASES, ids=[f"Q{q}-N{n}-k{k}" for q, n, k in CPU_CASES])
+def test_cpu_search(measure, provider, Q, N, k):
+    torch.set_num_threads(torch.get_num_threads())
+    q, g = cpu_data(Q, N)
+    if provider == "bct_fast":
+        fn = lambda: cosine_topk(q, g, k, normalize=False)  # noqa: E731
+    elif provider == "bct_fast_cosine":
+        fn = lambda: cosine_topk(q, g, k)  # noqa: E731
+    elif provider == "faiss":
+        index, qn = faiss_index(g), q.numpy()
+        fn = lambda: index.search(qn, k)  # noqa: E731
+    else:
+        if Q * N > 200_000_000:
+            pytest.skip("the Q x N score matrix would need more than 800 MB")
+        fn = lambda: torch.topk(q @ g.T, k, dim=1)  # noqa: E731
+    measure(fn, "cpu", rounds=3, Q=Q, N=N, d=D, k=k, provider=provider, dtype="float32")
+
+
+def torch_chunked_topk(q, g, k, chunk=262_144):
+    """The strongest simple GPU peer: mm per gallery chunk + topk, then merge."""
+    best_s = best_i = None
+    for n0 in range(0, g.shape[0], chunk):
+        s, i = torch.topk(q @ g[n0:n0 + chunk].T, min(k, g.shape[0] - n0), dim=1)
+        i += n0
+        if best_s is not None:
+            s, j = torch.topk(torch.cat([best_s, s], 1), k, dim=1)
+            i = torch.cat([best_i, i], 1).gather(1, j)
+        best_s, best_i = s, i
+    return best_s, best_i
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("provider", ["bct_fast", "torch"])
+@pytest.mark.parametrize("Q,N,k", CUDA_CASES, ids=[f"Q{q}-N{n}-k{k}" for q, n, k in CUDA_CASES])
+def test_cuda_search(measure, provider, dtype, Q, N, k):
+    q, g = unit_rows(Q, 1, "cuda", dtype), unit_rows(N, 2, "cuda", dtype)
+    if provider == "bct_fast":
+        fn = lambda: cosine_topk(q, g, k, normalize=False)  # noqa: E731
+    else:
+        fn = lambda: torch_chunked_topk(q, g, k)  # noqa: E731
+    measure(fn, "cuda", rounds=5, Q=Q, N=N, d=D, k=k, provider=provider, dtype=str(dtype))
