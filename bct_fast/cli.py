@@ -1,4 +1,4 @@
-"""Command line: ``bct-fast demo`` and ``bct-fast info``."""
+"""Command line: ``bct-fast demo``, ``bct-fast eval``, ``bct-fast data cjk-setup``, ``bct-fast info``."""
 from __future__ import annotations
 
 import argparse
@@ -6,25 +6,97 @@ import json
 import sys
 
 
+def _fail(cmd: str, msg: str) -> int:
+    print(f"bct-fast {cmd}: {msg}", file=sys.stderr)
+    return 2
+
+
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from bct_fast.demo import DemoConfig, format_table, run_demo, save_results
+    from bct_fast.demo import DemoConfig, format_table, quick_config, run_demo
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bct-fast demo: --device cuda, but no CUDA GPU is visible to PyTorch", file=sys.stderr)
-        return 2
-    cfg = DemoConfig(device=args.device, seed=args.seed)
-    if args.quick:
-        cfg = DemoConfig(device=args.device, seed=args.seed, num_classes=120, old_classes=40,
-                         train_classes=90, samples_per_class=16, old_epochs=8, new_epochs=10)
-    print(f"bct-fast demo: {cfg.num_classes} synthetic classes (old model: {cfg.old_classes}, "
-          f"new models: {cfg.train_classes}, retrieval on the {cfg.num_classes - cfg.train_classes} "
-          f"held-out classes), device={cfg.device}")
-    results = run_demo(cfg)
+        return _fail("demo", "--device cuda, but no CUDA GPU is visible to PyTorch")
+    cfg = quick_config(args.dataset) if args.quick else DemoConfig(dataset=args.dataset)
+    cfg.device, cfg.seed = args.device, args.seed
+    print(f"bct-fast demo: dataset={cfg.dataset}; old model on {cfg.old_classes} classes, new models on "
+          f"{cfg.train_classes}, retrieval on the held-out rest; device={cfg.device}")
+    try:
+        results = run_demo(cfg, out_dir=args.out, progress=not args.no_progress)
+    except FileNotFoundError as e:
+        return _fail("demo", str(e))
     print(format_table(results))
-    path = save_results(results, args.out)
-    print(f"every number: {path}")
+    print(f"every number: {args.out}/results.json; heatmap: {args.out}/compatibility.png")
+    return 0
+
+
+def _load_matrix(path: str, what: str):
+    """[n, d] float array from .npy or .safetensors (first tensor, or the one named 'embeddings')."""
+    import os
+
+    import numpy as np
+    import torch
+
+    if not os.path.exists(path):
+        raise ValueError(f"{what}: file not found: {path}")
+    if path.endswith(".npy"):
+        try:
+            a = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"{what}: not a readable .npy file ({e})") from None
+        t = torch.from_numpy(np.array(a))
+    elif path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ValueError(f"{what}: reading .safetensors needs `pip install safetensors`") from None
+        tensors = load_file(path)
+        if not tensors:
+            raise ValueError(f"{what}: {path} holds no tensors")
+        t = tensors.get("embeddings", next(iter(tensors.values())))
+    else:
+        raise ValueError(f"{what}: expected a .npy or .safetensors file, got {path}")
+    return t
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from bct_fast.metrics import evaluate_retrieval
+
+    try:
+        q = _load_matrix(args.query, "--query")
+        ql = _load_matrix(args.query_labels, "--query-labels")
+        g = _load_matrix(args.gallery, "--gallery") if args.gallery else None
+        gl = _load_matrix(args.gallery_labels, "--gallery-labels") if args.gallery_labels else None
+        if (g is None) != (gl is None):
+            raise ValueError("--gallery and --gallery-labels: give both or neither")
+        if q.dim() != 2 or not q.dtype.is_floating_point:
+            raise ValueError(f"--query: expected a 2-D float array, got shape {tuple(q.shape)} {q.dtype}")
+        if g is not None and (g.dim() != 2 or g.shape[1] != q.shape[1]):
+            raise ValueError(f"--gallery: expected shape [N, {q.shape[1]}], got {tuple(g.shape)}")
+        for name, lab, rows in (("--query-labels", ql, q.shape[0]), ("--gallery-labels", gl, None if g is None else g.shape[0])):
+            if lab is None:
+                continue
+            if lab.dim() != 1 or lab.shape[0] != rows or lab.dtype.is_floating_point:
+                raise ValueError(f"{name}: expected {rows} integer labels, got shape {tuple(lab.shape)} {lab.dtype}")
+        k = args.k if args.k in ("auto", "all") else int(args.k)
+        m = evaluate_retrieval(q, ql.long(), g, gl.long() if gl is not None else None, k=k,
+                               recall_at=tuple(args.recall_at), exclude_self=True if args.exclude_self else None)
+    except ValueError as e:
+        return _fail("eval", str(e))
+    print(json.dumps(m, indent=1))
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from bct_fast.data import setup_cjk_fonts
+
+    try:
+        setup_cjk_fonts(args.cache)
+    except (RuntimeError, FileNotFoundError) as e:
+        return _fail("data cjk-setup", str(e))
     return 0
 
 
@@ -40,10 +112,27 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train old + new models four ways and print the BCT table")
     demo.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    demo.add_argument("--out", default="bct_fast_out", help="folder for results.json (default: %(default)s)")
+    demo.add_argument("--out", default="bct_fast_out", help="folder for results.json and the heatmap (default: %(default)s)")
+    demo.add_argument("--dataset", choices=["glyphs", "cjk", "digits", "synthetic"], default="glyphs",
+                      help="glyphs: matplotlib's fonts (default); cjk: needs `bct-fast data cjk-setup` once")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="smaller run (CI smoke test)")
+    demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     demo.set_defaults(func=_demo)
+    ev = sub.add_parser("eval", help="retrieval metrics for embedding files (.npy / .safetensors)")
+    ev.add_argument("--query", required=True)
+    ev.add_argument("--query-labels", required=True)
+    ev.add_argument("--gallery", help="default: the query set is its own gallery (leave-one-out)")
+    ev.add_argument("--gallery-labels")
+    ev.add_argument("--k", default="auto", help="'auto' (default), 'all' or an integer")
+    ev.add_argument("--recall-at", type=int, nargs="+", default=[1, 5, 10])
+    ev.add_argument("--exclude-self", action="store_true",
+                    help="gallery row i is query i's image (e.g. a cross-model test on one set)")
+    ev.set_defaults(func=_eval)
+    data = sub.add_parser("data", help="prepare optional datasets")
+    data.add_argument("what", choices=["cjk-setup"])
+    data.add_argument("--cache", default=None, help="default: $BCT_FAST_CACHE or ~/.cache/bct_fast")
+    data.set_defaults(func=_data)
     info = sub.add_parser("info", help="print build_info() as JSON")
     info.set_defaults(func=_info)
     args = parser.parse_args(argv)

@@ -160,7 +160,12 @@ class GalleryIndex:
         (or memory-mapped) index stream the gallery to the GPU in chunks."""
         if len(self) == 0:
             raise ValueError("index: is empty; add embeddings before searching")
-        scores, rows = cosine_topk(queries, self._emb, k, chunk_size=chunk_size, progress=progress)
+        if isinstance(queries, np.ndarray):
+            queries = torch.from_numpy(np.array(queries))
+        check_matrix(queries, "queries")
+        # Rows are stored normalized: normalize the queries only (no pass over the gallery norms).
+        qn = torch.nn.functional.normalize(queries.float() if queries.dtype != torch.float64 else queries, dim=1)
+        scores, rows = cosine_topk(qn, self._emb, k, normalize=False, chunk_size=chunk_size, progress=progress)
         rows_here = rows.to(self.device)
         ids = self._ids[rows_here].to(rows.device)
         labels = self._labels[rows_here].to(rows.device) if self._labels is not None else None

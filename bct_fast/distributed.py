@@ -1,0 +1,256 @@
+"""Model-parallel classifier and sharded gallery search on ``torch.distributed``.
+
+Runs over any process group: NCCL on GPUs, gloo on CPU. Each rank holds a contiguous slice of
+the class weights (``shard_range``) or of the gallery; nothing is approximated.
+
+- :class:`ShardedCosineMarginLoss`: EXACT model-parallel normalized-softmax margin loss (like
+  insightface's PartialFC with sample_rate = 1). Embeddings and labels of the data-parallel
+  backbone are all-gathered; every rank sweeps its class slice with the fused op's primitives
+  and the per-row max / sum-exp / target cosine are all-reduced, so the backward pass of every
+  rank uses the global log-sum-exp. A frozen slice (``trainable=False``) is the sharded BCT
+  influence loss.
+- :func:`distributed_topk`: exact top-k of the (replicated) queries against the union of the
+  ranks' gallery shards, with global gallery indices.
+- :func:`save_gallery_shard` / :func:`load_gallery_shard`: one ``GalleryIndex`` file per rank
+  plus a manifest, written atomically.
+
+Gradient scale: every rank returns the loss of the GLOBAL batch. Backpropagating it gives each
+rank d(loss)/d(its own embeddings) and d(loss)/d(its class slice), exactly. DistributedDataParallel
+then AVERAGES backbone gradients over ranks, i.e. divides them by the world size relative to
+the classifier's; multiply the loss by ``world_size`` for the backbone (or scale the classifier
+learning rate) if you want the single-process gradient everywhere.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from bct_fast._checks import check_labels, check_matrix
+from bct_fast._io import atomic_write
+from bct_fast.margins import MarginValue, make_margin, target_function
+from bct_fast.ops import _inv_norm, _normalization_backward_rows
+from bct_fast.search import _topk_lowest_index_ties, cosine_topk
+
+__all__ = ["shard_range", "ShardedCosineMarginLoss", "sharded_cosine_margin_cross_entropy",
+           "distributed_topk", "save_gallery_shard", "load_gallery_shard"]
+
+
+def _world(group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized (call dist.init_process_group first)")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard_range(total: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous [start, end) slice of ``total`` items owned by ``rank`` (sizes differ by <= 1)."""
+    base, extra = divmod(total, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _all_gather_rows(t: Tensor, group) -> tuple[Tensor, list[int]]:
+    """Concatenate every rank's rows (row counts may differ); returns (all rows, counts)."""
+    _, world = _world(group)
+    n = torch.tensor([t.shape[0]], device=t.device, dtype=torch.int64)
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n, group=group)
+    counts = [int(c) for c in counts]
+    width = max(counts)
+    padded = torch.zeros((width,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]), counts
+
+
+class _ShardedMarginCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_local, w_shard, labels_local, class_start, num_classes, scale, margin,
+                straight_through, group, chunk_size):
+        rank, world = _world(group)
+        dt = torch.promote_types(x_local.dtype, w_shard.dtype)
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        x, counts = _all_gather_rows(x_local.detach().to(dt), group)
+        labels, _ = _all_gather_rows(labels_local.to(torch.int64), group)
+        w = w_shard.detach().to(dt)
+        B, C_local = x.shape[0], w.shape[0]
+        inv_nx, inv_nw = _inv_norm(x, acc), _inv_norm(w, acc)
+        xh = x.to(acc) * inv_nx[:, None]
+        local = (labels >= class_start) & (labels < class_start + C_local)
+        safe = torch.where(local, labels - class_start, torch.zeros_like(labels))
+        wyh = w[safe].to(acc) * inv_nw[safe][:, None] * local[:, None]
+        # The owner rank of each row's target computes its cosine; a sum all-reduce shares it.
+        cos_y = (xh * wyh).sum(1)
+        dist.all_reduce(cos_y, group=group)
+        f, df = target_function(cos_y, margin, straight_through)
+        z_y = scale * f
+        lab_local = torch.where(local, safe, torch.full_like(safe, -1))
+        lse_local, _ = torch.ops.bct_fast.softmax_stats(x, w, inv_nx, inv_nw, lab_local, z_y, scale, False,
+                                                        chunk_size)
+        # Global log-sum-exp from the per-rank (max, sum-exp) of each row.
+        m = lse_local.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        s = torch.exp(lse_local - m)
+        dist.all_reduce(s, group=group)
+        lse = m + torch.log(s)
+        rows = lse - z_y
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError("embeddings or weight: the loss is not finite (NaN/inf in an input on some rank)")
+        loss = rows.mean()
+        ctx.save_for_backward(x, w, inv_nx, inv_nw, xh, wyh, lab_local, safe, local, z_y, df, lse)
+        offset = sum(counts[:rank])
+        ctx.cfg = (scale, chunk_size, group, offset, x_local.shape[0], x_local.dtype, w_shard.dtype)
+        return loss.to(acc)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, w, inv_nx, inv_nw, xh, wyh, lab_local, safe, local, z_y, df, lse = ctx.saved_tensors
+        scale, chunk_size, group, offset, b_local, x_dtype, w_dtype = ctx.cfg
+        need_x, need_w = ctx.needs_input_grad[:2]
+        acc = inv_nx.dtype
+        B = x.shape[0]
+        r = (grad_out.to(acc) / B * scale).expand(B).contiguous()
+        p_y = torch.exp(z_y - lse)
+        corr = r * (df * (p_y - 1.0) - p_y)  # target-column coefficient minus the sweep's p_y
+        gx_part, gw_part = torch.ops.bct_fast.softmax_grads(
+            x, w, inv_nx, inv_nw, lab_local, z_y, lse, r, scale, True, need_w, chunk_size)
+        grad_x = grad_w = None
+        # Sum the class-slice contributions of all ranks (the owner adds the target correction).
+        g = gx_part + (corr * local)[:, None] * wyh
+        dist.all_reduce(g, group=group)
+        if need_x:
+            rows = slice(offset, offset + b_local)
+            grad_x = _normalization_backward_rows(x[rows], inv_nx[rows], g[rows].clone()).to(x_dtype)
+        if need_w:
+            K = gw_part
+            K.index_add_(0, safe[local], corr[local][:, None] * xh[local])
+            grad_w = _normalization_backward_rows(w, inv_nw, K).to(w_dtype)
+        return grad_x, grad_w, None, None, None, None, None, None, None, None
+
+
+def sharded_cosine_margin_cross_entropy(embeddings: Tensor, weight_shard: Tensor, labels: Tensor, *,
+                                        class_start: int, num_classes: int, scale: float = 64.0,
+                                        margin_type: str = "none", margin: MarginValue = 0.0,
+                                        arcface_grad: str = "exact", group=None,
+                                        chunk_size: int | None = None) -> Tensor:
+    """Mean loss over the GLOBAL batch (all ranks' rows), with this rank's class slice
+    ``weight_shard`` = rows [class_start, class_start + len) of the [num_classes, d] classifier.
+    Equal to :func:`bct_fast.ops.cosine_margin_cross_entropy` on the concatenated batch and
+    weights (reduction="mean"; label smoothing and ignore_index are not supported here)."""
+    check_matrix(embeddings, "embeddings")
+    check_matrix(weight_shard, "weight_shard")
+    if weight_shard.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"weight_shard: dim {weight_shard.shape[1]} != embeddings dim {embeddings.shape[1]}")
+    check_labels(labels, "labels", embeddings.shape[0], embeddings.device)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels: values must lie in [0, {num_classes})")
+    mg = make_margin(margin_type, margin)
+    return _ShardedMarginCE.apply(embeddings, weight_shard, labels, int(class_start), int(num_classes),
+                                  float(scale), mg, arcface_grad == "straight_through", group, int(chunk_size or 0))
+
+
+class ShardedCosineMarginLoss(nn.Module):
+    """Model-parallel classifier loss: this rank stores rows ``shard_range(num_classes, rank,
+    world)`` of the class weight. ``trainable=False`` makes the slice a frozen buffer (the
+    sharded BCT influence loss; load the old classifier's rows with :meth:`load_full_weight`).
+
+    Call as ``loss(local_embeddings, local_labels)`` on every rank (labels are global class ids)."""
+
+    def __init__(self, num_classes: int, embedding_size: int, *, scale: float = 64.0, margin_type: str = "none",
+                 margin: MarginValue = 0.0, arcface_grad: str = "exact", trainable: bool = True, group=None):
+        super().__init__()
+        rank, world = _world(group)
+        self.num_classes, self.group = num_classes, group
+        self.class_start, self.class_end = shard_range(num_classes, rank, world)
+        w = torch.empty(self.class_end - self.class_start, embedding_size)
+        nn.init.normal_(w, std=0.01)
+        if trainable:
+            self.weight = nn.Parameter(w)
+        else:
+            self.register_buffer("weight", w)
+        self.kwargs = dict(scale=scale, margin_type=margin_type, margin=margin, arcface_grad=arcface_grad)
+
+    @torch.no_grad()
+    def load_full_weight(self, full: Tensor) -> None:
+        """Copy this rank's rows out of the full [num_classes, d] weight."""
+        if full.shape != (self.num_classes, self.weight.shape[1]):
+            raise ValueError(f"full: expected shape {(self.num_classes, self.weight.shape[1])}, got {tuple(full.shape)}")
+        self.weight.copy_(full[self.class_start:self.class_end])
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return sharded_cosine_margin_cross_entropy(embeddings, self.weight, labels, class_start=self.class_start,
+                                                   num_classes=self.num_classes, group=self.group, **self.kwargs)
+
+
+def distributed_topk(queries: Tensor, local_gallery: Tensor, k: int, group=None, *, normalize: bool = True,
+                     chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Exact global top-k: ``queries`` (the same on every rank) against the union of the ranks'
+    gallery shards, in rank order. Returns (scores [Q, k], GLOBAL indices [Q, k]) on every
+    rank, ties to the lower global index."""
+    rank, world = _world(group)
+    check_matrix(queries, "queries")
+    n_local = local_gallery.shape[0]
+    sizes = [torch.zeros(1, dtype=torch.int64, device=queries.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([n_local], dtype=torch.int64, device=queries.device), group=group)
+    sizes = [int(s) for s in sizes]
+    total = sum(sizes)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= total:
+        raise ValueError(f"k: expected an integer in [1, {total}] (global gallery size), got {k!r}")
+    Q = queries.shape[0]
+    s = torch.full((Q, k), -math.inf, dtype=torch.float32, device=queries.device)
+    i = torch.full((Q, k), -1, dtype=torch.int64, device=queries.device)
+    if n_local:
+        kk = min(k, n_local)
+        s[:, :kk], i[:, :kk] = cosine_topk(queries, local_gallery, kk, normalize=normalize, chunk_size=chunk_size)
+        i[:, :kk] += sum(sizes[:rank])
+    all_s = [torch.empty_like(s) for _ in range(world)]
+    all_i = [torch.empty_like(i) for _ in range(world)]
+    dist.all_gather(all_s, s, group=group)
+    dist.all_gather(all_i, i, group=group)
+    # Shards are contiguous in rank order, so column order among equal scores is index order.
+    top, cols = _topk_lowest_index_ties(torch.cat(all_s, 1), k)
+    return top, torch.cat(all_i, 1).gather(1, cols)
+
+
+def save_gallery_shard(index, folder: str | Path, group=None) -> Path:
+    """Every rank writes its ``GalleryIndex`` as ``shard-RRRRR-of-WWWWW.bctidx``; rank 0 then
+    writes ``manifest.json`` (world size, row counts, model version). Atomic per file."""
+    rank, world = _world(group)
+    folder = Path(folder)
+    path = index.save(folder / f"shard-{rank:05d}-of-{world:05d}.bctidx")
+    rows: list = [None] * world
+    dist.all_gather_object(rows, (len(index), index.model_version), group=group)
+    if rank == 0:
+        versions = {v for _, v in rows}
+        if len(versions) != 1:
+            raise ValueError(f"index: ranks hold different model versions {sorted(versions)}")
+        manifest = json.dumps({"world_size": world, "rows": [n for n, _ in rows],
+                               "model_version": versions.pop(), "format": "bct_fast sharded gallery v1"}).encode()
+        atomic_write(folder / "manifest.json", lambda f: f.write(manifest))
+    dist.barrier(group=group)
+    return path
+
+
+def load_gallery_shard(folder: str | Path, group=None, **load_kwargs):
+    """This rank's shard of a :func:`save_gallery_shard` folder; checks the manifest (world
+    size, row count, model version)."""
+    from bct_fast.gallery import GalleryIndex, IndexFileError
+
+    rank, world = _world(group)
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: no manifest.json (not a sharded gallery folder)") from None
+    if manifest.get("world_size") != world:
+        raise ValueError(f"{folder}: saved by {manifest.get('world_size')} ranks, loading with {world}")
+    index = GalleryIndex.load(folder / f"shard-{rank:05d}-of-{world:05d}.bctidx", **load_kwargs)
+    if len(index) != manifest["rows"][rank] or index.model_version != manifest["model_version"]:
+        raise IndexFileError(f"{folder}: shard {rank} does not match the manifest")
+    return index

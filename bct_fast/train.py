@@ -1,0 +1,223 @@
+"""Thin, readable PyTorch training loops for backward-compatible training.
+
+- :func:`fit`: epochs of ``loss(model(x), y)`` with Adam (or your optimizer), optional AMP, a
+  tqdm bar, and atomic, resumable checkpoints: each epoch reseeds the RNG from
+  ``(seed, epoch)``, so a run resumed from a checkpoint reproduces an uninterrupted one.
+- :func:`embed`: batched, no-grad embeddings + labels.
+- :func:`train_bct`: BCT (new classifier loss + influence loss through the old classifier, with
+  synthesized rows for new classes); :func:`train_independent` and :func:`train_l2` are the
+  paper's baselines.
+
+A "loader" is any re-iterable of ``(inputs, labels)`` batches (a torch ``DataLoader``, a list).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from bct_fast import losses
+from bct_fast._io import atomic_write
+
+__all__ = ["fit", "embed", "train_bct", "train_independent", "train_l2", "L2RegressionObjective",
+           "save_checkpoint", "load_checkpoint", "CheckpointError"]
+
+_CKPT_MAGIC = b"BCTCKPT\0"
+_CKPT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is not readable: wrong format, truncated or corrupted."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """``torch.save(state)`` behind a header with the payload's sha256, written atomically."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    header = json.dumps({"format_version": _CKPT_VERSION, "nbytes": len(payload),
+                         "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+
+    def write(f):
+        f.write(_CKPT_MAGIC + struct.pack("<I", len(header)) + header + payload)
+    return atomic_write(path, write)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a :func:`save_checkpoint` file; checks format, length and checksum, and unpickles
+    with ``weights_only=True`` (tensors, numbers, strings, containers only)."""
+    data = Path(path).read_bytes()
+    if data[:8] != _CKPT_MAGIC or len(data) < 12:
+        raise CheckpointError(f"{path}: not a bct_fast checkpoint (bad magic)")
+    hlen = struct.unpack("<I", data[8:12])[0]
+    try:
+        header = json.loads(data[12:12 + hlen])
+        nbytes, digest, version = int(header["nbytes"]), header["sha256"], int(header["format_version"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable header ({e})") from None
+    if version > _CKPT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version} is newer than this bct_fast reads")
+    payload = data[12 + hlen:]
+    if len(payload) != nbytes:
+        raise CheckpointError(f"{path}: truncated or padded ({len(payload)} payload bytes, expected {nbytes})")
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise CheckpointError(f"{path}: checksum mismatch (the file is corrupted)")
+    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+
+
+def _call_loss(loss: nn.Module, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    if getattr(loss, "needs_inputs", False):  # objectives that look at the inputs (L2 baseline)
+        return loss(model(x), y, inputs=x)
+    return loss(model(x), y)
+
+
+def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
+        optimizer: torch.optim.Optimizer | None = None, *, lr: float = 1e-3, device: str | torch.device = "cpu",
+        amp: bool = False, checkpoint: str | os.PathLike | None = None, resume: bool = True,
+        seed: int = 0, progress: bool = True, desc: str = "fit",
+        on_epoch_end: Callable[[int, float], None] | None = None) -> nn.Module:
+    """Train ``model`` (and the trainable parameters of ``loss``, e.g. a class weight).
+
+    Args:
+        optimizer: default Adam(lr) over the trainable parameters of model and loss.
+        amp: autocast (bf16 on CPU, fp16 with a grad scaler on CUDA).
+        checkpoint: file written atomically after every epoch (model, loss, optimizer, scaler,
+            epoch). With ``resume`` an existing file is loaded and training continues after its
+            epoch; the result equals an uninterrupted run with the same seed.
+        on_epoch_end: called with (epoch, mean loss).
+    Returns the trained model in eval mode.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs: expected a non-negative integer, got {epochs!r}")
+    device = torch.device(device)
+    model.to(device)
+    loss.to(device)
+    params = [p for p in list(model.parameters()) + list(loss.parameters()) if p.requires_grad]
+    opt = optimizer or torch.optim.Adam(params, lr=lr)
+    use_scaler = amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    start = 0
+    if checkpoint is not None and resume and Path(checkpoint).exists():
+        state = load_checkpoint(checkpoint, map_location=device)
+        model.load_state_dict(state["model"])
+        loss.load_state_dict(state["loss"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start = int(state["epoch"])
+    bar = tqdm(range(start, epochs), desc=desc, disable=not progress, leave=False, initial=start, total=epochs)
+    for epoch in bar:
+        torch.manual_seed(seed * 100_003 + epoch)  # the epoch's shuffling / augmentation
+        model.train()
+        total, batches = 0.0, 0
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                value = _call_loss(loss, model, x, y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(value).backward()
+            scaler.step(opt)
+            scaler.update()
+            total += float(value.detach())
+            batches += 1
+        mean = total / max(1, batches)
+        bar.set_postfix(loss=f"{mean:.3f}")
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {"epoch": epoch + 1, "model": model.state_dict(), "loss": loss.state_dict(),
+                                         "optimizer": opt.state_dict(), "scaler": scaler.state_dict()})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, mean)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def embed(model: nn.Module, loader: Iterable, *, device: str | torch.device = "cpu", amp: bool = False,
+          progress: bool = False) -> tuple[Tensor, Tensor]:
+    """Embeddings [n, d] (fp32, CPU) and labels [n] of every batch of ``loader``, in eval mode."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval().to(device)
+    embs, labels = [], []
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    for x, y in tqdm(loader, desc="embed", disable=not progress, leave=False):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            embs.append(model(x.to(device)).float().cpu())
+        labels.append(torch.as_tensor(y).cpu())
+    model.train(was_training)
+    if not embs:
+        raise ValueError("loader: yielded no batches")
+    return torch.cat(embs), torch.cat(labels)
+
+
+class L2RegressionObjective(nn.Module):
+    """The paper's L2 baseline: classification loss + weight * ||phi_new(x) - phi_old(x)||^2
+    (both normalized; compared on the first min(d_new, d_old) dims)."""
+
+    needs_inputs = True
+
+    def __init__(self, new_loss: nn.Module, old_model: nn.Module, weight: float = 1.0):
+        super().__init__()
+        self.new_loss, self.weight = new_loss, weight
+        self.l2 = losses.L2CompatibilityLoss()
+        self._old = (old_model.eval(),)  # a tuple: the frozen old model is not a submodule
+        for p in old_model.parameters():
+            p.requires_grad_(False)
+        self.last_terms: dict[str, float] = {}
+
+    def forward(self, embeddings: Tensor, labels: Tensor, *, inputs: Tensor) -> Tensor:
+        with torch.no_grad():
+            old = self._old[0](inputs)
+        cls, reg = self.new_loss(embeddings, labels), self.l2(embeddings, old)
+        self.last_terms = {"classification": float(cls.detach()), "l2": float(reg.detach())}
+        return cls + self.weight * reg
+
+
+def _default_loss(num_classes: int, dim: int, scale: float) -> nn.Module:
+    return losses.NormSoftmaxLoss(num_classes, dim, scale=scale)
+
+
+def train_independent(model: nn.Module, loader: Iterable, num_classes: int, embedding_size: int, epochs: int,
+                      *, scale: float = 30.0, new_loss: nn.Module | None = None, **fit_kwargs) -> tuple[nn.Module, nn.Module]:
+    """Baseline: train the new model alone (no compatibility constraint). Returns (model, loss)."""
+    loss = new_loss or _default_loss(num_classes, embedding_size, scale)
+    return fit(model, loss, loader, epochs, desc=fit_kwargs.pop("desc", "independent"), **fit_kwargs), loss
+
+
+def train_l2(new_model: nn.Module, old_model: nn.Module, loader: Iterable, num_classes: int, embedding_size: int,
+             epochs: int, *, l2_weight: float = 1.0, scale: float = 30.0, new_loss: nn.Module | None = None,
+             **fit_kwargs) -> tuple[nn.Module, nn.Module]:
+    """Baseline: classification + L2 regression onto the old model's embeddings."""
+    objective = L2RegressionObjective(new_loss or _default_loss(num_classes, embedding_size, scale), old_model, l2_weight)
+    return fit(new_model, objective, loader, epochs, desc=fit_kwargs.pop("desc", "l2"), **fit_kwargs), objective
+
+
+def train_bct(new_model: nn.Module, old_model: nn.Module, old_classifier: Tensor, loader: Iterable,
+              num_classes: int, embedding_size: int, epochs: int, *, influence_weight: float = 1.0,
+              synthesize: bool = True, scale: float = 30.0, influence_scale: float | None = None,
+              new_loss: nn.Module | None = None, device: str | torch.device = "cpu",
+              **fit_kwargs) -> tuple[nn.Module, nn.Module]:
+    """Backward-compatible training (Shen et al., CVPR 2020).
+
+    ``old_classifier`` [C_old, d_old] is the old model's class weight (classes 0..C_old-1 of
+    the new label space). With ``synthesize`` the old model's class-mean embeddings of the
+    classes it never saw are appended (:func:`bct_fast.losses.synthesize_classifier`), so the
+    influence loss covers every training sample; without it, samples of new classes are
+    ignored by the influence term. Returns (model, the BCTLoss used)."""
+    old_w = old_classifier.detach().to(device)
+    if synthesize and old_w.shape[0] < num_classes:
+        old_w = losses.synthesize_classifier(old_model.to(device), loader, old_w, num_classes, device=device,
+                                             progress=fit_kwargs.get("progress", True))
+    influence = losses.InfluenceLoss(old_w, scale=influence_scale or scale)
+    objective = losses.BCTLoss(new_loss or _default_loss(num_classes, embedding_size, scale), influence,
+                               influence_weight)
+    return fit(new_model, objective, loader, epochs, device=device, desc=fit_kwargs.pop("desc", "bct"),
+               **fit_kwargs), objective
