@@ -34,15 +34,15 @@ DATASETS = ("glyphs", "cjk", "digits", "synthetic")
 @dataclass
 class DemoConfig:
     dataset: str = "glyphs"
-    image_size: int = 32
-    augment: int = 3            # jittered training copies per (class, font)
+    image_size: int = 24
+    augment: int = 1            # jittered training copies per (class, font)
     old_classes: int = 40
     train_classes: int = 90     # the rest is held out for retrieval
     embed_dim: int = 64
-    old_width: int = 16
+    old_width: int = 8          # the old model is narrower and sees fewer classes
     new_width: int = 32
-    old_epochs: int = 12
-    new_epochs: int = 12
+    old_epochs: int = 10
+    new_epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
     scale: float = 16.0
