@@ -32,7 +32,7 @@ def test_independent_model_fails_the_criterion(seed):
 
 
 def test_cross_test_with_separate_gallery_and_errors(seed):
-    _, labels, old = clustered()
+    _, labels, old = clustered(noise=0.1)  # well-separated clusters: retrieval is easy
     new = old + 0.01 * torch.randn_like(old)
     qi, gi = torch.arange(0, 120, 3), torch.cat([torch.arange(1, 120, 3), torch.arange(2, 120, 3)])
     r = cross_test(old[qi], new[qi], labels[qi], old_gallery=old[gi], new_gallery=new[gi],
@@ -48,9 +48,9 @@ def test_cross_test_with_separate_gallery_and_errors(seed):
 
 def test_compatibility_matrix_ac_am_table_and_heatmap(seed, tmp_path):
     pytest.importorskip("matplotlib")
-    centers, labels, m0 = clustered(noise=0.7)
-    m1 = centers[labels] + 0.4 * torch.randn_like(m0)
-    m2 = (centers[labels] + 0.3 * torch.randn_like(m0)) @ torch.linalg.qr(torch.randn(16, 16)).Q
+    centers, labels, m0 = clustered(n_classes=40, noise=0.4)
+    m1 = centers[labels] + 0.1 * torch.randn_like(m0)  # same space, much tighter: compatible
+    m2 = (centers[labels] + 0.1 * torch.randn_like(m0)) @ torch.linalg.qr(torch.randn(16, 16)).Q
     cm = compatibility_matrix({"v0": m0, "v1": m1, "v2": m2}, labels)
     v = cm.values
     assert len(v) == 3 and all(len(row) == 3 for row in v)
