@@ -26,7 +26,7 @@ from torch import nn
 from bct_fast import data as datasets
 from bct_fast import train
 from bct_fast._io import atomic_write
-from bct_fast.evaluate import CompatibilityMatrix, cross_test
+from bct_fast.evaluate import cross_test
 
 DATASETS = ("glyphs", "cjk", "digits", "synthetic")
 
@@ -81,37 +81,50 @@ class MLPEmbedder(nn.Module):
         return self.net(x.flatten(1))
 
 
-def load_data(cfg: DemoConfig):
-    """(train inputs, train labels, eval inputs, eval labels, eval is-query mask, model factory).
+@dataclass
+class DemoData:
+    """Training images, and the two evaluation sets (each: inputs, labels, is-query mask or None
+    for leave-one-out within the set)."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    eval_sets: dict
+    factory: object
 
-    The eval set holds the clean images of the held-out classes. With ``split_by_font`` (glyph
-    data) the queries are the renderings in every third font family and the gallery the rest,
-    so near-identical sibling fonts (regular / bold of one family) cannot make retrieval
-    trivial; otherwise the eval set is its own gallery (leave-one-out)."""
+
+def load_data(cfg: DemoConfig) -> DemoData:
+    """Split the data by class AND by image.
+
+    - ``open_set``: clean images of the held-out classes (no model trained on them). With
+      ``split_by_font`` (glyphs) the DejaVu Serif renderings are the queries and the other fonts
+      the gallery, so sibling fonts (regular / bold of one family) cannot make it trivial.
+    - ``closed_set``: held-out images of the TRAINING classes (one font per family, or every
+      fourth sample, never trained on), leave-one-out: the protocol of the paper's ImageNet
+      runs (validation images of the training classes).
+    """
     if cfg.dataset not in DATASETS:
         raise ValueError(f"dataset: expected one of {list(DATASETS)}, got {cfg.dataset!r}")
     if cfg.dataset in ("glyphs", "cjk"):
         load = datasets.glyph_dataset if cfg.dataset == "glyphs" else datasets.cjk_glyph_dataset
         kw = {} if cfg.dataset == "glyphs" else {"max_classes": cfg.cjk_max_classes}
         x, y, font, names = load(cfg.image_size, augment=cfg.augment, seed=cfg.seed, **kw)
-        clean = torch.ones(len(y), dtype=torch.bool)
-        clean[torch.arange(len(y)) % (cfg.augment + 1) != 0] = False  # first of each group is clean
+        clean = torch.arange(len(y)) % (cfg.augment + 1) == 0  # first of each group is clean
         factory = lambda w: ConvEmbedder(w, cfg.embed_dim)  # noqa: E731
-        if cfg.dataset == "glyphs":  # fonts sorted by file name: 4 styles per family; Serif = queries
+        held_out_image = font % 4 == 3  # one style per family (glyphs), every 4th design (CJK)
+        if cfg.dataset == "glyphs":    # fonts sorted by file name: 4 styles per family; Serif = queries
             query_font = (font // 4) == 2
-        else:                         # CJK: every fourth font design
-            query_font = font % 4 == 3
+        else:
+            query_font = font % 4 == 2
         is_query = query_font if cfg.split_by_font else None
-    elif cfg.dataset == "digits":
-        x, y, names = datasets.digits_dataset()
-        clean = torch.ones(len(y), dtype=torch.bool)
-        is_query = None
-        factory = lambda w: MLPEmbedder(w, cfg.embed_dim, x[0].numel())  # noqa: E731
     else:
-        x, y, names = datasets.synthetic_dataset(seed=cfg.seed)
+        if cfg.dataset == "digits":
+            x, y, names = datasets.digits_dataset()
+        else:
+            x, y, names = datasets.synthetic_dataset(seed=cfg.seed)
         clean = torch.ones(len(y), dtype=torch.bool)
+        held_out_image = torch.arange(len(y)) % 4 == 3
         is_query = None
-        factory = lambda w: MLPEmbedder(w, cfg.embed_dim, x.shape[1])  # noqa: E731
+        in_dim = x[0].numel()
+        factory = lambda w: MLPEmbedder(w, cfg.embed_dim, in_dim)  # noqa: E731
     n_classes = len(names)
     if not 0 < cfg.old_classes <= cfg.train_classes < n_classes:
         raise ValueError(f"old_classes/train_classes: need 0 < old ({cfg.old_classes}) <= train "
@@ -121,10 +134,15 @@ def load_data(cfg: DemoConfig):
     new_label = torch.empty_like(perm)
     new_label[perm] = torch.arange(n_classes)
     y = new_label[y]
-    train_mask = y < cfg.train_classes
-    eval_mask = ~train_mask & clean
-    q = is_query[eval_mask] if is_query is not None else None
-    return x[train_mask], y[train_mask], x[eval_mask], y[eval_mask], q, factory
+    train_class = y < cfg.train_classes
+    train_mask = train_class & ~held_out_image
+    open_mask = ~train_class & clean
+    closed_mask = train_class & held_out_image & clean
+    eval_sets = {
+        "open_set": (x[open_mask], y[open_mask], is_query[open_mask] if is_query is not None else None),
+        "closed_set": (x[closed_mask], y[closed_mask], None),
+    }
+    return DemoData(x[train_mask], y[train_mask], eval_sets, factory)
 
 
 def _loader(x, y, batch_size, shuffle):
@@ -133,19 +151,19 @@ def _loader(x, y, batch_size, shuffle):
 
 
 def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Train the old model and four new ones, evaluate self/cross retrieval; every number."""
+    """Train the old model and four new ones; evaluate self/cross retrieval on the open-set and
+    closed-set evaluation sets (see :func:`load_data`). Returns every number."""
     torch.manual_seed(cfg.seed)
-    xt, yt, xq, yq, is_query, factory = load_data(cfg)
+    d = load_data(cfg)
+    xt, yt, factory = d.train_x, d.train_y, d.factory
     old_mask = yt < cfg.old_classes
     fit_kw = dict(lr=cfg.lr, device=cfg.device, seed=cfg.seed, progress=progress)
     old_loader = _loader(xt[old_mask], yt[old_mask], cfg.batch_size, True)
     new_loader = _loader(xt, yt, cfg.batch_size, True)
-    query_loader = _loader(xq, yq, 512, False)
 
     old, old_loss = train.train_independent(factory(cfg.old_width), old_loader, cfg.old_classes, cfg.embed_dim,
                                             cfg.old_epochs, scale=cfg.scale, desc="old model", **fit_kw)
     old_w = old_loss.weight.detach()
-    old_q, _ = train.embed(old, query_loader, device=cfg.device)
 
     def new_model():
         torch.manual_seed(cfg.seed + 1)  # every method starts from the same initialization
@@ -162,73 +180,90 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool 
         "bct": lambda: train.train_bct(new_model(), old, old_w, *common, synthesize=True,
                                        influence_weight=cfg.influence_weight, scale=cfg.scale, desc="bct", **fit_kw),
     }
-    results: dict = {"config": asdict(cfg), "eval_images": int(len(yq)), "eval_classes": int(yq.unique().numel()),
-                     "queries": int(len(yq) if is_query is None else is_query.sum()), "methods": {}}
-    embeddings = {"old": old_q}
+    results: dict = {"config": asdict(cfg), "train_images": int(len(yt))}
+    old_emb = {}
+    for set_name, (xe, ye, is_query) in d.eval_sets.items():
+        old_emb[set_name], _ = train.embed(old, _loader(xe, ye, 512, False), device=cfg.device)
+        results[set_name] = {"images": int(len(ye)), "classes": int(ye.unique().numel()),
+                             "queries": int(len(ye) if is_query is None else is_query.sum()), "methods": {}}
     for name, run in methods.items():
         model, _ = run()
-        new_q, _ = train.embed(model, query_loader, device=cfg.device)
-        embeddings[name] = new_q
-        if is_query is None:
-            r = cross_test(old_q, new_q, yq, k="all")
-        else:
-            g = ~is_query
-            r = cross_test(old_q[is_query], new_q[is_query], yq[is_query], old_gallery=old_q[g],
-                           new_gallery=new_q[g], gallery_labels=yq[g], k="all")
-        results["old/old"] = r.old_old
-        results["methods"][name] = {"new/new": r.new_new, "new/old": r.new_old, "compatible": r.compatible,
+        for set_name, (xe, ye, is_query) in d.eval_sets.items():
+            new_e, _ = train.embed(model, _loader(xe, ye, 512, False), device=cfg.device)
+            old_e = old_emb[set_name]
+            if is_query is None:
+                r = cross_test(old_e, new_e, ye, k="all")
+            else:
+                g = ~is_query
+                r = cross_test(old_e[is_query], new_e[is_query], ye[is_query], old_gallery=old_e[g],
+                               new_gallery=new_e[g], gallery_labels=ye[g], k="all")
+            res = results[set_name]
+            res["old/old"] = r.old_old
+            res["methods"][name] = {"new/new": r.new_new, "new/old": r.new_old, "compatible": r.compatible,
+                                    "compatible_map": r.new_old["mean_average_precision"] > r.old_old["mean_average_precision"],
                                     "update_gain": r.update_gain}
-    # Heatmap: each new model as query against the old gallery and itself.
-    names = list(embeddings)
-    grid = [[None] * len(names) for _ in names]
-    grid[0][0] = results["old/old"]["precision_at_1"]
-    for i, n in enumerate(names[1:], 1):
-        grid[i][0] = results["methods"][n]["new/old"]["precision_at_1"]
-        grid[i][i] = results["methods"][n]["new/new"]["precision_at_1"]
-    results["matrix"] = CompatibilityMatrix(names, grid, "precision_at_1").values
     if out_dir is not None:
         save_results(results, out_dir)
-        _plot(names, grid, Path(out_dir) / "compatibility.png")
+        _plot(results, Path(out_dir) / "compatibility.png")
     return results
 
 
-def _plot(names, grid, path: Path) -> Path:
+def _plot(results: dict, path: Path) -> Path:
+    """One heatmap per evaluation set: rows = query model, column 0 = the OLD gallery,
+    diagonal = self-test; a check mark where new/old beats old/old (top-1)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    vals = np.array([[np.nan if v is None else 100 * v for v in row] for row in grid])
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    im = ax.imshow(vals, cmap="viridis", vmin=0, vmax=100)
-    for i in range(len(names)):
-        for j in range(len(names)):
-            if not np.isnan(vals[i, j]):
-                mark = "" if j != 0 or i == 0 else (" ✓" if vals[i, 0] > vals[0, 0] else " ✗")
-                ax.text(j, i, f"{vals[i, j]:.1f}{mark}", ha="center", va="center",
-                        color="white" if vals[i, j] < 60 else "black", fontsize=9)
-    ax.set_xticks(range(len(names)), ["old"] + ["itself"] * (len(names) - 1), fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.set_xlabel("gallery model (column 0: the OLD gallery; diagonal: self-test)")
-    ax.set_ylabel("query model")
-    ax.set_title("top-1 retrieval on held-out classes (✓: beats old/old)", fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
+    sets = [s for s in ("closed_set", "open_set") if s in results]
+    fig, axes = plt.subplots(1, len(sets), figsize=(6.2 * len(sets), 4.4), dpi=110, squeeze=False)
+    for ax, set_name in zip(axes[0], sets):
+        res = results[set_name]
+        names = ["old"] + list(res["methods"])
+        vals = np.full((len(names), len(names)), np.nan)
+        vals[0, 0] = 100 * res["old/old"]["precision_at_1"]
+        for i, n in enumerate(names[1:], 1):
+            vals[i, 0] = 100 * res["methods"][n]["new/old"]["precision_at_1"]
+            vals[i, i] = 100 * res["methods"][n]["new/new"]["precision_at_1"]
+        im = ax.imshow(vals, cmap="viridis", vmin=0, vmax=100)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                if not np.isnan(vals[i, j]):
+                    mark = "" if j != 0 or i == 0 else (" ✓" if vals[i, 0] > vals[0, 0] else " ✗")
+                    ax.text(j, i, f"{vals[i, j]:.1f}{mark}", ha="center", va="center",
+                            color="white" if vals[i, j] < 60 else "black", fontsize=9)
+        ax.set_xticks(range(len(names)), ["old"] + ["itself"] * (len(names) - 1), fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_xlabel("gallery model (column 0: OLD gallery; diagonal: self-test)", fontsize=8)
+        ax.set_ylabel("query model")
+        ax.set_title(f"{set_name.replace('_', '-')}: top-1 (✓ beats old/old)", fontsize=10)
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03)
     try:
-        return atomic_write(path, lambda f: fig.savefig(f, format="png"))
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
     finally:
         plt.close(fig)
 
 
 def format_table(results: dict) -> str:
-    oo = results["old/old"]
-    lines = [f"{'method':22s} {'old/old':>16s} {'new/new':>16s} {'new/old':>16s}  compatible?",
-             f"{'':22s} {'top-1    mAP':>16s} {'top-1    mAP':>16s} {'top-1    mAP':>16s}"]
+    """The paper's table, once per evaluation set."""
     fmt = lambda m: f"{100 * m['precision_at_1']:6.1f} {100 * m['mean_average_precision']:6.1f}"  # noqa: E731
-    for name, r in results["methods"].items():
-        verdict = "yes" if r["compatible"] else "no"
-        lines.append(f"{name:22s} {fmt(oo):>16s} {fmt(r['new/new']):>16s} {fmt(r['new/old']):>16s}  {verdict}")
-    lines.append("compatible: top-1(new query, old gallery) > top-1(old, old)  (BCT's empirical criterion)")
+    lines = []
+    titles = {"closed_set": "closed-set: unseen images of the training classes (the paper's ImageNet protocol)",
+              "open_set": "open-set: held-out classes"}
+    for set_name in ("closed_set", "open_set"):
+        if set_name not in results:
+            continue
+        res = results[set_name]
+        oo = res["old/old"]
+        lines += [f"{titles[set_name]} ({res['images']} images, {res['classes']} classes)",
+                  f"{'method':22s} {'old/old':>16s} {'new/new':>16s} {'new/old':>16s}  compatible? (top-1, mAP)",
+                  f"{'':22s} {'top-1    mAP':>16s} {'top-1    mAP':>16s} {'top-1    mAP':>16s}"]
+        for name, r in res["methods"].items():
+            verdict = f"{'yes' if r['compatible'] else 'no':>3s}, {'yes' if r['compatible_map'] else 'no'}"
+            lines.append(f"{name:22s} {fmt(oo):>16s} {fmt(r['new/new']):>16s} {fmt(r['new/old']):>16s}  {verdict}")
+        lines.append("")
+    lines.append("compatible: M(new query, old gallery) > M(old, old)  (BCT's empirical criterion)")
     return "\n".join(lines)
 
 

@@ -14,7 +14,8 @@ def test_demo_pipeline_qualitative_result(tmp_path):
     pytest.importorskip("sklearn")
     cfg = quick_config("digits")
     r = run_demo(cfg, out_dir=tmp_path, progress=False)
-    m = r["methods"]
+    assert r["open_set"]["classes"] == 3 and r["closed_set"]["classes"] == 7
+    m = r["open_set"]["methods"]
     assert set(m) == {"independent", "l2", "bct_old_classes_only", "bct"}
     # Independently trained embeddings are incompatible: cross-test near chance (1/3 classes).
     assert m["independent"]["new/old"]["mean_average_precision"] < 0.6
@@ -22,7 +23,7 @@ def test_demo_pipeline_qualitative_result(tmp_path):
     assert m["bct"]["new/old"]["precision_at_1"] > m["independent"]["new/old"]["precision_at_1"] + 0.25
     assert "compatible" in format_table(r)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["methods"]["bct"]["new/old"] == m["bct"]["new/old"]
+    assert saved["open_set"]["methods"]["bct"]["new/old"] == m["bct"]["new/old"]
     assert (tmp_path / "compatibility.png").read_bytes()[:4] == b"\x89PNG"
 
 
