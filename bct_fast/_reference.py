@@ -40,10 +40,13 @@ def cosine_margin_cross_entropy_ref(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     arcface_grad: str = "exact",
+    compute_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Normalized-softmax margin cross-entropy in float64 with the full B x C logit matrix."""
-    x = F.normalize(embeddings.double(), dim=1)
-    w = F.normalize(weight.double(), dim=1)
+    """Normalized-softmax margin cross-entropy with the full B x C logit matrix, in float64 (or in
+    ``compute_dtype``: the naive same-precision PyTorch computation that tests measure the
+    fused op's rounding error against)."""
+    x = F.normalize(embeddings.to(compute_dtype), dim=1)
+    w = F.normalize(weight.to(compute_dtype), dim=1)
     cos = x @ w.T
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))

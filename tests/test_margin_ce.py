@@ -41,14 +41,21 @@ def inputs(B, C, d, device, dtype=torch.float32, ignore_rows=()):
 
 
 def check_against_reference(x, w, y, frozen, tol, **kw):
+    """Error vs the float64 reference below ``tol``, or at most 2x the error of the naive
+    PyTorch computation in the inputs' own precision (flash-attention's rule: a fused kernel may
+    not be less accurate than the unfused math it replaces)."""
     got = run(cosine_margin_cross_entropy, x, w, y, frozen, **kw)
-    ref = run(cosine_margin_cross_entropy_ref, x, w, y, frozen, **{k: v for k, v in kw.items() if k != "chunk_size"})
-    for name, a, b in zip(("loss", "grad_embeddings", "grad_weight"), got, ref):
+    ref_kw = {k: v for k, v in kw.items() if k != "chunk_size"}
+    ref = run(cosine_margin_cross_entropy_ref, x, w, y, frozen, **ref_kw)
+    naive = run(cosine_margin_cross_entropy_ref, x.float(), w.float(), y, frozen,
+                compute_dtype=torch.float32, **ref_kw) if x.dtype == torch.float32 else (None,) * 3
+    for name, a, b, c in zip(("loss", "grad_embeddings", "grad_weight"), got, ref, naive):
         if b is None:
             assert a is None
             continue
         assert torch.isfinite(a).all(), name
-        assert rel_err(a, b) < tol, f"{name}: rel err {rel_err(a, b):.2e} >= {tol:.0e}"
+        bound = tol if c is None else max(tol, 2 * rel_err(c, b))
+        assert rel_err(a, b) < bound, f"{name}: rel err {rel_err(a, b):.2e} >= {bound:.1e}"
 
 
 @pytest.mark.parametrize("device", available_devices())
