@@ -13,6 +13,11 @@ import torch
 _BLOCK_ELEMS = 1 << 22
 
 
+def inv_row_norms(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """1 / max(||row||, 1e-12) (the eps of F.normalize), accumulated in ``dtype`` (default: t's)."""
+    return torch.linalg.vector_norm(t, dim=1, dtype=dtype).clamp_min(1e-12).reciprocal()
+
+
 def auto_chunk(rows: int, classes: int) -> int:
     """Classes per chunk: about 4M logits per block, at least 256 classes."""
     return max(1, min(classes, max(256, _BLOCK_ELEMS // max(rows, 1))))

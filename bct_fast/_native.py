@@ -10,6 +10,7 @@ import math
 import torch
 
 from bct_fast._backend import cuda_kernels_compiled, native
+from bct_fast._chunked import inv_row_norms
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -112,11 +113,6 @@ def _gallery_splits(Q: int, N: int, k: int, qt: int, device: torch.device) -> in
     return int(max(1, min(by_occupancy, by_rows, by_memory, 1024)))
 
 
-def _inv_norms(t: torch.Tensor) -> torch.Tensor:
-    # Same eps as torch.nn.functional.normalize: x / max(||x||, 1e-12).
-    return torch.linalg.vector_norm(t.float(), dim=1).clamp_min(1e-12).reciprocal()
-
-
 def cosine_topk_block(q: torch.Tensor, g: torch.Tensor, k: int, normalize: bool,
                       self_row0: int, gallery_row0: int):
     """Exact top-k of ``q`` against one gallery chunk ``g`` (rows ``gallery_row0 + j``) with the
@@ -131,8 +127,8 @@ def cosine_topk_block(q: torch.Tensor, g: torch.Tensor, k: int, normalize: bool,
     kcap = max(64, 1 << (k - 1).bit_length())
     qt = {64: 32, 128: 32, 256: 32, 512: 16, 1024: 8, 2048: 4}.get(kcap, 2)
     S = _gallery_splits(Q, N, k, qt, q.device)
-    inv_nq = _inv_norms(q) if normalize else None
-    inv_ng = _inv_norms(g) if normalize else None
+    inv_nq = inv_row_norms(q, torch.float32) if normalize else None
+    inv_ng = inv_row_norms(g, torch.float32) if normalize else None
     out_s = torch.empty(S, Q, k, device=q.device, dtype=torch.float32)
     out_i = torch.empty(S, Q, k, device=q.device, dtype=torch.int64)
     flag = torch.zeros(1, device=q.device, dtype=torch.int32)

@@ -26,7 +26,7 @@ from torch import nn
 from bct_fast import data as datasets
 from bct_fast import train
 from bct_fast._io import atomic_write
-from bct_fast.evaluate import cross_test
+from bct_fast.evaluate import CompatibilityMatrix, cross_test, pyplot, save_png
 
 DATASETS = ("glyphs", "cjk", "digits", "synthetic")
 
@@ -209,40 +209,23 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool 
 
 
 def _plot(results: dict, path: Path) -> Path:
-    """One heatmap per evaluation set: rows = query model, column 0 = the OLD gallery,
-    diagonal = self-test; a check mark where new/old beats old/old (top-1)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    """One heatmap per evaluation set (top-1): rows = query model, column 0 = the OLD gallery,
+    diagonal = self-test, other pairs not evaluated."""
     sets = [s for s in ("closed_set", "open_set") if s in results]
-    fig, axes = plt.subplots(1, len(sets), figsize=(6.2 * len(sets), 4.4), dpi=110, squeeze=False)
+    fig, axes = pyplot().subplots(1, len(sets), figsize=(6.2 * len(sets), 4.8), dpi=110, squeeze=False)
     for ax, set_name in zip(axes[0], sets):
         res = results[set_name]
         names = ["old"] + list(res["methods"])
-        vals = np.full((len(names), len(names)), np.nan)
-        vals[0, 0] = 100 * res["old/old"]["precision_at_1"]
+        grid = [[None] * len(names) for _ in names]
+        grid[0][0] = res["old/old"]["precision_at_1"]
         for i, n in enumerate(names[1:], 1):
-            vals[i, 0] = 100 * res["methods"][n]["new/old"]["precision_at_1"]
-            vals[i, i] = 100 * res["methods"][n]["new/new"]["precision_at_1"]
-        im = ax.imshow(vals, cmap="viridis", vmin=0, vmax=100)
-        for i in range(len(names)):
-            for j in range(len(names)):
-                if not np.isnan(vals[i, j]):
-                    mark = "" if j != 0 or i == 0 else (" ✓" if vals[i, 0] > vals[0, 0] else " ✗")
-                    ax.text(j, i, f"{vals[i, j]:.1f}{mark}", ha="center", va="center",
-                            color="white" if vals[i, j] < 60 else "black", fontsize=9)
-        ax.set_xticks(range(len(names)), ["old"] + ["itself"] * (len(names) - 1), fontsize=8)
-        ax.set_yticks(range(len(names)), names, fontsize=8)
-        ax.set_xlabel("gallery model (column 0: OLD gallery; diagonal: self-test)", fontsize=8)
-        ax.set_ylabel("query model")
-        ax.set_title(f"{set_name.replace('_', '-')}: top-1 (✓ beats old/old)", fontsize=10)
-    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03)
-    try:
-        return atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
-    finally:
-        plt.close(fig)
+            grid[i][0] = res["methods"][n]["new/old"]["precision_at_1"]
+            grid[i][i] = res["methods"][n]["new/new"]["precision_at_1"]
+        im = CompatibilityMatrix(names, grid, "precision_at_1").draw(
+            ax, title=f"{set_name.replace('_', '-')}: top-1 (column 0: the OLD gallery)")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return save_png(fig, path)
 
 
 def format_table(results: dict) -> str:

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from bct_fast._checks import check_labels, check_matrix
 from bct_fast._io import atomic_write
 from bct_fast.margins import MarginValue, make_margin, target_function
-from bct_fast.ops import _inv_norm, _normalization_backward_rows
+from bct_fast._chunked import inv_row_norms
+from bct_fast.ops import _normalization_backward_rows
 from bct_fast.search import _topk_lowest_index_ties, cosine_topk
 
 __all__ = ["shard_range", "ShardedCosineMarginLoss", "sharded_cosine_margin_cross_entropy",
@@ -70,7 +71,7 @@ def _all_gather_rows(t: Tensor, group) -> tuple[Tensor, list[int]]:
 
 class _ShardedMarginCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_local, w_shard, labels_local, class_start, num_classes, scale, margin,
+    def forward(ctx, x_local, w_shard, labels_local, class_start, scale, margin,
                 straight_through, group, chunk_size):
         rank, world = _world(group)
         dt = torch.promote_types(x_local.dtype, w_shard.dtype)
@@ -79,7 +80,7 @@ class _ShardedMarginCE(torch.autograd.Function):
         labels, _ = _all_gather_rows(labels_local.to(torch.int64), group)
         w = w_shard.detach().to(dt)
         B, C_local = x.shape[0], w.shape[0]
-        inv_nx, inv_nw = _inv_norm(x, acc), _inv_norm(w, acc)
+        inv_nx, inv_nw = inv_row_norms(x, acc), inv_row_norms(w, acc)
         xh = x.to(acc) * inv_nx[:, None]
         local = (labels >= class_start) & (labels < class_start + C_local)
         safe = torch.where(local, labels - class_start, torch.zeros_like(labels))
@@ -131,7 +132,7 @@ class _ShardedMarginCE(torch.autograd.Function):
             K = gw_part
             K.index_add_(0, safe[local], corr[local][:, None] * xh[local])
             grad_w = _normalization_backward_rows(w, inv_nw, K).to(w_dtype)
-        return grad_x, grad_w, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None
 
 
 def sharded_cosine_margin_cross_entropy(embeddings: Tensor, weight_shard: Tensor, labels: Tensor, *,
@@ -151,8 +152,8 @@ def sharded_cosine_margin_cross_entropy(embeddings: Tensor, weight_shard: Tensor
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels: values must lie in [0, {num_classes})")
     mg = make_margin(margin_type, margin)
-    return _ShardedMarginCE.apply(embeddings, weight_shard, labels, int(class_start), int(num_classes),
-                                  float(scale), mg, arcface_grad == "straight_through", group, int(chunk_size or 0))
+    return _ShardedMarginCE.apply(embeddings, weight_shard, labels, int(class_start), float(scale), mg,
+                                  arcface_grad == "straight_through", group, int(chunk_size or 0))
 
 
 class ShardedCosineMarginLoss(nn.Module):

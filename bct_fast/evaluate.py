@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from bct_fast._io import atomic_write
 from bct_fast.metrics import evaluate_retrieval
 
 __all__ = ["CrossTestResult", "cross_test", "CompatibilityMatrix", "compatibility_matrix"]
@@ -123,24 +124,16 @@ class CompatibilityMatrix:
         return {**asdict(self), "AC": self.ac, "AM": self.am}
 
     def save_json(self, path: str | Path) -> Path:
-        from bct_fast._io import atomic_write
         data = json.dumps(self.to_dict(), indent=2).encode()
         return atomic_write(path, lambda f: f.write(data))
 
-    def plot(self, path: str | Path, title: str | None = None) -> Path:
-        """Heatmap PNG (rows: query model, columns: gallery model). Needs matplotlib."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as e:  # pragma: no cover - exercised only without matplotlib
-            raise ImportError("plot: needs matplotlib (pip install matplotlib)") from e
+    def draw(self, ax, title: str | None = None):
+        """Draw the heatmap on a matplotlib Axes (rows: query model, columns: gallery model);
+        a pair i > j with M(i, j) <= M(j, j) is marked "(fails)". Returns the image."""
         import numpy as np
-        from bct_fast._io import atomic_write
 
         n = len(self.names)
         grid = np.array([[np.nan if v is None else 100 * v for v in row] for row in self.values])
-        fig, ax = plt.subplots(figsize=(1.6 + 1.1 * n, 1.2 + 1.0 * n), dpi=120)
         im = ax.imshow(grid, cmap="viridis", vmin=np.nanmin(grid), vmax=np.nanmax(grid))
         for i in range(n):
             for j in range(n):
@@ -153,16 +146,35 @@ class CompatibilityMatrix:
         ax.set_xlabel("gallery model")
         ax.set_ylabel("query model")
         ax.set_title(title or f"{self.metric} (AC={self.ac:.2f}, AM={100 * self.am:.1f})", fontsize=10)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-        fig.tight_layout()
-        path = Path(path)
+        return im
 
-        def write(f):
-            fig.savefig(f, format="png")
-        try:
-            return atomic_write(path, write)
-        finally:
-            plt.close(fig)
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """Heatmap PNG (see :meth:`draw`), written atomically. Needs matplotlib."""
+        plt = pyplot()
+        n = len(self.names)
+        fig, ax = plt.subplots(figsize=(1.6 + 1.1 * n, 1.2 + 1.0 * n), dpi=120)
+        fig.colorbar(self.draw(ax, title), ax=ax, fraction=0.046)
+        fig.tight_layout()
+        return save_png(fig, path)
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - exercised only without matplotlib
+        raise ImportError("plot: needs matplotlib (pip install matplotlib)") from e
+    return plt
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG atomically and close it."""
+    try:
+        return atomic_write(Path(path), lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
+    finally:
+        pyplot().close(fig)
 
 
 def compatibility_matrix(embeddings: Mapping[str, Tensor], labels: Tensor, *,

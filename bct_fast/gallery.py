@@ -42,6 +42,7 @@ _STORAGE = {  # storage dtype -> (torch dtype, numpy dtype of the raw bytes)
     "float16": (torch.float16, np.dtype("<f2")),
     "bfloat16": (torch.bfloat16, np.dtype("<u2")),  # numpy has no bf16: raw 16-bit words
 }
+_STORAGE_NAME = {torch_dtype: name for name, (torch_dtype, _) in _STORAGE.items()}
 
 
 class IndexFileError(ValueError):
@@ -82,9 +83,8 @@ class GalleryIndex:
             raise ValueError(f"dim: expected a positive integer, got {dim!r}")
         if not isinstance(model_version, str) or not model_version:
             raise ValueError(f"model_version: expected a non-empty string, got {model_version!r}")
-        names = {v[0]: k for k, v in _STORAGE.items()}
-        if dtype not in names:
-            raise TypeError(f"dtype: expected one of {list(names)}, got {dtype}")
+        if dtype not in _STORAGE_NAME:
+            raise TypeError(f"dtype: expected one of {list(_STORAGE_NAME)}, got {dtype}")
         json.dumps(metadata or {})  # fail now, not at save time, if it is not JSON-serializable
         self.dim, self.model_version, self.dtype = dim, model_version, dtype
         self.device = torch.device(device)
@@ -175,14 +175,11 @@ class GalleryIndex:
     def _arrays(self) -> dict[str, np.ndarray]:
         emb = self._emb.detach().cpu().contiguous()
         raw = emb.view(torch.int16).numpy().view("<u2") if self.dtype == torch.bfloat16 else emb.numpy()
-        arrays = {"embeddings": raw.astype(_STORAGE[self._storage_name()][1], copy=False),
+        arrays = {"embeddings": raw.astype(_STORAGE[_STORAGE_NAME[self.dtype]][1], copy=False),
                   "ids": self._ids.cpu().numpy().astype("<i8", copy=False)}
         if self._labels is not None:
             arrays["labels"] = self._labels.cpu().numpy().astype("<i8", copy=False)
         return arrays
-
-    def _storage_name(self) -> str:
-        return {v[0]: k for k, v in _STORAGE.items()}[self.dtype]
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the index atomically (temporary file + rename): a crash never leaves a partial
@@ -197,7 +194,7 @@ class GalleryIndex:
             offset += a.nbytes + pad
         header = json.dumps({
             "format_version": FORMAT_VERSION, "model_version": self.model_version, "dim": self.dim,
-            "count": len(self), "storage_dtype": self._storage_name(), "metadata": self.metadata,
+            "count": len(self), "storage_dtype": _STORAGE_NAME[self.dtype], "metadata": self.metadata,
             "arrays": layout, "payload_nbytes": offset, "sha256": digest.hexdigest(),
         }).encode()
 

@@ -25,7 +25,6 @@ from bct_fast.margins import Margin, MarginValue, make_margin, target_function
 
 __all__ = ["cosine_margin_cross_entropy", "CosineMarginCrossEntropyFunction"]
 
-_NORM_EPS = 1e-12  # as F.normalize
 
 # ---- op definitions ----------------------------------------------------------------------
 
@@ -94,10 +93,6 @@ def _grads_cuda(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale
 
 # ---- autograd ------------------------------------------------------------------------------
 
-def _inv_norm(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.linalg.vector_norm(t, dim=1, dtype=dtype).clamp_min(_NORM_EPS).reciprocal()
-
-
 def _normalization_backward_rows(t: Tensor, inv_n: Tensor, grad_hat: Tensor, chunk: int = 4096) -> Tensor:
     """Gradient through t_hat = t * inv_n, in place on ``grad_hat`` (chunked rows):
     d t = inv_n * (g - t_hat (t_hat . g))."""
@@ -128,7 +123,7 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
         safe = torch.where(valid & in_range, labels, torch.zeros_like(labels))
         lab_eff = torch.where(valid, safe, torch.full_like(labels, -1))
 
-        inv_nx, inv_nw = _inv_norm(x, acc), _inv_norm(w, acc)
+        inv_nx, inv_nw = _chunked.inv_row_norms(x, acc), _chunked.inv_row_norms(w, acc)
         xh = _chunked.normalized_rows(x, inv_nx)
         wyh = w[safe].to(acc) * inv_nw[safe][:, None]
         cos_y = (xh * wyh).sum(1)

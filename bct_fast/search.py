@@ -21,6 +21,7 @@ from torch import Tensor
 from bct_fast import _native
 from bct_fast._backend import warn_fallback
 from bct_fast._checks import check_matrix, nonfinite_error
+from bct_fast._chunked import inv_row_norms
 
 __all__ = ["cosine_topk", "KnnFunc", "GalleryIndex"]
 
@@ -153,6 +154,10 @@ class _RunningTopk:
         if self.pending_width >= max(self.k, 64):
             self.flush()
 
+    def merge(self, new: tuple[Tensor, Tensor]) -> None:
+        """Fold in an exact candidate list whose indices all follow the ones seen so far."""
+        self.best = _merge(self.best, new, self.k)
+
     def flush(self) -> tuple[Tensor, Tensor]:
         if self.pending:
             cand = (torch.cat([p[0] for p in self.pending], 1), torch.cat([p[1] for p in self.pending], 1))
@@ -267,14 +272,14 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
     running = [_RunningTopk(k) for _ in range(0, Q, q_block)]
     for n0, gb in chunks:
         # Scale the scores instead of normalizing the chunk: one pass over it fewer.
-        inv_ng = _inv_norms(gb) if (normalize and not use_kernel) else None
+        inv_ng = inv_row_norms(gb) if (normalize and not use_kernel) else None
         for b, q0 in enumerate(range(0, Q, q_block)):
             qb = qn[q0:q0 + q_block]
             try:
                 if use_kernel:
                     new = _native.cosine_topk_block(q[q0:q0 + q_block], gb, min(k, gb.shape[0]), normalize,
                                                     q0 if exclude_self else -1, n0)
-                    running[b].best = _merge(running[b].best, new, k)
+                    running[b].merge(new)
                 else:
                     running[b].add(_score_block(qb, gb, inv_ng, q0, n0, exclude_self), n0)
             except _NonFinite:
@@ -282,11 +287,6 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
     for b, q0 in enumerate(range(0, Q, q_block)):
         out_s[q0:q0 + q_block], out_i[q0:q0 + q_block] = running[b].flush()
     return out_s.to(torch.float32), out_i
-
-
-def _inv_norms(gb: Tensor) -> Tensor:
-    """1 / max(||row||, 1e-12), the eps of torch.nn.functional.normalize."""
-    return torch.linalg.vector_norm(gb, dim=1).clamp_min(1e-12).reciprocal()
 
 
 def _rows(g, n0: int, rows: int) -> Tensor:
