@@ -110,7 +110,7 @@ def _info(_: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bct-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train old + new models four ways and print the BCT table")
+    demo = sub.add_parser("demo", help="train an old model and new models five ways and print the BCT table")
     demo.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     demo.add_argument("--out", default="bct_fast_out", help="folder for results.json and the heatmap (default: %(default)s)")
     demo.add_argument("--dataset", choices=["glyphs", "cjk", "digits", "synthetic"], default="glyphs",

@@ -4,12 +4,14 @@ Default data: glyphs rendered from matplotlib's fonts (135 character classes x 1
 :mod:`bct_fast.data`). Classes are split at random: the OLD model trains on ``old_classes``
 of them, NEW models on ``train_classes`` (a superset), and retrieval runs on the held-out rest
 (open-set, leave-one-out: each query's own image is excluded from every gallery). The new model
-is wider and sees more classes, so it should be better; it is trained four ways:
+is wider and sees more classes, so it should be better; it is trained five ways:
 
 - ``independent``: no compatibility constraint (cross-test should be near chance);
 - ``l2``: + L2 regression onto the old embeddings (the paper's failing baseline);
 - ``bct_old_classes_only``: + influence loss through the old classifier, new classes ignored;
-- ``bct``: + influence loss with synthesized old-classifier rows for the new classes.
+- ``bct``: + influence loss with synthesized old-classifier rows for the new classes (the paper);
+- ``bct_class_means``: + influence loss through the old model's class-mean embeddings for every
+  class instead of its learned classifier rows (BT-2's and MixBCT's BCT baseline).
 
 Printed: the paper's table (old/old, new/new, new/old top-1 and mAP, compatibility verdict).
 Saved: ``results.json`` (every number) and ``compatibility.png`` (heatmap).
@@ -42,7 +44,7 @@ class DemoConfig:
     old_width: int = 8          # the old model is narrower and sees fewer classes
     new_width: int = 32
     old_epochs: int = 10
-    new_epochs: int = 10
+    new_epochs: int = 20
     batch_size: int = 128
     lr: float = 2e-3
     scale: float = 16.0
@@ -151,7 +153,7 @@ def _loader(x, y, batch_size, shuffle):
 
 
 def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Train the old model and four new ones; evaluate self/cross retrieval on the open-set and
+    """Train the old model and five new ones; evaluate self/cross retrieval on the open-set and
     closed-set evaluation sets (see :func:`load_data`). Returns every number."""
     torch.manual_seed(cfg.seed)
     d = load_data(cfg)
@@ -164,6 +166,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool 
     old, old_loss = train.train_independent(factory(cfg.old_width), old_loader, cfg.old_classes, cfg.embed_dim,
                                             cfg.old_epochs, scale=cfg.scale, desc="old model", **fit_kw)
     old_w = old_loss.weight.detach()
+    geometry = old_classifier_geometry(old, old_w, _loader(xt[old_mask], yt[old_mask], 512, False), cfg.device)
 
     def new_model():
         torch.manual_seed(cfg.seed + 1)  # every method starts from the same initialization
@@ -179,8 +182,11 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool 
                                                         desc="bct (old classes)", **fit_kw),
         "bct": lambda: train.train_bct(new_model(), old, old_w, *common, synthesize=True,
                                        influence_weight=cfg.influence_weight, scale=cfg.scale, desc="bct", **fit_kw),
+        "bct_class_means": lambda: train.train_bct(new_model(), old, None, *common, class_means=True,
+                                                   influence_weight=cfg.influence_weight, scale=cfg.scale,
+                                                   desc="bct (class means)", **fit_kw),
     }
-    results: dict = {"config": asdict(cfg), "train_images": int(len(yt))}
+    results: dict = {"config": asdict(cfg), "train_images": int(len(yt)), "old_classifier_geometry": geometry}
     old_emb = {}
     for set_name, (xe, ye, is_query) in d.eval_sets.items():
         old_emb[set_name], _ = train.embed(old, _loader(xe, ye, 512, False), device=cfg.device)
@@ -206,6 +212,22 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool 
         save_results(results, out_dir)
         _plot(results, Path(out_dir) / "compatibility.png")
     return results
+
+
+@torch.no_grad()
+def old_classifier_geometry(old_model: nn.Module, old_weight: torch.Tensor, loader, device: str = "cpu") -> dict:
+    """Where the old model's training embeddings sit relative to its learned classifier rows and
+    to their class means (mean cosines). The influence loss pulls new embeddings toward the
+    rows it is given; cross-model retrieval rewards landing where the old embeddings are."""
+    from bct_fast.losses import class_mean_classifier
+
+    w = nn.functional.normalize(old_weight.float().to(device), dim=1)
+    means = class_mean_classifier(old_model, loader, w.shape[0], device=device, progress=False)
+    emb, labels = train.embed(old_model, loader, device=device)
+    emb, labels = nn.functional.normalize(emb.float().to(device), dim=1), labels.to(device)
+    return {"cos_row_to_class_mean": float((w * means).sum(1).mean()),
+            "cos_embedding_to_own_row": float((emb * w[labels]).sum(1).mean()),
+            "cos_embedding_to_own_class_mean": float((emb * means[labels]).sum(1).mean())}
 
 
 def _plot(results: dict, path: Path) -> Path:
@@ -246,6 +268,12 @@ def format_table(results: dict) -> str:
             verdict = f"{'yes' if r['compatible'] else 'no':>3s}, {'yes' if r['compatible_map'] else 'no'}"
             lines.append(f"{name:22s} {fmt(oo):>16s} {fmt(r['new/new']):>16s} {fmt(r['new/old']):>16s}  {verdict}")
         lines.append("")
+    geo = results.get("old_classifier_geometry")
+    if geo:
+        lines.append("old model, training images: mean cos(embedding, own classifier row) = "
+                     f"{geo['cos_embedding_to_own_row']:.2f}, cos(embedding, own class mean) = "
+                     f"{geo['cos_embedding_to_own_class_mean']:.2f}, cos(row, class mean) = "
+                     f"{geo['cos_row_to_class_mean']:.2f}")
     lines.append("compatible: M(new query, old gallery) > M(old, old)  (BCT's empirical criterion)")
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ from bct_fast.ops import cosine_margin_cross_entropy
 
 __all__ = [
     "CosineClassifierLoss", "NormSoftmaxLoss", "CosFaceLoss", "ArcFaceLoss", "InfluenceLoss",
-    "BCTLoss", "L2CompatibilityLoss", "synthesize_classifier", "match_dim",
+    "BCTLoss", "L2CompatibilityLoss", "synthesize_classifier", "class_mean_classifier", "match_dim",
 ]
 
 
@@ -182,6 +182,62 @@ class L2CompatibilityLoss(nn.Module):
 
 
 @torch.no_grad()
+def _class_means(old_model: nn.Module, loader: Iterable, first_class: int, num_classes: int,
+                 dim: int | None, device: torch.device | None, progress: bool) -> Tensor:
+    """Mean of the old model's L2-normalized embeddings for classes [first_class, num_classes)."""
+    from tqdm.auto import tqdm
+
+    sums = counts = None
+    was_training = old_model.training
+    old_model.eval()
+    try:
+        for inputs, labels in tqdm(loader, desc="class means", disable=not progress, leave=False):
+            if device is None:
+                device = next((p.device for p in old_model.parameters()), torch.device("cpu"))
+            labels = labels.to(device)
+            keep = (labels >= first_class) & (labels < num_classes)
+            if not bool(keep.any()):
+                continue
+            emb = old_model(inputs.to(device)).float()
+            if emb.dim() != 2 or (dim is not None and emb.shape[1] != dim):
+                raise ValueError(f"old_model: returns shape {tuple(emb.shape)}, expected [batch, "
+                                 f"{dim if dim is not None else 'd_old'}]")
+            if sums is None:
+                sums = torch.zeros(num_classes - first_class, emb.shape[1], device=device)
+                counts = torch.zeros(num_classes - first_class, device=device)
+            rows = labels[keep] - first_class
+            sums.index_add_(0, rows, nn.functional.normalize(emb[keep], dim=1))
+            counts.index_add_(0, rows, torch.ones_like(rows, dtype=torch.float32))
+    finally:
+        old_model.train(was_training)
+    missing = (torch.arange(first_class, num_classes) if counts is None
+               else (counts == 0).nonzero()[:, 0].cpu() + first_class)
+    if missing.numel():
+        raise ValueError(f"loader: no samples of classes {missing[:10].tolist()}"
+                         f"{'...' if missing.numel() > 10 else ''}; cannot compute their mean embeddings")
+    return sums / counts[:, None]
+
+
+def class_mean_classifier(old_model: nn.Module, loader: Iterable, num_classes: int, *,
+                          normalize: bool = True, device: torch.device | str | None = None,
+                          progress: bool = True) -> Tensor:
+    """The old model's class prototypes for EVERY class: row k is the mean of its L2-normalized
+    embeddings of the class-k samples in ``loader`` (normalized again when ``normalize``).
+
+    Used as the influence loss's classifier in place of the old model's learned weights, as the
+    BCT baselines of BT-2 (``pseudo_classifier``) and MixBCT (``avg_old_features``) do. The
+    learned rows of a softmax classifier need not sit at the centre of the class's old
+    embeddings; the means do, and that is where new queries must land to find old gallery
+    items (``bct-fast demo`` compares both).
+
+    Returns:
+        [num_classes, d_old] float32 tensor on ``device`` (default: the old model's device).
+    """
+    rows = _class_means(old_model, loader, 0, num_classes, None,
+                        torch.device(device) if device is not None else None, progress)
+    return nn.functional.normalize(rows, dim=1) if normalize else rows
+
+
 def synthesize_classifier(old_model: nn.Module, loader: Iterable, old_weight: Tensor,
                           num_classes: int, *, normalize: bool = True,
                           device: torch.device | str | None = None,
@@ -196,35 +252,14 @@ def synthesize_classifier(old_model: nn.Module, loader: Iterable, old_weight: Te
     Returns:
         [num_classes, d_old] float32 tensor on ``old_weight``'s device.
     """
-    from tqdm.auto import tqdm
-
     c_old, d_old = old_weight.shape
     if num_classes < c_old:
         raise ValueError(f"num_classes: {num_classes} is smaller than old_weight's {c_old} rows")
     device = torch.device(device) if device is not None else old_weight.device
-    sums = torch.zeros(num_classes, d_old, device=device)
-    counts = torch.zeros(num_classes, device=device)
-    was_training = old_model.training
-    old_model.eval()
-    try:
-        for inputs, labels in tqdm(loader, desc="synthesize classifier", disable=not progress, leave=False):
-            labels = labels.to(device)
-            keep = labels >= c_old
-            if not bool(keep.any()):
-                continue
-            emb = old_model(inputs.to(device)).float()
-            if emb.dim() != 2 or emb.shape[1] != d_old:
-                raise ValueError(f"old_model: returns shape {tuple(emb.shape)}, expected [batch, {d_old}]")
-            emb = nn.functional.normalize(emb[keep], dim=1)
-            sums.index_add_(0, labels[keep], emb)
-            counts.index_add_(0, labels[keep], torch.ones_like(labels[keep], dtype=torch.float32))
-    finally:
-        old_model.train(was_training)
-    missing = (counts[c_old:] == 0).nonzero()[:, 0] + c_old
-    if missing.numel():
-        raise ValueError(f"loader: no samples of new classes {missing[:10].tolist()}"
-                         f"{'...' if missing.numel() > 10 else ''}; cannot synthesize their rows")
-    rows = sums[c_old:] / counts[c_old:, None]
+    old = old_weight.detach().to(device=device, dtype=torch.float32)
+    if num_classes == c_old:
+        return old
+    rows = _class_means(old_model, loader, c_old, num_classes, d_old, device, progress)
     if normalize:
         rows = nn.functional.normalize(rows, dim=1)
-    return torch.cat([old_weight.detach().to(device=device, dtype=torch.float32), rows], 0)
+    return torch.cat([old, rows], 0)

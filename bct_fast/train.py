@@ -5,8 +5,8 @@
   ``(seed, epoch)``, so a run resumed from a checkpoint reproduces an uninterrupted one.
 - :func:`embed`: batched, no-grad embeddings + labels.
 - :func:`train_bct`: BCT (new classifier loss + influence loss through the old classifier, with
-  synthesized rows for new classes); :func:`train_independent` and :func:`train_l2` are the
-  paper's baselines.
+  synthesized rows for new classes, or through the old model's class means for every class);
+  :func:`train_independent` and :func:`train_l2` are the paper's baselines.
 
 A "loader" is any re-iterable of ``(inputs, labels)`` batches (a torch ``DataLoader``, a list).
 """
@@ -200,22 +200,41 @@ def train_l2(new_model: nn.Module, old_model: nn.Module, loader: Iterable, num_c
     return fit(new_model, objective, loader, epochs, desc=fit_kwargs.pop("desc", "l2"), **fit_kwargs), objective
 
 
-def train_bct(new_model: nn.Module, old_model: nn.Module, old_classifier: Tensor, loader: Iterable,
+def train_bct(new_model: nn.Module, old_model: nn.Module, old_classifier: Tensor | None, loader: Iterable,
               num_classes: int, embedding_size: int, epochs: int, *, influence_weight: float = 1.0,
-              synthesize: bool = True, scale: float = 30.0, influence_scale: float | None = None,
-              new_loss: nn.Module | None = None, device: str | torch.device = "cpu",
-              **fit_kwargs) -> tuple[nn.Module, nn.Module]:
+              synthesize: bool = True, class_means: bool = False, scale: float = 30.0,
+              influence_scale: float | None = None, new_loss: nn.Module | None = None,
+              device: str | torch.device = "cpu", **fit_kwargs) -> tuple[nn.Module, nn.Module]:
     """Backward-compatible training (Shen et al., CVPR 2020).
 
-    ``old_classifier`` [C_old, d_old] is the old model's class weight (classes 0..C_old-1 of
-    the new label space). With ``synthesize`` the old model's class-mean embeddings of the
-    classes it never saw are appended (:func:`bct_fast.losses.synthesize_classifier`), so the
-    influence loss covers every training sample; without it, samples of new classes are
-    ignored by the influence term. Returns (model, the BCTLoss used)."""
-    old_w = old_classifier.detach().to(device)
-    if synthesize and old_w.shape[0] < num_classes:
-        old_w = losses.synthesize_classifier(old_model.to(device), loader, old_w, num_classes, device=device,
-                                             progress=fit_kwargs.get("progress", True))
+    The influence loss scores the new embeddings with a frozen classifier in the old space:
+
+    - default (the paper): ``old_classifier`` [C_old, d_old], the old model's learned class
+      weight (classes 0..C_old-1 of the new label space). With ``synthesize`` the old model's
+      class-mean embeddings of the classes it never saw are appended
+      (:func:`bct_fast.losses.synthesize_classifier`), so the influence loss covers every
+      training sample; without it, samples of new classes are ignored by the influence term.
+    - ``class_means=True``: the old model's class-mean embeddings for EVERY class
+      (:func:`bct_fast.losses.class_mean_classifier`, as BT-2 and MixBCT do); pass
+      ``old_classifier=None``. This pulls new embeddings to the centre of each class's old
+      embeddings, which is what cross-model retrieval rewards; on the demo it is the variant
+      that meets the compatibility criterion (see the README).
+
+    Returns (model, the BCTLoss used)."""
+    progress = fit_kwargs.get("progress", True)
+    if class_means:
+        if old_classifier is not None:
+            raise ValueError("old_classifier: must be None with class_means=True (the class means "
+                             "replace the learned rows)")
+        old_w = losses.class_mean_classifier(old_model.to(device), loader, num_classes, device=device,
+                                             progress=progress)
+    else:
+        if old_classifier is None:
+            raise ValueError("old_classifier: required unless class_means=True")
+        old_w = old_classifier.detach().to(device)
+        if synthesize and old_w.shape[0] < num_classes:
+            old_w = losses.synthesize_classifier(old_model.to(device), loader, old_w, num_classes, device=device,
+                                                 progress=progress)
     influence = losses.InfluenceLoss(old_w, scale=influence_scale or scale)
     objective = losses.BCTLoss(new_loss or _default_loss(num_classes, embedding_size, scale), influence,
                                influence_weight)

@@ -106,3 +106,22 @@ def test_synthesize_classifier(seed):
         assert torch.allclose(w[k], F.normalize(emb[labels == k].mean(0), dim=0), atol=1e-6)
     with pytest.raises(ValueError, match="loader"):
         losses.synthesize_classifier(old_model, loader, old_w, 7, progress=False)
+
+
+def test_class_mean_classifier(seed):
+    """Every row is the normalized mean of the old model's normalized class embeddings."""
+    old_model = torch.nn.Linear(3, 4, bias=False)
+    inputs, labels = torch.randn(50, 3), torch.randint(0, 5, (50,))
+    labels[:5] = torch.arange(5)  # every class present
+    loader = [(inputs[i:i + 16], labels[i:i + 16]) for i in range(0, 50, 16)]
+    w = losses.class_mean_classifier(old_model, loader, 5, progress=False)
+    raw = losses.class_mean_classifier(old_model, loader, 5, normalize=False, progress=False)
+    with torch.no_grad():
+        emb = F.normalize(old_model(inputs), dim=1).double()
+    for k in range(5):
+        mean = emb[labels == k].mean(0)
+        assert torch.allclose(raw[k].double(), mean, atol=1e-6)
+        assert torch.allclose(w[k].double(), F.normalize(mean, dim=0), atol=1e-6)
+    assert old_model.training  # the model's mode is restored
+    with pytest.raises(ValueError, match="loader: no samples of classes \\[5, 6\\]"):
+        losses.class_mean_classifier(old_model, loader, 7, progress=False)

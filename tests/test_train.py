@@ -88,3 +88,10 @@ def test_bct_and_baselines_train_and_freeze_the_old_model():
     assert all(torch.equal(a, b) for a, b in zip(before, old.parameters()))
     _, no_synth = train.train_bct(mlp(seed=2), old, old_loss.weight, loader, 6, 8, 1, synthesize=False, progress=False)
     assert no_synth.influence_loss.old_weight.shape == (3, 8)
+    _, means = train.train_bct(mlp(seed=2), old, None, loader, 6, 8, 1, class_means=True, progress=False)
+    assert torch.allclose(means.influence_loss.old_weight,
+                          losses.class_mean_classifier(old, loader, 6, progress=False))
+    with pytest.raises(ValueError, match="old_classifier"):
+        train.train_bct(mlp(seed=2), old, old_loss.weight, loader, 6, 8, 1, class_means=True, progress=False)
+    with pytest.raises(ValueError, match="old_classifier"):
+        train.train_bct(mlp(seed=2), old, None, loader, 6, 8, 1, progress=False)
