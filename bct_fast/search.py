@@ -123,21 +123,23 @@ class _RunningTopk:
 
     Once a query holds k candidates, only scores strictly above its k-th best can enter (a later
     row with an equal score has a higher index and loses the tie): a cheap mask replaces a full
-    selection over each chunk, and survivors are merged in batches of about k columns. That
+    selection over each chunk, and survivors are merged in batches of about k columns. The
+    running set is kept unordered (plus its k-th score); it is sorted once, at the end. That
     keeps this path GEMM-bound on a CPU."""
 
     def __init__(self, k: int):
         self.k = k
-        self.best: tuple[Tensor, Tensor] | None = None
+        self.best: tuple[Tensor, Tensor] | None = None  # (scores, gallery indices), any order
+        self.kth: Tensor | None = None                   # [rows, 1] k-th best score, once full
         self.pending: list[tuple[Tensor, Tensor]] = []
         self.pending_width = 0
 
     def add(self, s: Tensor, n0: int) -> None:
-        if self.best is None or self.best[0].shape[1] < self.k:
-            top, cols = _topk_lowest_index_ties(s, min(self.k, s.shape[1]))
-            self.best = _merge(self.best, (top, cols + n0), self.k)
+        if self.kth is None:
+            cols = torch.arange(n0, n0 + s.shape[1], device=s.device).expand(s.shape[0], -1)
+            self.merge((s, cols))
             return
-        mask = s > self.best[0][:, -1:]
+        mask = s > self.kth
         rows, cols = mask.nonzero(as_tuple=True)  # row-major: ascending columns within a row
         if rows.numel() == 0:
             return
@@ -152,18 +154,47 @@ class _RunningTopk:
         self.pending.append((cand_s, cand_i))
         self.pending_width += width
         if self.pending_width >= max(self.k, 64):
-            self.flush()
+            self._merge_pending()
 
     def merge(self, new: tuple[Tensor, Tensor]) -> None:
-        """Fold in an exact candidate list whose indices all follow the ones seen so far."""
-        self.best = _merge(self.best, new, self.k)
+        """Fold in candidates (scores, gallery indices) whose indices all follow the ones seen so
+        far; padding columns carry -inf scores."""
+        if self.best is not None:
+            new = (torch.cat([self.best[0], new[0].to(self.best[0].dtype)], 1), torch.cat([self.best[1], new[1]], 1))
+        self.best = _select_unordered(new[0], new[1], self.k)
+        if self.best[0].shape[1] == self.k:
+            self.kth = self.best[0].amin(1, keepdim=True)
+
+    def _merge_pending(self) -> None:
+        if self.pending:
+            self.merge((torch.cat([p[0] for p in self.pending], 1), torch.cat([p[1] for p in self.pending], 1)))
+            self.pending, self.pending_width = [], 0
 
     def flush(self) -> tuple[Tensor, Tensor]:
-        if self.pending:
-            cand = (torch.cat([p[0] for p in self.pending], 1), torch.cat([p[1] for p in self.pending], 1))
-            self.best = _merge(self.best, cand, self.k)
-            self.pending, self.pending_width = [], 0
-        return self.best
+        """The final top-k: sorted by score descending, ties by ascending gallery index."""
+        self._merge_pending()
+        return _sort_rows_by_score_then_column(*self.best)
+
+
+def _select_unordered(s: Tensor, idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k best (score, index) pairs per row in any order; equal scores at the k-th place go
+    to the lower index. ``idx`` need not be ordered."""
+    if s.shape[1] <= k:
+        return s, idx
+    vals, cols = torch.topk(s, k, dim=1, sorted=False)
+    kth = vals.amin(1, keepdim=True)
+    tied = (s >= kth).sum(1) > k  # more candidates at the k-th score than places left
+    out = (vals, idx.gather(1, cols))
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        ri, order = idx[rows].sort(dim=1)           # ascending index, so cumsum picks the lowest
+        rs, t = s[rows].gather(1, order), kth[rows]
+        above, equal = rs > t, rs == t
+        need = k - above.sum(1, keepdim=True)
+        take = above | (equal & (torch.cumsum(equal, dim=1) <= need))
+        c = take.nonzero()[:, 1].view(rows.shape[0], k)
+        out[0][rows], out[1][rows] = rs.gather(1, c), ri.gather(1, c)
+    return out
 
 
 def _score_block(qb: Tensor, gb: Tensor, inv_ng: Tensor | None, q0: int, n0: int, exclude_self: bool) -> Tensor:
@@ -189,17 +220,6 @@ def _score_block(qb: Tensor, gb: Tensor, inv_ng: Tensor | None, q0: int, n0: int
 
 class _NonFinite(Exception):
     """A block produced NaN/inf scores; the caller names the input that holds them."""
-
-
-def _merge(best: tuple[Tensor, Tensor] | None, new: tuple[Tensor, Tensor], k: int) -> tuple[Tensor, Tensor]:
-    """Merge two candidate lists; every index in ``best`` is lower than every index in ``new``,
-    so column order among equal scores is index order."""
-    if best is None:
-        return new
-    s = torch.cat([best[0], new[0].to(best[0].dtype)], 1)
-    i = torch.cat([best[1], new[1]], 1)
-    s_top, cols = _topk_lowest_index_ties(s, min(k, s.shape[1]))
-    return s_top, i.gather(1, cols)
 
 
 def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_self: bool = False,
