@@ -187,13 +187,13 @@ def _class_means(old_model: nn.Module, loader: Iterable, first_class: int, num_c
     """Mean of the old model's L2-normalized embeddings for classes [first_class, num_classes)."""
     from tqdm.auto import tqdm
 
+    if device is None:
+        device = next((p.device for p in old_model.parameters()), torch.device("cpu"))
     sums = counts = None
     was_training = old_model.training
     old_model.eval()
     try:
         for inputs, labels in tqdm(loader, desc="class means", disable=not progress, leave=False):
-            if device is None:
-                device = next((p.device for p in old_model.parameters()), torch.device("cpu"))
             labels = labels.to(device)
             keep = (labels >= first_class) & (labels < num_classes)
             if not bool(keep.any()):

@@ -80,14 +80,19 @@ def _topk_lowest_index_ties(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if bool(tied.any()):
         rows = tied.nonzero()[:, 0]
         s = scores[rows]
-        kth = vals[rows, k - 1:k]
-        above = s > kth
-        equal = s == kth
-        need = k - above.sum(1, keepdim=True)
-        take = above | (equal & (torch.cumsum(equal, dim=1) <= need))
-        c = take.nonzero()[:, 1].view(rows.shape[0], k)
+        c = _first_k_columns(s, vals[rows, k - 1:k], k)
         out_v[rows], out_c[rows] = _sort_rows_by_score_then_column(s.gather(1, c), c)
     return out_v, out_c
+
+
+def _first_k_columns(s: Tensor, kth: Tensor, k: int) -> Tensor:
+    """Columns [rows, k], ascending, of every score above the row's k-th score ``kth`` [rows, 1]
+    plus the leftmost scores equal to it: the exact tie rule when column order is index order."""
+    above = s > kth
+    need = k - above.sum(1, keepdim=True)
+    equal = s == kth
+    take = above | (equal & (torch.cumsum(equal, dim=1) <= need))
+    return take.nonzero()[:, 1].view(s.shape[0], k)
 
 
 def _gallery_chunks(g, chunk: int, device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[int, Tensor]]:
@@ -157,8 +162,7 @@ class _RunningTopk:
             self._merge_pending()
 
     def merge(self, new: tuple[Tensor, Tensor]) -> None:
-        """Fold in candidates (scores, gallery indices) whose indices all follow the ones seen so
-        far; padding columns carry -inf scores."""
+        """Fold in candidates (scores, gallery indices; padding columns carry -inf scores)."""
         if self.best is not None:
             new = (torch.cat([self.best[0], new[0].to(self.best[0].dtype)], 1), torch.cat([self.best[1], new[1]], 1))
         self.best = _select_unordered(new[0], new[1], self.k)
@@ -187,12 +191,9 @@ def _select_unordered(s: Tensor, idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
     out = (vals, idx.gather(1, cols))
     if bool(tied.any()):
         rows = tied.nonzero()[:, 0]
-        ri, order = idx[rows].sort(dim=1)           # ascending index, so cumsum picks the lowest
-        rs, t = s[rows].gather(1, order), kth[rows]
-        above, equal = rs > t, rs == t
-        need = k - above.sum(1, keepdim=True)
-        take = above | (equal & (torch.cumsum(equal, dim=1) <= need))
-        c = take.nonzero()[:, 1].view(rows.shape[0], k)
+        ri, order = idx[rows].sort(dim=1)  # column order = index order, as _first_k_columns needs
+        rs = s[rows].gather(1, order)
+        c = _first_k_columns(rs, kth[rows], k)
         out[0][rows], out[1][rows] = rs.gather(1, c), ri.gather(1, c)
     return out
 
