@@ -39,7 +39,8 @@ def build_info() -> dict[str, Any]:
     Keys: ``version``, ``extension_loaded`` (and ``extension_error`` when not), ``cuda_compiled``,
     ``cuda_compiler_version``, ``cuda_architectures`` (compile time), and at run time
     ``driver_version``, ``runtime_version``, ``device_count`` (0, not an error, without a GPU or
-    driver), ``torch_version``, ``torch_cuda_available``.
+    driver), ``torch_version``, ``torch_cuda_available``, ``cpu_gemm`` (``"onednn"`` or
+    ``"torch.mm"``: what runs the fp32 CPU products of the chunked paths and of search).
     """
     from bct_fast import __version__
 
@@ -54,11 +55,15 @@ def build_info() -> dict[str, Any]:
     try:
         import torch
 
+        from bct_fast._cpu_gemm import onednn_active
+
         info["torch_version"] = torch.__version__
         info["torch_cuda_available"] = bool(torch.cuda.is_available())
+        info["cpu_gemm"] = "onednn" if onednn_active() else "torch.mm"
     except ImportError:  # the extension itself never needs torch
         info["torch_version"] = None
         info["torch_cuda_available"] = False
+        info["cpu_gemm"] = None
     return info
 
 

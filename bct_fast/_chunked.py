@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from bct_fast._cpu_gemm import mm_nt, mm_tn
+
 # Elements of one B x chunk logit block: 4M fp32 = 16 MiB, a few such blocks live at a time.
 _BLOCK_ELEMS = 1 << 22
 
@@ -26,7 +28,7 @@ def auto_chunk(rows: int, classes: int) -> int:
 def _chunk_logits(xh: torch.Tensor, wc: torch.Tensor, c0: int, labels: torch.Tensor,
                   target_logit: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * xh @ wc.T with the target column of each row replaced by its margin logit."""
-    z = torch.mm(xh, wc.T).mul_(scale)
+    z = mm_nt(xh, wc).mul_(scale)
     local = labels - c0
     hit = (local >= 0) & (local < wc.shape[0])
     rows = hit.nonzero()[:, 0]
@@ -60,7 +62,7 @@ def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
         e = z.sub_(m_new[:, None]).exp_()
         l = l * alpha + e.sum(1)
         if acc is not None:
-            acc.mul_(alpha[:, None]).addmm_(e, wc)
+            acc.mul_(alpha[:, None]).add_(mm_nt(e, wc.T))
         m = m_new
     lse = m + torch.log(l)
     pws = acc / l[:, None] if acc is not None else x.new_empty((0,), dtype=inv_nx.dtype)
@@ -88,9 +90,9 @@ def softmax_grads(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
         z = _chunk_logits(xh, wc, c0, labels, target_logit, scale)
         p = z.sub_(lse[:, None]).exp_().mul_(row_coef[:, None])
         if need_x:
-            gx.addmm_(p, wc)
+            gx.add_(mm_nt(p, wc.T))
         if need_w:
-            torch.mm(p.T, xh, out=gw[c0:c0 + chunk])
+            gw[c0:c0 + chunk] = mm_tn(p, xh)
     return gx, gw
 
 

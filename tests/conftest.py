@@ -20,3 +20,14 @@ def seed() -> int:
     torch.manual_seed(s)
     print(f"seed = {s}")
     return s
+
+
+@pytest.fixture(params=["onednn", "mm"])
+def cpu_gemm(request, monkeypatch) -> str:
+    """Run a CPU test once through oneDNN products (where available) and once through torch.mm."""
+    from bct_fast import _cpu_gemm
+
+    if request.param == "onednn" and not _cpu_gemm._probe():
+        pytest.skip("oneDNN's fp32 linear is not available in this torch build")
+    monkeypatch.setitem(_cpu_gemm._state, "onednn", request.param == "onednn")
+    return request.param

@@ -17,7 +17,7 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 def test_build_info_keys():
     info = bct_fast.build_info()
     for key in ("version", "extension_loaded", "cuda_compiled", "cuda_architectures",
-                "driver_version", "device_count", "torch_version"):
+                "driver_version", "device_count", "torch_version", "cpu_gemm"):
         assert key in info
     assert info["version"] == bct_fast.__version__
     assert info["extension_loaded"], info.get("extension_error")

@@ -79,6 +79,14 @@ def test_odd_sizes(seed, device, B, C, d, frozen):
                             chunk_size=7)
 
 
+@pytest.mark.parametrize("margin_type,margin", [("cosface", 0.35), ("arcface", 0.5)])
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_cpu_products_large_enough_for_onednn(seed, cpu_gemm, margin_type, margin, frozen):
+    """Chunks above _cpu_gemm's size cut-off, once through oneDNN and once through torch.mm."""
+    x, w, y = inputs(67, 1000, 96, "cpu", ignore_rows=(5,))
+    check_against_reference(x, w, y, frozen, 2e-5, scale=30.0, margin_type=margin_type, margin=margin)
+
+
 @pytest.mark.parametrize("device", available_devices())
 @pytest.mark.parametrize("margin_type,margin", MARGINS[:3])
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
