@@ -45,8 +45,10 @@ def onednn_active() -> bool:
 
 
 def _routed(a: torch.Tensor, b: torch.Tensor, macs: int) -> bool:
+    # The op has no autograd formula: a product that autograd must differentiate stays on mm.
+    needs_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     return (a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and macs >= _MIN_MACS
-            and onednn_active())
+            and not needs_grad and onednn_active())
 
 
 def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

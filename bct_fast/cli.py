@@ -14,11 +14,11 @@ def _fail(cmd: str, msg: str) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from bct_fast.demo import DemoConfig, format_table, quick_config, run_demo
+    from bct_fast.demo import default_config, format_table, quick_config, run_demo
 
     if args.device == "cuda" and not torch.cuda.is_available():
         return _fail("demo", "--device cuda, but no CUDA GPU is visible to PyTorch")
-    cfg = quick_config(args.dataset) if args.quick else DemoConfig(dataset=args.dataset)
+    cfg = quick_config(args.dataset) if args.quick else default_config(args.dataset)
     cfg.device, cfg.seed = args.device, args.seed
     print(f"bct-fast demo: dataset={cfg.dataset}; old model on {cfg.old_classes} classes, new models on "
           f"{cfg.train_classes}, retrieval on the held-out rest; device={cfg.device}")

@@ -173,6 +173,41 @@ def _cjk_chars() -> str:
     return "".join(sorted(c for c in jis & gb & big5 if "\u4e00" <= c <= "\u9fff"))
 
 
+def _renders(path: Path, char: str, size: int) -> bool:
+    """FreeType rejects some fonts' hinting programs ("invalid opcode"): those are skipped."""
+    from PIL import ImageFont
+
+    try:
+        _render(ImageFont.truetype(str(path), size=int(0.72 * size)), char, size)
+        return True
+    except OSError:
+        return False
+
+
+def distinct_designs(fonts: Sequence[Path], chars: str, size: int, min_distance: float = 0.04,
+                     sample: int = 64) -> list[Path]:
+    """Drop fonts that draw (nearly) the same glyphs as an earlier one.
+
+    Font packages repeat designs: Takao is IPA renamed, the proportional and fixed-pitch variants
+    of a family share their CJK glyphs, Ume ships one design under many names. Two copies of a
+    design on both sides of a query/gallery split make retrieval trivial. Distance: the mean
+    absolute pixel difference over ``sample`` characters (0 = identical; distinct designs here are
+    0.05-0.12 apart, copies 0.00-0.035).
+    """
+    from PIL import ImageFont
+
+    picked = chars[:: max(1, len(chars) // sample)][:sample]
+    kept: list[Path] = []
+    kept_img: list[np.ndarray] = []
+    for path in fonts:
+        font = ImageFont.truetype(str(path), size=int(0.72 * size))
+        img = np.stack([_render(font, c, size) for c in picked])
+        if all(np.abs(img - k).mean() >= min_distance for k in kept_img):
+            kept.append(path)
+            kept_img.append(img)
+    return kept
+
+
 def cjk_glyph_dataset(size: int = 32, augment: int = 0, seed: int = 0, cache: str | os.PathLike | None = None,
                       max_classes: int | None = None, progress: bool = True):
     """CJK glyphs from the fonts :func:`setup_cjk_fonts` unpacked (same return as
@@ -191,10 +226,11 @@ def cjk_glyph_dataset(size: int = 32, augment: int = 0, seed: int = 0, cache: st
             cmap = TTFont(path, lazy=True, fontNumber=0).getBestCmap() or {}
         except Exception:  # noqa: BLE001 - unreadable font files are skipped
             continue
-        if all(ord(c) in cmap for c in chars):
+        if all(ord(c) in cmap for c in chars) and _renders(path, chars[0], size):
             fonts.append(path)
+    fonts = distinct_designs(fonts, chars, size)
     if len(fonts) < 2:
-        raise RuntimeError(f"cjk_glyph_dataset: fewer than 2 fonts in {dest} cover the character set")
+        raise RuntimeError(f"cjk_glyph_dataset: fewer than 2 distinct fonts in {dest} cover the character set")
     return _glyphs_from_fonts(fonts, chars, size, augment, seed, progress)
 
 

@@ -31,3 +31,16 @@ def test_probe_uses_onednn_where_torch_has_it(monkeypatch):
         assert _cpu_gemm._probe()
     monkeypatch.setenv("BCT_FAST_ONEDNN", "0")
     assert not _cpu_gemm._probe()
+
+
+def test_products_autograd_must_differentiate_stay_differentiable(seed, cpu_gemm):
+    """oneDNN's op has no autograd formula: with grad required the product must go through mm
+    (a silent None / wrong gradient otherwise)."""
+    a = torch.randn(300, 128, requires_grad=True)
+    b = torch.randn(400, 128, requires_grad=True)
+    (_cpu_gemm.mm_nt(a, b) * 2).sum().backward()
+    assert torch.allclose(a.grad, 2 * b.sum(0).expand(300, -1), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(b.grad, 2 * a.sum(0).expand(400, -1), rtol=1e-5, atol=1e-4)
+    a.grad = None
+    _cpu_gemm.mm_tn(a.T, b.T).sum().backward()
+    assert torch.allclose(a.grad, b.sum(0).expand(300, -1), rtol=1e-5, atol=1e-4)

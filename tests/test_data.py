@@ -53,3 +53,23 @@ def test_cjk_character_set_is_the_common_level1_intersection():
     chars = data._cjk_chars()
     assert 1400 < len(chars) < 1700 and len(set(chars)) == len(chars)
     assert "日" in chars and "中" in chars
+
+
+def test_distinct_designs_drops_copies_of_a_font(tmp_path):
+    """Copies of one design (Takao = IPA renamed, in the CJK packages) are kept once; different
+    designs stay. Checked on matplotlib's fonts: two DejaVu styles and a renamed copy of one."""
+    pytest.importorskip("matplotlib")
+    fonts = {p.stem: p for p in data.matplotlib_fonts()}
+    sans, serif = fonts["DejaVuSans"], fonts["DejaVuSerif"]
+    copy = tmp_path / "RenamedSans.ttf"
+    copy.write_bytes(sans.read_bytes())
+    kept = data.distinct_designs([sans, serif, copy], data.GLYPH_CHARS, 32)
+    assert kept == [sans, serif]
+
+
+def test_fonts_freetype_cannot_render_are_skipped(tmp_path):
+    pytest.importorskip("matplotlib")
+    bad = tmp_path / "broken.ttf"
+    bad.write_bytes(b"not a font")
+    assert not data._renders(bad, "A", 32)
+    assert data._renders(data.matplotlib_fonts()[0], "A", 32)
