@@ -1,4 +1,5 @@
-"""Calls into the CUDA kernels of ``bct_fast._C`` with raw pointers and the current stream.
+"""Calls into ``bct_fast._C`` with raw pointers: the CUDA kernels (with the current stream) and
+the CPU running top-k.
 
 The Python side owns all memory: outputs and workspaces are torch tensors allocated here on the
 caller's device and stream, so the caching allocator, streams and CUDA graphs behave as usual.
@@ -147,3 +148,38 @@ def cosine_topk_block(q: torch.Tensor, g: torch.Tensor, k: int, normalize: bool,
     i_all = out_i.permute(1, 0, 2).reshape(Q, S * k)
     top, cols = _topk_lowest_index_ties(s_all, k)
     return top, i_all.gather(1, cols) + gallery_row0
+
+
+# ---- CPU running top-k (csrc/cpu/topk_select_cpu.cpp) -----------------------------------------
+# Module switch: tests turn it off to run the pure-PyTorch selection on the same inputs.
+USE_CPU_SELECT = True
+
+
+def cpu_select_available() -> bool:
+    """The extension's C++ running top-k can serve fp32 CPU score blocks."""
+    mod = native()
+    return USE_CPU_SELECT and mod is not None and hasattr(mod, "TopkSelector")
+
+
+class CpuRunningTopk:
+    """Exact running top-k of Q queries over fp32 CPU score blocks, in C++: one pass over each
+    block, candidates above a per-query threshold kept in a buffer that is compacted with
+    nth_element (amortized O(1) per candidate). Same contract as ``search._RunningTopk``."""
+
+    def __init__(self, queries: int, k: int):
+        self.k = k
+        self._sel = native().TopkSelector(queries, k)
+        self._keep: list[torch.Tensor] = []
+
+    def add(self, s: torch.Tensor, n0: int) -> None:
+        """Scores [Q, n] (any strides, float32, CPU, no NaN) of gallery rows n0 .. n0 + n - 1."""
+        if s.dtype != torch.float32 or s.device.type != "cpu":
+            raise TypeError("CpuRunningTopk.add: expected a float32 CPU tensor")
+        self._sel.add_block(s.data_ptr(), s.shape[1], s.stride(0), s.stride(1), n0, torch.get_num_threads())
+
+    def flush(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k sorted by score descending, ties by ascending gallery index."""
+        scores = torch.empty(self._sel.queries, self.k, dtype=torch.float32)
+        index = torch.empty(self._sel.queries, self.k, dtype=torch.int64)
+        self._sel.finish(scores.data_ptr(), index.data_ptr(), torch.get_num_threads())
+        return scores, index

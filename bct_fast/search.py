@@ -3,8 +3,10 @@
 ``cosine_topk`` scores ``query_block x chunk_size`` similarity blocks, reduces each to its top-k
 and merges, so the Q x N score matrix never exists. On CUDA (when the extension was built with
 nvcc) each gallery chunk goes through the fused kernel, which keeps the per-query top-k on chip;
-elsewhere a chunked PyTorch path computes the same function. Results are exact, sorted by score
-descending, ties to the lower gallery index.
+elsewhere a chunked PyTorch path computes the same function. On a CPU the score blocks come from
+oneDNN (``_cpu_gemm``) and the running top-k is kept by the extension's C++ selector
+(``_native.CpuRunningTopk``) when it is built, else by ``_RunningTopk`` in PyTorch. Results are
+exact, sorted by score descending, ties to the lower gallery index.
 
 Galleries larger than device memory: pass the gallery as a CPU tensor or a numpy array / memmap
 with CUDA queries; chunks are copied through pinned memory and merged on the device.
@@ -305,7 +307,9 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, total=math.ceil(N / chunk), desc="cosine_topk", unit="chunk")
-    running = [_RunningTopk(k) for _ in range(0, Q, q_block)]
+    native_select = (q.device.type == "cpu" and acc == torch.float32 and _native.cpu_select_available())
+    running = [_native.CpuRunningTopk(min(q_block, Q - q0), k) if native_select else _RunningTopk(k)
+               for q0 in range(0, Q, q_block)]
     for n0, gb in chunks:
         # Scale the scores instead of normalizing the chunk: one pass over it fewer.
         inv_ng = inv_row_norms(gb) if (normalize and not use_kernel) else None

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "bct_fast/common.h"
+#include "bct_fast/topk_select_cpu.h"
 
 #ifdef BCT_FAST_WITH_CUDA
 #include "bct_fast/cosine_topk.h"
@@ -65,6 +66,24 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "bct_fast native kernels (raw-pointer interface; no libtorch)";
   m.def("build_info", &build_info, "Compile-time facts: CUDA compiled, nvcc version, architectures");
   m.def("runtime_info", &runtime_info, "Run-time facts: driver version, visible CUDA devices");
+
+  // CPU running top-k (built with or without CUDA): fp32 score blocks by address and strides.
+  py::class_<bct_fast::TopkSelector>(m, "TopkSelector")
+      .def(py::init<int64_t, int64_t>(), py::arg("queries"), py::arg("k"))
+      .def(
+          "add_block",
+          [](bct_fast::TopkSelector& self, std::uintptr_t scores, int64_t n, int64_t q_stride,
+             int64_t col_stride, int64_t n0, int threads) {
+            self.add_block(ptr<const float>(scores), n, q_stride, col_stride, n0, threads);
+          },
+          py::call_guard<py::gil_scoped_release>())
+      .def(
+          "finish",
+          [](const bct_fast::TopkSelector& self, std::uintptr_t out_scores, std::uintptr_t out_index,
+             int threads) { self.finish(ptr<float>(out_scores), ptr<int64_t>(out_index), threads); },
+          py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("queries", &bct_fast::TopkSelector::queries)
+      .def_property_readonly("k", &bct_fast::TopkSelector::k);
 
 #ifdef BCT_FAST_WITH_CUDA
   m.def(

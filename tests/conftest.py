@@ -31,3 +31,14 @@ def cpu_gemm(request, monkeypatch) -> str:
         pytest.skip("oneDNN's fp32 linear is not available in this torch build")
     monkeypatch.setitem(_cpu_gemm._state, "onednn", request.param == "onednn")
     return request.param
+
+
+@pytest.fixture(params=["native", "torch"])
+def cpu_select(request, monkeypatch) -> str:
+    """Run a CPU search test once with the C++ running top-k and once with the PyTorch one."""
+    from bct_fast import _native
+
+    monkeypatch.setattr(_native, "USE_CPU_SELECT", request.param == "native")
+    if request.param == "native" and not _native.cpu_select_available():
+        pytest.fail("the extension's TopkSelector is missing (bct_fast._C not built?)")
+    return request.param

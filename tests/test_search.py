@@ -19,7 +19,7 @@ def reference_topk(q, g, k, exclude_self=False):
 @pytest.mark.parametrize("device", available_devices())
 @pytest.mark.parametrize("Q,N,d,k,chunk", [(1, 1, 3, 1, None), (7, 100, 33, 100, 13), (20, 257, 64, 5, 64),
                                            (3, 1000, 129, 17, 100), (50, 50, 8, 1, 7)])
-def test_matches_float64_reference(seed, cpu_gemm, device, Q, N, d, k, chunk):
+def test_matches_float64_reference(seed, cpu_gemm, cpu_select, device, Q, N, d, k, chunk):
     q, g = torch.randn(Q, d), torch.randn(N, d)
     s, i = cosine_topk(q.to(device), g.to(device), k, chunk_size=chunk)
     rs, ri = reference_topk(q, g, k)
@@ -29,7 +29,7 @@ def test_matches_float64_reference(seed, cpu_gemm, device, Q, N, d, k, chunk):
 
 
 @pytest.mark.parametrize("chunk", [None, 3, 4])
-def test_ties_go_to_the_lower_index(cpu_gemm, chunk):
+def test_ties_go_to_the_lower_index(cpu_gemm, cpu_select, chunk):
     g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [1.0, 0.0], [0.5, 0.0], [-1.0, 0.0]])
     q = torch.tensor([[1.0, 0.0]])
     s, i = cosine_topk(q, g, 6, chunk_size=chunk)
@@ -100,7 +100,7 @@ def test_bad_tensors():
         cosine_topk(q, torch.randn(10, 4), 2)
 
 
-def test_boundary_and_inner_ties_with_random_data(seed, cpu_gemm):
+def test_boundary_and_inner_ties_with_random_data(seed, cpu_gemm, cpu_select):
     """Small-integer vectors (inner product: exact in fp32) make many ties, across and inside
     the k-th place."""
     g = torch.randint(-2, 3, (500, 3)).float()
@@ -112,7 +112,7 @@ def test_boundary_and_inner_ties_with_random_data(seed, cpu_gemm):
         assert torch.equal(i, torch.from_numpy(ri)), k
 
 
-def test_exclude_self_with_a_larger_gallery(seed, cpu_gemm):
+def test_exclude_self_with_a_larger_gallery(seed, cpu_gemm, cpu_select):
     """Queries are the first Q gallery rows (PML's ref_includes_query layout)."""
     g = torch.randn(90, 12)
     s, i = cosine_topk(g[:25], g, 30, exclude_self=True, chunk_size=16)
@@ -158,3 +158,21 @@ def test_knn_func_in_pml_accuracy_calculator(seed):
         b = peer.get_accuracy(q, q_labels, ref, ref_labels, ref_includes_query=ref_includes_query)
         for name in metrics:
             assert a[name] == pytest.approx(b[name], abs=1e-6), (name, ref_includes_query)
+
+
+def test_native_selector_contract():
+    """The C++ running top-k refuses blocks out of gallery order and a flush before k candidates."""
+    from bct_fast import _native
+
+    if not _native.cpu_select_available():
+        pytest.fail("the extension's TopkSelector is missing")
+    sel = _native.CpuRunningTopk(2, 3)
+    sel.add(torch.tensor([[3.0, 1.0], [0.0, 2.0]]), 10)
+    with pytest.raises(ValueError, match="fewer than k"):
+        sel.flush()
+    with pytest.raises(ValueError, match="gallery order"):
+        sel.add(torch.zeros(2, 2), 0)
+    sel.add(torch.tensor([[2.0, 3.0], [2.0, 5.0]]).T.contiguous().T, 12)  # transposed storage
+    s, i = sel.flush()
+    assert s.tolist() == [[3.0, 3.0, 2.0], [5.0, 2.0, 2.0]]
+    assert i.tolist() == [[10, 13, 12], [13, 11, 12]]
