@@ -290,7 +290,7 @@ def default_config(dataset: str = "glyphs") -> DemoConfig:
     designs; about 30 minutes on a 2-core CPU, see the README)."""
     if dataset == "cjk":
         return DemoConfig(dataset="cjk", image_size=32, augment=1, old_classes=300, train_classes=1200,
-                          embed_dim=128, old_width=16, new_width=32, old_epochs=8, new_epochs=8,
+                          embed_dim=128, old_width=16, new_width=32, old_epochs=8, new_epochs=16,
                           batch_size=256, lr=2e-3, scale=30.0, cjk_max_classes=None)
     return DemoConfig(dataset=dataset)
 

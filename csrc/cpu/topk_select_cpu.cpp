@@ -51,6 +51,24 @@ void TopkSelector::compact(int64_t q) {
   threshold_[q] = e[k_ - 1].score;  // the k-th best: everything kept is at least this good
 }
 
+// Branch-free "does any score beat its threshold" tests, which the compiler vectorizes: the
+// common case (nothing enters) then costs one read of the scores. Fixed lengths keep them
+// vectorized; a short tail goes through the scalar loop.
+constexpr int64_t kRowSpan = 64;  // scores of one query (row-major blocks)
+constexpr int64_t kColSpan = 16;  // queries of one gallery row (transposed blocks)
+
+static inline bool any_above_one(const float* s, float t) {
+  bool any = false;
+  for (int64_t i = 0; i < kRowSpan; ++i) any |= !(s[i] <= t);
+  return any;
+}
+
+static inline bool any_above_each(const float* s, const float* t) {
+  bool any = false;
+  for (int64_t i = 0; i < kColSpan; ++i) any |= !(s[i] <= t[i]);
+  return any;
+}
+
 void TopkSelector::add_rows(const float* scores, int64_t q0, int64_t q1, int64_t n,
                             int64_t q_stride, int64_t col_stride, int64_t n0) {
   // `!(s <= t)` accepts everything while t is NaN, then exactly the scores above t.
@@ -62,16 +80,29 @@ void TopkSelector::add_rows(const float* scores, int64_t q0, int64_t q1, int64_t
   if (col_stride == 1) {  // row-major block: one query's scores are contiguous
     for (int64_t q = q0; q < q1; ++q) {
       const float* row = scores + q * q_stride;
-      for (int64_t j = 0; j < n; ++j) {
-        float s = row[j];
-        if (!(s <= threshold_[q])) push(q, s, j);
+      for (int64_t j0 = 0; j0 < n; j0 += kRowSpan) {
+        int64_t j1 = std::min(n, j0 + kRowSpan);
+        if (j1 - j0 == kRowSpan && !any_above_one(row + j0, threshold_[q])) continue;
+        for (int64_t j = j0; j < j1; ++j) {
+          if (!(row[j] <= threshold_[q])) push(q, row[j], j);
+        }
       }
     }
-  } else {  // transposed block ([n, queries] storage): walk it in storage order
+  } else if (q_stride == 1) {  // transposed block ([n, queries] storage): walk it in storage order
     for (int64_t j = 0; j < n; ++j) {
       const float* col = scores + j * col_stride;
-      for (int64_t q = q0; q < q1; ++q) {
-        float s = col[q * q_stride];
+      for (int64_t g0 = q0; g0 < q1; g0 += kColSpan) {
+        int64_t g1 = std::min(q1, g0 + kColSpan);
+        if (g1 - g0 == kColSpan && !any_above_each(col + g0, threshold_.data() + g0)) continue;
+        for (int64_t q = g0; q < g1; ++q) {
+          if (!(col[q] <= threshold_[q])) push(q, col[q], j);
+        }
+      }
+    }
+  } else {  // any other layout: plain loops
+    for (int64_t q = q0; q < q1; ++q) {
+      for (int64_t j = 0; j < n; ++j) {
+        float s = scores[q * q_stride + j * col_stride];
         if (!(s <= threshold_[q])) push(q, s, j);
       }
     }
@@ -81,7 +112,10 @@ void TopkSelector::add_rows(const float* scores, int64_t q0, int64_t q1, int64_t
 void TopkSelector::add_block(const float* scores, int64_t n, int64_t q_stride, int64_t col_stride,
                              int64_t n0, int threads) {
   if (n0 < seen_) throw std::invalid_argument("TopkSelector: blocks must arrive in gallery order");
-  parallel_rows(queries_, threads, [&](int64_t q0, int64_t q1) {
+  // Threads pay off only on wide blocks: each must own enough queries (whole cache lines of a
+  // transposed block) to outweigh starting it.
+  int useful = static_cast<int>(std::min<int64_t>(threads, queries_ / 128));
+  parallel_rows(queries_, std::max(1, useful), [&](int64_t q0, int64_t q1) {
     add_rows(scores, q0, q1, n, q_stride, col_stride, n0);
   });
   seen_ = n0 + n;
