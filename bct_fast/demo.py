@@ -287,7 +287,7 @@ def save_results(results: dict, out_dir: str | Path) -> Path:
 def default_config(dataset: str = "glyphs") -> DemoConfig:
     """The ``bct-fast demo`` configuration. ``cjk`` is the realistic-size run: the old model on
     300 classes, the new ones on 1,200, retrieval on the other 383 classes (16 distinct font
-    designs; about 30 minutes on a 2-core CPU, see the README)."""
+    designs; about 52 minutes on a 2-core CPU, see the README)."""
     if dataset == "cjk":
         return DemoConfig(dataset="cjk", image_size=32, augment=1, old_classes=300, train_classes=1200,
                           embed_dim=128, old_width=16, new_width=32, old_epochs=8, new_epochs=16,
