@@ -169,7 +169,6 @@ class CpuRunningTopk:
     def __init__(self, queries: int, k: int):
         self.k = k
         self._sel = native().TopkSelector(queries, k)
-        self._keep: list[torch.Tensor] = []
 
     def add(self, s: torch.Tensor, n0: int) -> None:
         """Scores [Q, n] (any strides, float32, CPU, no NaN) of gallery rows n0 .. n0 + n - 1."""

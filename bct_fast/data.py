@@ -55,6 +55,13 @@ def matplotlib_fonts(chars: str = GLYPH_CHARS) -> list[Path]:
     return fonts
 
 
+def _glyph_font(path: Path, size: int):
+    """The font at the point size every rendering uses on a ``size`` em box."""
+    from PIL import ImageFont
+
+    return ImageFont.truetype(str(path), size=int(0.72 * size))
+
+
 def _render(font, char: str, size: int) -> np.ndarray:
     """One glyph on a fixed em box: baseline and font size fixed, so case and size survive."""
     from PIL import Image, ImageDraw
@@ -84,13 +91,12 @@ def _jitter(img: np.ndarray, rng: np.random.Generator, strength: float) -> np.nd
 
 def _glyphs_from_fonts(fonts: Sequence[Path], chars: str, size: int, augment: int, seed: int,
                        progress: bool) -> tuple[Tensor, Tensor, Tensor, list[str]]:
-    from PIL import ImageFont
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
     images, labels, font_ids = [], [], []
     for f_id, path in enumerate(tqdm(fonts, desc="render glyphs", disable=not progress, leave=False)):
-        font = ImageFont.truetype(str(path), size=int(0.72 * size))
+        font = _glyph_font(path, size)
         for label, ch in enumerate(chars):
             base = _render(font, ch, size)
             images.append(base)
@@ -175,10 +181,8 @@ def _cjk_chars() -> str:
 
 def _renders(path: Path, char: str, size: int) -> bool:
     """FreeType rejects some fonts' hinting programs ("invalid opcode"): those are skipped."""
-    from PIL import ImageFont
-
     try:
-        _render(ImageFont.truetype(str(path), size=int(0.72 * size)), char, size)
+        _render(_glyph_font(path, size), char, size)
         return True
     except OSError:
         return False
@@ -194,13 +198,11 @@ def distinct_designs(fonts: Sequence[Path], chars: str, size: int, min_distance:
     absolute pixel difference over ``sample`` characters (0 = identical; distinct designs here are
     0.05-0.12 apart, copies 0.00-0.035).
     """
-    from PIL import ImageFont
-
     picked = chars[:: max(1, len(chars) // sample)][:sample]
     kept: list[Path] = []
     kept_img: list[np.ndarray] = []
     for path in fonts:
-        font = ImageFont.truetype(str(path), size=int(0.72 * size))
+        font = _glyph_font(path, size)
         img = np.stack([_render(font, c, size) for c in picked])
         if all(np.abs(img - k).mean() >= min_distance for k in kept_img):
             kept.append(path)
