@@ -25,7 +25,6 @@ class TopkSelector {
 
   int64_t queries() const { return queries_; }
   int64_t k() const { return k_; }
-  int64_t seen() const { return seen_; }
 
  private:
   struct Entry {
