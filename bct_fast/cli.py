@@ -61,8 +61,6 @@ def _load_matrix(path: str, what: str):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-
     from bct_fast.metrics import evaluate_retrieval
 
     try:

@@ -79,7 +79,7 @@ class _ShardedMarginCE(torch.autograd.Function):
         x, counts = _all_gather_rows(x_local.detach().to(dt), group)
         labels, _ = _all_gather_rows(labels_local.to(torch.int64), group)
         w = w_shard.detach().to(dt)
-        B, C_local = x.shape[0], w.shape[0]
+        C_local = w.shape[0]
         inv_nx, inv_nw = inv_row_norms(x, acc), inv_row_norms(w, acc)
         xh = x.to(acc) * inv_nx[:, None]
         local = (labels >= class_start) & (labels < class_start + C_local)

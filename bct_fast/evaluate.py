@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 from bct_fast._io import atomic_write

@@ -114,7 +114,7 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
         dt = torch.promote_types(x.dtype, w.dtype)
         x, w = x.to(dt), w.to(dt)
         acc = torch.float64 if dt == torch.float64 else torch.float32
-        B, C = x.shape[0], w.shape[0]
+        C = w.shape[0]
         eps = float(label_smoothing)
 
         labels = labels.to(torch.int64)

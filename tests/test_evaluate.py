@@ -27,7 +27,8 @@ def test_independent_model_fails_the_criterion(seed):
     rot = torch.linalg.qr(torch.randn(16, 16)).Q
     new = old @ rot  # as good as old on its own, but in a rotated space
     r = cross_test(old, new, labels)
-    assert r.new_new["precision_at_1"] == pytest.approx(r.old_old["precision_at_1"], abs=1e-6)
+    # equal up to one query: a rotation moves scores by ~1e-7, which may flip a rank-1 near-tie
+    assert r.new_new["precision_at_1"] == pytest.approx(r.old_old["precision_at_1"], abs=1.01 / len(labels))
     assert not r.compatible and r.new_old["precision_at_1"] < 0.5 * r.old_old["precision_at_1"]
 
 

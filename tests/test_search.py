@@ -5,15 +5,7 @@ import torch
 
 from bct_fast.search import cosine_topk
 from conftest import available_devices
-
-
-def reference_topk(q, g, k, exclude_self=False):
-    """float64 full score matrix; order by (score desc, index asc)."""
-    s = torch.nn.functional.normalize(q.double(), dim=1) @ torch.nn.functional.normalize(g.double(), dim=1).T
-    if exclude_self:
-        s.fill_diagonal_(-float("inf"))
-    idx = np.lexsort((np.broadcast_to(np.arange(g.shape[0]), s.shape), -s.numpy()), axis=1)[:, :k]
-    return s.gather(1, torch.from_numpy(idx)), torch.from_numpy(idx)
+from topk_reference import assert_topk_matches_reference, near_tie_free, reference_topk
 
 
 @pytest.mark.parametrize("device", available_devices())
@@ -22,10 +14,8 @@ def reference_topk(q, g, k, exclude_self=False):
 def test_matches_float64_reference(seed, cpu_gemm, cpu_select, device, Q, N, d, k, chunk):
     q, g = torch.randn(Q, d), torch.randn(N, d)
     s, i = cosine_topk(q.to(device), g.to(device), k, chunk_size=chunk)
-    rs, ri = reference_topk(q, g, k)
     assert s.dtype == torch.float32 and i.dtype == torch.int64 and s.shape == (Q, k)
-    assert torch.equal(i.cpu(), ri)
-    assert torch.allclose(s.cpu().double(), rs, atol=1e-6)
+    assert_topk_matches_reference(s, i, q, g, k)
 
 
 @pytest.mark.parametrize("chunk", [None, 3, 4])
@@ -40,8 +30,7 @@ def test_ties_go_to_the_lower_index(cpu_gemm, cpu_select, chunk):
 def test_exclude_self_and_numpy_input(seed):
     x = torch.randn(40, 16)
     s, i = cosine_topk(x.numpy(), x.numpy(), 39, exclude_self=True, chunk_size=9)
-    rs, ri = reference_topk(x, x, 39, exclude_self=True)
-    assert torch.equal(i, ri)
+    assert_topk_matches_reference(s, i, x, x, 39, exclude_self=True)
     assert not (i == torch.arange(40)[:, None]).any()
 
 
@@ -116,10 +105,7 @@ def test_exclude_self_with_a_larger_gallery(seed, cpu_gemm, cpu_select):
     """Queries are the first Q gallery rows (PML's ref_includes_query layout)."""
     g = torch.randn(90, 12)
     s, i = cosine_topk(g[:25], g, 30, exclude_self=True, chunk_size=16)
-    full = torch.nn.functional.normalize(g[:25].double(), dim=1) @ torch.nn.functional.normalize(g.double(), dim=1).T
-    full[torch.arange(25), torch.arange(25)] = -float("inf")
-    idx = np.lexsort((np.broadcast_to(np.arange(90), full.shape), -full.numpy()), axis=1)[:, :30]
-    assert torch.equal(i, torch.from_numpy(idx))
+    assert_topk_matches_reference(s, i, g[:25], g, 30, exclude_self=True)
 
 
 def test_memmap_gallery_is_streamed_by_chunks(seed, tmp_path):
@@ -131,8 +117,7 @@ def test_memmap_gallery_is_streamed_by_chunks(seed, tmp_path):
     ro = np.memmap(path, dtype=np.float32, mode="r", shape=(1000, 24))
     q = torch.randn(9, 24)
     s, i = cosine_topk(q, ro, 40, chunk_size=128, progress=True)
-    rs, ri = reference_topk(q, g, 40)
-    assert torch.equal(i, ri) and torch.allclose(s.double(), rs, atol=1e-6)
+    assert_topk_matches_reference(s, i, q, g, 40)
 
 
 def test_mixed_devices_are_an_error():
@@ -144,7 +129,9 @@ def test_knn_func_in_pml_accuracy_calculator(seed):
     acc_mod = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
     from bct_fast.search import KnnFunc
 
-    ref = torch.randn(300, 16)
+    # fp32 may order neighbours ~1e-8 apart either way and a swap across labels moves the metrics
+    # by ~1e-6; this test is about the PML interface (the tie tests above cover ties)
+    ref, _ = near_tie_free(lambda: (torch.randn(300, 16),) * 2, k=60, n_queries=80)
     ref_labels = torch.randint(0, 10, (300,))
     q, q_labels = ref[:80], ref_labels[:80]
     metrics = ("precision_at_1", "r_precision", "mean_average_precision_at_r", "mean_average_precision")
