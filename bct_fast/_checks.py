@@ -22,15 +22,16 @@ def check_matrix(t: object, name: str, dtypes: Iterable[torch.dtype] = FLOAT_DTY
     return t
 
 
-def check_labels(labels: object, name: str, rows: int, device: torch.device) -> torch.Tensor:
-    """A 1-D integer tensor of length ``rows`` on ``device``."""
+def check_labels(labels: object, name: str, rows: int | None, device: torch.device | None) -> torch.Tensor:
+    """A 1-D integer tensor of length ``rows`` (None: any) on ``device`` (None: any). Float or
+    bool labels are refused: equality on them would silently decide which items match."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(labels).__name__}")
-    if labels.dim() != 1 or labels.shape[0] != rows:
-        raise ValueError(f"{name}: expected shape [{rows}], got {tuple(labels.shape)}")
+    if labels.dim() != 1 or (rows is not None and labels.shape[0] != rows):
+        raise ValueError(f"{name}: expected shape [{'N' if rows is None else rows}], got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{name}: expected an integer tensor, got {labels.dtype}")
-    if labels.device != device:
+    if device is not None and labels.device != device:
         raise ValueError(f"{name}: on {labels.device}, but the embeddings are on {device}")
     return labels
 

@@ -82,7 +82,7 @@ def _eval(args: argparse.Namespace) -> int:
         k = args.k if args.k in ("auto", "all") else int(args.k)
         m = evaluate_retrieval(q, ql.long(), g, gl.long() if gl is not None else None, k=k,
                                recall_at=tuple(args.recall_at), exclude_self=True if args.exclude_self else None)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         return _fail("eval", str(e))
     print(json.dumps(m, indent=1))
     return 0

@@ -129,7 +129,7 @@ class GalleryIndex:
         if ids is None:
             start = int(self._ids.max()) + 1 if len(self) else 0
             ids = torch.arange(start, start + n, dtype=torch.int64)
-        ids = check_labels(ids, "ids", n, ids.device).to(self.device, torch.int64)
+        ids = check_labels(ids, "ids", n, None).to(self.device, torch.int64)
         if torch.unique(ids).numel() != n or bool(torch.isin(ids, self._ids).any()):
             raise ValueError("ids: must be unique across the index (duplicate ids given)")
         if labels is None and self._labels is not None:
@@ -137,7 +137,7 @@ class GalleryIndex:
         if labels is not None:
             if len(self) and self._labels is None:
                 raise ValueError("labels: this index was built without labels")
-            labels = check_labels(labels, "labels", n, labels.device).to(self.device, torch.int64)
+            labels = check_labels(labels, "labels", n, None).to(self.device, torch.int64)
         rows = torch.nn.functional.normalize(embeddings.to(self.device, torch.float32), dim=1).to(self.dtype)
         self._emb = torch.cat([self._emb, rows])
         self._ids = torch.cat([self._ids, ids])

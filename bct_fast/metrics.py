@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from bct_fast._checks import check_labels
 from bct_fast.search import cosine_topk
 
 __all__ = ["retrieval_metrics", "evaluate_retrieval", "cmc_curve", "relevant_counts",
@@ -28,6 +29,19 @@ __all__ = ["retrieval_metrics", "evaluate_retrieval", "cmc_curve", "relevant_cou
 
 RETRIEVAL_METRICS = ("precision_at_1", "recall_at_K", "mean_average_precision", "r_precision",
                      "mean_average_precision_at_r")
+
+
+def _check_ranked(indices: object, query_labels: object, gallery_labels: object) -> None:
+    """``indices`` [Q, k] rows of a gallery of ``len(gallery_labels)`` items, one row per query."""
+    if not isinstance(indices, Tensor) or indices.dim() != 2 or indices.dtype.is_floating_point:
+        raise ValueError(f"indices: expected a 2-D integer tensor [queries, k], got "
+                         f"{tuple(indices.shape) if isinstance(indices, Tensor) else type(indices).__name__}")
+    check_labels(query_labels, "query_labels", indices.shape[0], None)
+    check_labels(gallery_labels, "gallery_labels", None, None)
+    n = gallery_labels.shape[0]
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        raise ValueError(f"indices: gallery rows must be in [0, {n}) (len(gallery_labels)), got "
+                         f"[{int(indices.min())}, {int(indices.max())}]")
 
 
 def relevant_counts(query_labels: Tensor, gallery_labels: Tensor, exclude_self: bool = False) -> Tensor:
@@ -46,6 +60,7 @@ def _hits(indices: Tensor, query_labels: Tensor, gallery_labels: Tensor) -> Tens
 def cmc_curve(indices: Tensor, query_labels: Tensor, gallery_labels: Tensor, *,
               exclude_self: bool = False) -> Tensor:
     """[k] fraction of (non-lone) queries with a relevant item within the first r ranks."""
+    _check_ranked(indices, query_labels, gallery_labels)
     R = relevant_counts(query_labels.to(indices.device), gallery_labels, exclude_self)
     hits = _hits(indices, query_labels, gallery_labels)[R > 0]
     return torch.cummax(hits.float(), dim=1).values.mean(0)
@@ -59,6 +74,7 @@ def retrieval_metrics(indices: Tensor, query_labels: Tensor, gallery_labels: Ten
     ``include`` names the metrics wanted (``RETRIEVAL_METRICS``); by default every metric that
     ``k`` allows. Asking for r_precision / mAP@R with k < max R raises ValueError (their value
     would be wrong), as does a recall_at_K with K > k."""
+    _check_ranked(indices, query_labels, gallery_labels)
     k = indices.shape[1]
     ql = query_labels.to(indices.device)
     R = relevant_counts(ql, gallery_labels, exclude_self)
@@ -137,8 +153,7 @@ def evaluate_retrieval(query: Tensor, query_labels: Tensor, gallery: Tensor | No
     exclude_self = same if exclude_self is None else exclude_self
     for name, lab, rows in (("query_labels", query_labels, query.shape[0]),
                             ("gallery_labels", gallery_labels, gallery.shape[0])):
-        if not isinstance(lab, Tensor) or lab.dim() != 1 or lab.shape[0] != rows:
-            raise ValueError(f"{name}: expected a 1-D tensor of length {rows}")
+        check_labels(lab, name, rows, None)
     kk = _resolve_k(k, query_labels.cpu(), gallery_labels.cpu(), exclude_self, gallery.shape[0], recall_at)
     _, idx = cosine_topk(query, gallery, kk, exclude_self=exclude_self, chunk_size=chunk_size)
     return retrieval_metrics(idx, query_labels, gallery_labels, exclude_self=exclude_self,

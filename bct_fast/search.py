@@ -249,7 +249,9 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
         gallery: [N, d] tensor on the queries' device, or a CPU tensor / numpy array / memmap
             with CUDA queries (streamed to the device in chunks: galleries larger than memory).
         k: neighbours per query, 1 <= k <= N (N - 1 with ``exclude_self``).
-        normalize: L2-normalize both sides (cosine); False scores raw inner products.
+        normalize: L2-normalize both sides (cosine); False scores raw inner products. An
+            all-zero row has no direction: it scores 0 against everything (the convention of
+            ``torch.nn.functional.normalize`` / ``cosine_similarity``).
         exclude_self: query i is gallery row i (queries are the first Q gallery rows, e.g. the
             same set): drop that row from query i's results (leave-one-out retrieval).
         chunk_size: gallery rows per block (default: ~16M scores per block).

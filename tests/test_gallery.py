@@ -40,6 +40,10 @@ def test_incremental_add_and_default_ids(seed):
         index.add(torch.randn(2, 9))
     with pytest.raises(ValueError, match="NaN"):
         index.add(torch.full((1, 8), float("nan")))
+    with pytest.raises(TypeError, match="ids: expected a torch.Tensor"):
+        index.add(torch.randn(2, 8), ids=[60, 61])
+    with pytest.raises(TypeError, match="ids: expected an integer tensor"):
+        index.add(torch.randn(2, 8), ids=torch.tensor([60.0, 61.0]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

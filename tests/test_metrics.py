@@ -36,6 +36,25 @@ def test_gallery_without_labels_is_an_error():
         evaluate_retrieval(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), torch.randn(7, 4))
 
 
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: evaluate_retrieval(torch.randn(5, 4), torch.zeros(5)), TypeError, "query_labels: expected an integer"),
+    (lambda: evaluate_retrieval(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), torch.randn(6, 4),
+                                torch.zeros(6, dtype=torch.bool)), TypeError, "gallery_labels: expected an integer"),
+    (lambda: evaluate_retrieval(torch.randn(5, 4), [0, 1, 2, 3, 4]), TypeError, "query_labels: expected a torch.Tensor"),
+    (lambda: retrieval_metrics(torch.tensor([[0, 3]]), torch.tensor([1]), torch.tensor([1, 0, 1])),
+     ValueError, r"indices: gallery rows must be in \[0, 3\)"),
+    (lambda: retrieval_metrics(torch.tensor([[0, -1]]), torch.tensor([1]), torch.tensor([1, 0, 1])),
+     ValueError, "indices: gallery rows"),
+    (lambda: retrieval_metrics(torch.tensor([[0, 1]]), torch.tensor([1, 0]), torch.tensor([1, 0, 1])),
+     ValueError, r"query_labels: expected shape \[1\]"),
+    (lambda: retrieval_metrics(torch.tensor([0.0, 1.0]), torch.tensor([1]), torch.tensor([1, 0])),
+     ValueError, "indices: expected a 2-D integer tensor"),
+])
+def test_bad_labels_and_indices_name_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
 def _tm():
     return pytest.importorskip("torchmetrics.functional.retrieval")
 
@@ -43,8 +62,10 @@ def _tm():
 def test_full_ranking_metrics_match_torchmetrics(seed):
     """k='all' gives full-ranking mAP / R-precision / hit rate equal to torchmetrics'."""
     tm = _tm()
-    # float64 throughout: fp32 near-ties could be ordered differently by the two sorts
-    q, g = torch.randn(40, 12, dtype=torch.float64), torch.randn(150, 12, dtype=torch.float64)
+    # torchmetrics ranks fp32 copies of the scores (ulp 2.4e-7 on [2, 3)): keep every pair of
+    # scores of a query > 1e-6 apart so both rankings are the float64 one
+    q, g = near_tie_free(lambda: (torch.randn(40, 12, dtype=torch.float64), torch.randn(150, 12, dtype=torch.float64)),
+                         k=150)
     ql, gl = torch.randint(0, 6, (40,)), torch.randint(0, 6, (150,))
     ours = evaluate_retrieval(q, ql, g, gl, k="all", recall_at=(1, 5))
     # torchmetrics treats items with a score <= 0 as irrelevant: shift cosines to (1, 3), same ranking

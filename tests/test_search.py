@@ -34,6 +34,20 @@ def test_exclude_self_and_numpy_input(seed):
     assert not (i == torch.arange(40)[:, None]).any()
 
 
+@pytest.mark.parametrize("device", available_devices())
+def test_zero_rows_score_zero(seed, cpu_gemm, cpu_select, device):
+    """An all-zero row has no direction: cosine 0 with everything (F.normalize's convention)."""
+    g = torch.randn(50, 8)
+    g[[3, 17]] = 0.0
+    q = torch.randn(4, 8)
+    q[2] = 0.0
+    s, i = cosine_topk(q.to(device), g.to(device), 50, chunk_size=16)
+    s, i = s.cpu(), i.cpu()
+    assert torch.equal(s[2], torch.zeros(50)) and torch.equal(i[2], torch.arange(50))
+    for r in (0, 1, 3):
+        assert s[r, (i[r] == 3).nonzero()[0, 0]] == 0.0 and s[r, (i[r] == 17).nonzero()[0, 0]] == 0.0
+
+
 def test_inner_product_mode(seed):
     q, g = torch.randn(5, 8), torch.randn(30, 8)
     s, i = cosine_topk(q, g, 30, normalize=False)
