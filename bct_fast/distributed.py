@@ -32,9 +32,9 @@ from torch import Tensor, nn
 
 from bct_fast._checks import check_labels, check_matrix
 from bct_fast._io import atomic_write
-from bct_fast.margins import MarginValue, make_margin, target_function
+from bct_fast.margins import MarginValue, target_function
 from bct_fast._chunked import inv_row_norms
-from bct_fast.ops import _normalization_backward_rows
+from bct_fast.ops import _normalization_backward_rows, check_loss_options
 from bct_fast.search import _topk_lowest_index_ties, cosine_topk
 
 __all__ = ["shard_range", "ShardedCosineMarginLoss", "sharded_cosine_margin_cross_entropy",
@@ -151,7 +151,7 @@ def sharded_cosine_margin_cross_entropy(embeddings: Tensor, weight_shard: Tensor
     check_labels(labels, "labels", embeddings.shape[0], embeddings.device)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels: values must lie in [0, {num_classes})")
-    mg = make_margin(margin_type, margin)
+    mg = check_loss_options(scale=scale, margin_type=margin_type, margin=margin, arcface_grad=arcface_grad)
     return _ShardedMarginCE.apply(embeddings, weight_shard, labels, int(class_start), float(scale), mg,
                                   arcface_grad == "straight_through", group, int(chunk_size or 0))
 
@@ -166,6 +166,9 @@ class ShardedCosineMarginLoss(nn.Module):
     def __init__(self, num_classes: int, embedding_size: int, *, scale: float = 64.0, margin_type: str = "none",
                  margin: MarginValue = 0.0, arcface_grad: str = "exact", trainable: bool = True, group=None):
         super().__init__()
+        if num_classes < 1 or embedding_size < 1:
+            raise ValueError(f"num_classes and embedding_size must be >= 1, got {num_classes}, {embedding_size}")
+        check_loss_options(scale=scale, margin_type=margin_type, margin=margin, arcface_grad=arcface_grad)
         rank, world = _world(group)
         self.num_classes, self.group = num_classes, group
         self.class_start, self.class_end = shard_range(num_classes, rank, world)

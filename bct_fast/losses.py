@@ -12,13 +12,15 @@ Differences from pytorch-metric-learning, on purpose:
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable
 
 import torch
 from torch import Tensor, nn
 
 from bct_fast.margins import MarginValue
-from bct_fast.ops import cosine_margin_cross_entropy
+from bct_fast.ops import check_loss_options, cosine_margin_cross_entropy
 
 __all__ = [
     "CosineClassifierLoss", "NormSoftmaxLoss", "CosFaceLoss", "ArcFaceLoss", "InfluenceLoss",
@@ -49,6 +51,8 @@ class CosineClassifierLoss(nn.Module):
         super().__init__()
         if num_classes < 1 or embedding_size < 1:
             raise ValueError(f"num_classes and embedding_size must be >= 1, got {num_classes}, {embedding_size}")
+        check_loss_options(scale=scale, margin_type=margin_type, margin=margin, reduction=reduction,
+                           label_smoothing=label_smoothing, arcface_grad=arcface_grad)
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
         nn.init.normal_(self.weight)
         self.kwargs = dict(scale=float(scale), margin_type=margin_type, margin=margin,
@@ -126,6 +130,8 @@ class InfluenceLoss(nn.Module):
             raise ValueError("old_weight: expected a 2-D tensor [num_old_classes, old_dim]")
         if unknown_labels not in ("ignore", "raise"):
             raise ValueError(f"unknown_labels: expected 'ignore' or 'raise', got {unknown_labels!r}")
+        check_loss_options(scale=scale, margin_type=margin_type, margin=margin,
+                           label_smoothing=label_smoothing, arcface_grad=arcface_grad)
         self.register_buffer("old_weight", old_weight.detach().clone())
         self.unknown_labels = unknown_labels
         self.kwargs = dict(scale=float(scale), margin_type=margin_type, margin=margin,
@@ -147,6 +153,12 @@ class BCTLoss(nn.Module):
 
     def __init__(self, new_loss: nn.Module, influence_loss: nn.Module, influence_weight: float = 1.0) -> None:
         super().__init__()
+        for name, loss in (("new_loss", new_loss), ("influence_loss", influence_loss)):
+            if not isinstance(loss, nn.Module):
+                raise TypeError(f"{name}: expected an nn.Module loss(embeddings, labels), got {type(loss).__name__}")
+        if isinstance(influence_weight, bool) or not (isinstance(influence_weight, numbers.Real)
+                                                      and math.isfinite(influence_weight) and influence_weight >= 0):
+            raise ValueError(f"influence_weight: expected a finite number >= 0, got {influence_weight!r}")
         self.new_loss = new_loss
         self.influence_loss = influence_loss
         self.influence_weight = float(influence_weight)

@@ -14,6 +14,7 @@ trace them. Everything of size B (target cosines, margins, the loss itself) is p
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -203,6 +204,19 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None
 
 
+def check_loss_options(*, scale: float, margin_type: str, margin: MarginValue, reduction: str = "mean",
+                       label_smoothing: float = 0.0, arcface_grad: str = "exact") -> Margin:
+    """Validate the loss hyperparameters (the loss modules call this at construction, so a bad
+    value fails where it is set) and return the equivalent combined margin."""
+    if isinstance(scale, bool) or not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a finite positive number, got {scale!r}")
+    check_choice(reduction, "reduction", ("mean", "sum", "none"))
+    check_choice(arcface_grad, "arcface_grad", ("exact", "straight_through"))
+    if not (isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing: expected a value in [0, 1), got {label_smoothing!r}")
+    return make_margin(margin_type, margin)
+
+
 def cosine_margin_cross_entropy(
     embeddings: Tensor,
     weight: Tensor,
@@ -253,15 +267,10 @@ def cosine_margin_cross_entropy(
     if weight.shape[1] != embeddings.shape[1]:
         raise ValueError(f"weight: has dim {weight.shape[1]} but embeddings have dim {embeddings.shape[1]}")
     check_labels(labels, "labels", embeddings.shape[0], embeddings.device)
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: expected a finite positive number, got {scale!r}")
-    check_choice(reduction, "reduction", ("mean", "sum", "none"))
-    check_choice(arcface_grad, "arcface_grad", ("exact", "straight_through"))
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing: expected a value in [0, 1), got {label_smoothing!r}")
+    mg = check_loss_options(scale=scale, margin_type=margin_type, margin=margin, reduction=reduction,
+                            label_smoothing=label_smoothing, arcface_grad=arcface_grad)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
-    mg = make_margin(margin_type, margin)
     # Grad mode is off inside Function.forward, so decide here whether a backward will follow.
     fuse_grad = torch.is_grad_enabled() and embeddings.requires_grad and not weight.requires_grad
     return CosineMarginCrossEntropyFunction.apply(

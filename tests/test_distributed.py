@@ -124,3 +124,15 @@ def test_not_initialized_is_a_clear_error():
         pytest.skip("a process group is already initialized")
     with pytest.raises(RuntimeError, match="init_process_group"):
         distributed_topk(torch.randn(2, 3), torch.randn(4, 3), 1)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(scale=0.0), "scale"), (dict(scale=float("nan")), "scale"),
+                                      (dict(arcface_grad="ste"), "arcface_grad"),
+                                      (dict(margin_type="arcface", margin=4.0), "margin")])
+def test_sharded_loss_checks_its_options_before_any_communication(kw, match):
+    from bct_fast.distributed import ShardedCosineMarginLoss, sharded_cosine_margin_cross_entropy
+    with pytest.raises(ValueError, match=match):
+        ShardedCosineMarginLoss(10, 4, **kw)
+    with pytest.raises(ValueError, match=match):
+        sharded_cosine_margin_cross_entropy(torch.randn(3, 4), torch.randn(10, 4), torch.tensor([0, 1, 2]),
+                                            class_start=0, num_classes=10, **kw)

@@ -83,6 +83,26 @@ def test_bct_loss_terms(seed):
     assert torch.allclose(t["total"], t["new"] + 0.5 * t["influence"])
 
 
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: losses.CosFaceLoss(10, 8, scale=0.0), ValueError, "scale"),
+    (lambda: losses.CosFaceLoss(10, 8, margin=float("nan")), ValueError, "margin"),
+    (lambda: losses.ArcFaceLoss(10, 8, margin=4.0), ValueError, "margin: ArcFace"),
+    (lambda: losses.NormSoftmaxLoss(10, 8, reduction="avg"), ValueError, "reduction"),
+    (lambda: losses.NormSoftmaxLoss(10, 8, arcface_grad="ste"), ValueError, "arcface_grad"),
+    (lambda: losses.InfluenceLoss(torch.randn(10, 8), label_smoothing=1.5), ValueError, "label_smoothing"),
+    (lambda: losses.InfluenceLoss(torch.randn(10, 8), margin_type="foo"), ValueError, "margin_type"),
+    (lambda: losses.BCTLoss(losses.CosFaceLoss(10, 8), losses.InfluenceLoss(torch.randn(10, 8)),
+                            influence_weight=float("nan")), ValueError, "influence_weight"),
+    (lambda: losses.BCTLoss(losses.CosFaceLoss(10, 8), losses.InfluenceLoss(torch.randn(10, 8)),
+                            influence_weight=-1.0), ValueError, "influence_weight"),
+    (lambda: losses.BCTLoss("cosface", losses.InfluenceLoss(torch.randn(10, 8))), TypeError, "new_loss"),
+])
+def test_bad_hyperparameters_fail_at_construction(make, error, match):
+    """A bad value fails where it is set, not at the first training step."""
+    with pytest.raises(error, match=match):
+        make()
+
+
 def test_l2_compatibility_loss():
     new = torch.tensor([[3.0, 0.0, 5.0], [0.0, 2.0, 1.0]])
     old = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
