@@ -54,3 +54,11 @@ def nonfinite_error(tensors: dict[str, torch.Tensor]) -> ValueError:
             rows = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero()[:5, 0].tolist()
             return ValueError(f"{name}: contains NaN or inf (rows {rows}{'...' if len(rows) == 5 else ''})")
     return ValueError("the result is not finite although every input is (overflow?)")
+
+
+def check_device(device: object, name: str = "device") -> torch.device:
+    """``torch.device(device)``, with an error that names the argument."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{name}: not a torch device ({device!r}): {e}") from None

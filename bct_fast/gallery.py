@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bct_fast._checks import check_matrix, check_labels
+from bct_fast._checks import check_device, check_labels, check_matrix
 from bct_fast._io import atomic_write, sha256_of_file
 from bct_fast.search import cosine_topk
 
@@ -87,7 +87,7 @@ class GalleryIndex:
             raise TypeError(f"dtype: expected one of {list(_STORAGE_NAME)}, got {dtype}")
         json.dumps(metadata or {})  # fail now, not at save time, if it is not JSON-serializable
         self.dim, self.model_version, self.dtype = dim, model_version, dtype
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.metadata: dict[str, Any] = dict(metadata or {})
         self._emb = torch.empty(0, dim, dtype=dtype, device=self.device)
         self._ids = torch.empty(0, dtype=torch.int64, device=self.device)
@@ -147,7 +147,7 @@ class GalleryIndex:
 
     def to(self, device: str | torch.device) -> "GalleryIndex":
         """Move the index (in place) and return it."""
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self._emb, self._ids = self._emb.to(self.device), self._ids.to(self.device)
         if self._labels is not None:
             self._labels = self._labels.to(self.device)

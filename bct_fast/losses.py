@@ -19,6 +19,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from bct_fast._checks import check_device
 from bct_fast.margins import MarginValue
 from bct_fast.ops import check_loss_options, cosine_margin_cross_entropy
 
@@ -246,7 +247,7 @@ def class_mean_classifier(old_model: nn.Module, loader: Iterable, num_classes: i
         [num_classes, d_old] float32 tensor on ``device`` (default: the old model's device).
     """
     rows = _class_means(old_model, loader, 0, num_classes, None,
-                        torch.device(device) if device is not None else None, progress)
+                        check_device(device) if device is not None else None, progress)
     return nn.functional.normalize(rows, dim=1) if normalize else rows
 
 
@@ -267,7 +268,7 @@ def synthesize_classifier(old_model: nn.Module, loader: Iterable, old_weight: Te
     c_old, d_old = old_weight.shape
     if num_classes < c_old:
         raise ValueError(f"num_classes: {num_classes} is smaller than old_weight's {c_old} rows")
-    device = torch.device(device) if device is not None else old_weight.device
+    device = check_device(device) if device is not None else old_weight.device
     old = old_weight.detach().to(device=device, dtype=torch.float32)
     if num_classes == c_old:
         return old

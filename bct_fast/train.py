@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bct_fast import losses
+from bct_fast._checks import check_device
 from bct_fast._io import atomic_write
 
 __all__ = ["fit", "embed", "train_bct", "train_independent", "train_l2", "L2RegressionObjective",
@@ -97,7 +98,7 @@ def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs: expected a non-negative integer, got {epochs!r}")
-    device = torch.device(device)
+    device = check_device(device)
     model.to(device)
     loss.to(device)
     params = [p for p in list(model.parameters()) + list(loss.parameters()) if p.requires_grad]
@@ -128,7 +129,9 @@ def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
             scaler.update()
             total += float(value.detach())
             batches += 1
-        mean = total / max(1, batches)
+        if batches == 0:
+            raise ValueError(f"loader: yielded no batches (epoch {epoch})")
+        mean = total / batches
         bar.set_postfix(loss=f"{mean:.3f}")
         if checkpoint is not None:
             save_checkpoint(checkpoint, {"epoch": epoch + 1, "model": model.state_dict(), "loss": loss.state_dict(),
@@ -143,7 +146,7 @@ def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
 def embed(model: nn.Module, loader: Iterable, *, device: str | torch.device = "cpu", amp: bool = False,
           progress: bool = False) -> tuple[Tensor, Tensor]:
     """Embeddings [n, d] (fp32, CPU) and labels [n] of every batch of ``loader``, in eval mode."""
-    device = torch.device(device)
+    device = check_device(device)
     was_training = model.training
     model.eval().to(device)
     embs, labels = [], []

@@ -73,6 +73,12 @@ def test_embed_and_errors():
         train.embed(model, [])
     with pytest.raises(ValueError, match="epochs"):
         train.fit(model, losses.NormSoftmaxLoss(6, 8), loader, -1)
+    with pytest.raises(ValueError, match="loader: yielded no batches"):
+        train.fit(model, losses.NormSoftmaxLoss(6, 8), [], 1, progress=False)
+    with pytest.raises(ValueError, match="device: not a torch device"):
+        train.fit(model, losses.NormSoftmaxLoss(6, 8), loader, 1, device="tpu0", progress=False)
+    with pytest.raises(ValueError, match="device: not a torch device"):
+        train.embed(model, loader, device=3.5)
 
 
 def test_bct_and_baselines_train_and_freeze_the_old_model():
