@@ -176,6 +176,19 @@ def save_png(fig, path: str | Path) -> Path:
         pyplot().close(fig)
 
 
+def _check_model_embeddings(embeddings: object, name: str, labels: object) -> None:
+    """A non-empty {model name: [n, d] tensor} with one row per label."""
+    if not isinstance(embeddings, Mapping):
+        raise TypeError(f"{name}: expected a mapping {{model name: embeddings}}, got {type(embeddings).__name__}")
+    if not embeddings:
+        raise ValueError(f"{name}: needs at least one model")
+    rows = labels.shape[0] if isinstance(labels, Tensor) else None
+    for model, emb in embeddings.items():
+        if not isinstance(emb, Tensor) or emb.dim() != 2 or (rows is not None and emb.shape[0] != rows):
+            got = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
+            raise ValueError(f"{name}[{model!r}]: expected a [{rows}, dim] tensor (one row per label), got {got}")
+
+
 def compatibility_matrix(embeddings: Mapping[str, Tensor], labels: Tensor, *,
                          gallery_embeddings: Mapping[str, Tensor] | None = None,
                          gallery_labels: Tensor | None = None, metric: str = "precision_at_1",
@@ -186,12 +199,15 @@ def compatibility_matrix(embeddings: Mapping[str, Tensor], labels: Tensor, *,
     first (dict order). Without ``gallery_embeddings`` the query set is its own gallery
     (leave-one-out). ``lower_only`` skips pairs where the gallery model is newer than the query
     model (not needed for AC/AM)."""
+    _check_model_embeddings(embeddings, "embeddings", labels)
     names = list(embeddings)
-    if not names:
-        raise ValueError("embeddings: needs at least one model")
     same = gallery_embeddings is None
-    if not same and (gallery_labels is None or list(gallery_embeddings) != names):
-        raise ValueError("gallery_embeddings: must name the same models in the same order, with gallery_labels")
+    if not same:
+        if gallery_labels is None:
+            raise ValueError("gallery_labels: required with gallery_embeddings")
+        _check_model_embeddings(gallery_embeddings, "gallery_embeddings", gallery_labels)
+        if list(gallery_embeddings) != names:
+            raise ValueError("gallery_embeddings: must name the same models in the same order as embeddings")
     values: list[list[float | None]] = []
     for i, qn in enumerate(names):
         row = []

@@ -72,3 +72,18 @@ def test_hand_made_matrix_summaries():
     cm = CompatibilityMatrix(["a", "b", "c"], [[0.5, None, None], [0.6, 0.7, None], [0.4, 0.8, 0.9]], "p@1")
     assert cm.ac == pytest.approx(2 / 3)  # (b,a) and (c,b) pass, (c,a) fails
     assert cm.am == pytest.approx((0.5 + 0.6 + 0.7 + 0.4 + 0.8 + 0.9) / 6)
+
+
+def test_compatibility_matrix_input_errors_name_the_model(seed):
+    _, labels, old = clustered()
+    with pytest.raises(TypeError, match="embeddings: expected a mapping"):
+        compatibility_matrix([old], labels)
+    with pytest.raises(ValueError, match="embeddings: needs at least one model"):
+        compatibility_matrix({}, labels)
+    with pytest.raises(ValueError, match=r"embeddings\['v2'\]: expected a \[120, dim\]"):
+        compatibility_matrix({"v1": old, "v2": old[:-1]}, labels)
+    with pytest.raises(ValueError, match="gallery_labels: required"):
+        compatibility_matrix({"v1": old}, labels, gallery_embeddings={"v1": old})
+    with pytest.raises(ValueError, match="same models in the same order"):
+        compatibility_matrix({"v1": old, "v2": old}, labels, gallery_embeddings={"v2": old, "v1": old},
+                             gallery_labels=labels)
