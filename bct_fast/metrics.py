@@ -39,9 +39,10 @@ def _check_ranked(indices: object, query_labels: object, gallery_labels: object)
     check_labels(query_labels, "query_labels", indices.shape[0], None)
     check_labels(gallery_labels, "gallery_labels", None, None)
     n = gallery_labels.shape[0]
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
-        raise ValueError(f"indices: gallery rows must be in [0, {n}) (len(gallery_labels)), got "
-                         f"[{int(indices.min())}, {int(indices.max())}]")
+    if indices.numel():
+        lo, hi = (int(v) for v in torch.aminmax(indices))  # one reduction, one host sync
+        if lo < 0 or hi >= n:
+            raise ValueError(f"indices: gallery rows must be in [0, {n}) (len(gallery_labels)), got [{lo}, {hi}]")
 
 
 def relevant_counts(query_labels: Tensor, gallery_labels: Tensor, exclude_self: bool = False) -> Tensor:

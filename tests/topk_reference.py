@@ -7,13 +7,23 @@ import numpy as np
 import torch
 
 
-def reference_topk(q, g, k, exclude_self=False):
-    """float64 full score matrix; order by (score desc, index asc)."""
+def reference_scores(q, g, exclude_self=False):
+    """float64 cosine matrix [Q, N]; with exclude_self, query i's own gallery row i at -inf."""
     s = torch.nn.functional.normalize(q.double(), dim=1) @ torch.nn.functional.normalize(g.double(), dim=1).T
     if exclude_self:
         s.fill_diagonal_(-float("inf"))
-    idx = np.lexsort((np.broadcast_to(np.arange(g.shape[0]), s.shape), -s.numpy()), axis=1)[:, :k]
+    return s
+
+
+def _first_k(s, k):
+    """Top k of each row of a float64 score matrix, ordered by (score desc, index asc)."""
+    idx = np.lexsort((np.broadcast_to(np.arange(s.shape[1]), s.shape), -s.numpy()), axis=1)[:, :k]
     return s.gather(1, torch.from_numpy(idx)), torch.from_numpy(idx)
+
+
+def reference_topk(q, g, k, exclude_self=False):
+    """float64 full score matrix; order by (score desc, index asc)."""
+    return _first_k(reference_scores(q, g, exclude_self), k)
 
 
 def assert_topk_matches_reference(s, i, q, g, k, atol=1e-6, exclude_self=False):
@@ -25,12 +35,10 @@ def assert_topk_matches_reference(s, i, q, g, k, atol=1e-6, exclude_self=False):
     reference score of its rank. A wrong neighbour, a missing one or a duplicate fails.
     """
     s, i = s.cpu(), i.cpu()
-    rs, ri = reference_topk(q, g, k, exclude_self=exclude_self)
+    full = reference_scores(q, g, exclude_self)
+    rs, ri = _first_k(full, k)
     assert s.shape == i.shape == rs.shape
     assert torch.allclose(s.double(), rs, atol=atol), "scores differ from the float64 top-k"
-    full = torch.nn.functional.normalize(q.double(), dim=1) @ torch.nn.functional.normalize(g.double(), dim=1).T
-    if exclude_self:
-        full.fill_diagonal_(-float("inf"))
     exact_of_returned = full.gather(1, i)
     assert torch.allclose(exact_of_returned, rs, atol=atol), "a returned index does not hold its rank's score"
     assert all(len(set(row)) == k for row in i.tolist()), "an index is returned twice"
@@ -53,8 +61,7 @@ def near_tie_free(make: Callable[[], tuple[torch.Tensor, torch.Tensor]], k: int,
     neighbours ~1e-8 apart, which fp32 may order either way; such draws are redrawn."""
     for _ in range(1000):
         q, g = make()
-        qn = torch.nn.functional.normalize(q[:n_queries].double(), dim=1)
-        top = (qn @ torch.nn.functional.normalize(g.double(), dim=1).T).topk(min(k + 2, g.shape[0]), dim=1).values
+        top = reference_scores(q[:n_queries], g).topk(min(k + 2, g.shape[0]), dim=1).values
         if (top[:, :-1] - top[:, 1:]).min() > gap:
             return q, g
     raise RuntimeError("near_tie_free: no draw without near-ties in 1000 tries; lower k or gap")
