@@ -27,7 +27,7 @@ from torch import nn
 
 from bct_fast import data as datasets
 from bct_fast import train
-from bct_fast._io import atomic_write
+from bct_fast._core.io import atomic_write
 from bct_fast.evaluate import CompatibilityMatrix, cross_test, pyplot, save_png
 
 DATASETS = ("glyphs", "cjk", "digits", "synthetic")

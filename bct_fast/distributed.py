@@ -30,12 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bct_fast._checks import check_labels, check_matrix
-from bct_fast._io import atomic_write
-from bct_fast.margins import MarginValue, target_function
-from bct_fast._chunked import inv_row_norms
-from bct_fast.ops import _normalization_backward_rows, check_loss_options
-from bct_fast.search import _topk_lowest_index_ties, cosine_topk
+from bct_fast._core.checks import check_labels, check_matrix
+from bct_fast._core.io import atomic_write
+from bct_fast.ops import (MarginValue, check_loss_options, cosine_topk, inv_row_norms,
+                          normalization_backward_rows, target_function, topk_lowest_index_ties)
 
 __all__ = ["shard_range", "ShardedCosineMarginLoss", "sharded_cosine_margin_cross_entropy",
            "distributed_topk", "save_gallery_shard", "load_gallery_shard"]
@@ -127,11 +125,11 @@ class _ShardedMarginCE(torch.autograd.Function):
         dist.all_reduce(g, group=group)
         if need_x:
             rows = slice(offset, offset + b_local)
-            grad_x = _normalization_backward_rows(x[rows], inv_nx[rows], g[rows].clone()).to(x_dtype)
+            grad_x = normalization_backward_rows(x[rows], inv_nx[rows], g[rows].clone()).to(x_dtype)
         if need_w:
             K = gw_part
             K.index_add_(0, safe[local], corr[local][:, None] * xh[local])
-            grad_w = _normalization_backward_rows(w, inv_nw, K).to(w_dtype)
+            grad_w = normalization_backward_rows(w, inv_nw, K).to(w_dtype)
         return grad_x, grad_w, None, None, None, None, None, None, None
 
 
@@ -218,7 +216,7 @@ def distributed_topk(queries: Tensor, local_gallery: Tensor, k: int, group=None,
     dist.all_gather(all_s, s, group=group)
     dist.all_gather(all_i, i, group=group)
     # Shards are contiguous in rank order, so column order among equal scores is index order.
-    top, cols = _topk_lowest_index_ties(torch.cat(all_s, 1), k)
+    top, cols = topk_lowest_index_ties(torch.cat(all_s, 1), k)
     return top, torch.cat(all_i, 1).gather(1, cols)
 
 

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 from torch import Tensor
 
-from bct_fast._io import atomic_write
+from bct_fast._core.io import atomic_write
 from bct_fast.metrics import evaluate_retrieval
 
 __all__ = ["CrossTestResult", "cross_test", "CompatibilityMatrix", "compatibility_matrix"]

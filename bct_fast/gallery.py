@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bct_fast._checks import check_device, check_labels, check_matrix
-from bct_fast._io import atomic_write, sha256_of_file
-from bct_fast.search import cosine_topk
+from bct_fast._core.checks import check_device, check_labels, check_matrix
+from bct_fast._core.io import atomic_write, sha256_of_file
+from bct_fast.ops import cosine_topk
 
 __all__ = ["GalleryIndex", "IndexFileError", "SearchResult", "FORMAT_VERSION"]
 

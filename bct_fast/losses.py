@@ -19,8 +19,8 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from bct_fast._checks import check_device
-from bct_fast.margins import MarginValue
+from bct_fast._core.checks import check_device
+from bct_fast.ops import MarginValue
 from bct_fast.ops import check_loss_options, cosine_margin_cross_entropy
 
 __all__ = [

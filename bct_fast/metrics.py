@@ -21,8 +21,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from bct_fast._checks import check_labels
-from bct_fast.search import cosine_topk
+from bct_fast._core.checks import check_labels
+from bct_fast.ops import cosine_topk
 
 __all__ = ["retrieval_metrics", "evaluate_retrieval", "cmc_curve", "relevant_counts",
            "tar_at_far", "pair_scores", "RETRIEVAL_METRICS"]

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from bct_fast._backend import cuda_kernels_compiled
+from bct_fast._core.extension import cuda_kernels_compiled
 
 
 def cuda_ready() -> bool:

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bct_fast import losses
-from bct_fast._checks import check_device
-from bct_fast._io import atomic_write
+from bct_fast._core.checks import check_device
+from bct_fast._core.io import atomic_write
 
 __all__ = ["fit", "embed", "train_bct", "train_independent", "train_l2", "L2RegressionObjective",
            "save_checkpoint", "load_checkpoint", "CheckpointError"]

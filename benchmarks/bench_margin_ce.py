@@ -1,7 +1,10 @@
 """Fused margin cross-entropy vs the naive PyTorch formulation (normalize, matmul, margin,
 F.cross_entropy), fwd and fwd+bwd, trainable and frozen (influence-loss) classifier.
 
-Axes: provider (bct_fast | torch) x mode (forward | full) x classifier (trainable | frozen).
+Axes: provider x mode (forward | full) x classifier (trainable | frozen). Providers: on CPU
+``bct_fast`` (the chunked path) and ``torch`` (naive); on CUDA ``bct_fast_cuda`` (the kernels,
+``backend="cuda"``), ``bct_fast_torch`` (the chunked path on cuBLAS, ``backend="torch"``, the
+default until the kernels pass a recorded GPU run) and ``torch``.
 """
 from __future__ import annotations
 
@@ -23,11 +26,16 @@ def naive(x, w, y):
     return F.cross_entropy(SCALE * logits.float(), y)
 
 
-def ours(x, w, y):
-    return cosine_margin_cross_entropy(x, w, y, scale=SCALE, margin_type="cosface", margin=MARGIN)
+def ours(x, w, y, backend="auto"):
+    return cosine_margin_cross_entropy(x, w, y, scale=SCALE, margin_type="cosface", margin=MARGIN,
+                                       backend=backend)
 
 
-PROVIDERS = {"bct_fast": ours, "torch": naive}
+PROVIDERS = {"bct_fast": ours, "torch": naive,
+             "bct_fast_cuda": lambda x, w, y: ours(x, w, y, "cuda"),
+             "bct_fast_torch": lambda x, w, y: ours(x, w, y, "torch")}
+CPU_PROVIDERS = ["bct_fast", "torch"]
+CUDA_PROVIDERS = ["bct_fast_cuda", "bct_fast_torch", "torch"]
 
 
 def make_case(B, C, device, dtype, frozen):
@@ -61,7 +69,7 @@ def _bench(measure, device, dtype, B, C, provider, mode, classifier):
 
 @pytest.mark.parametrize("classifier", ["trainable", "frozen"])
 @pytest.mark.parametrize("mode", ["forward", "full"])
-@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("provider", CPU_PROVIDERS)
 @pytest.mark.parametrize("B,C", CPU_SHAPES, ids=[f"B{b}-C{c}" for b, c in CPU_SHAPES])
 def test_margin_ce_cpu(measure, B, C, provider, mode, classifier):
     _bench(measure, "cpu", torch.float32, B, C, provider, mode, classifier)
@@ -70,7 +78,7 @@ def test_margin_ce_cpu(measure, B, C, provider, mode, classifier):
 @pytest.mark.cuda
 @pytest.mark.parametrize("classifier", ["trainable", "frozen"])
 @pytest.mark.parametrize("mode", ["forward", "full"])
-@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("provider", CUDA_PROVIDERS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("B,C", CUDA_SHAPES, ids=[f"B{b}-C{c}" for b, c in CUDA_SHAPES])
 def test_margin_ce_cuda(measure, B, C, dtype, provider, mode, classifier):

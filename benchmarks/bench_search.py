@@ -4,7 +4,9 @@ Axes: provider x (Q, N, k) at d = 512, fp32 on CPU. Every provider gets the same
 vectors (IndexFlatIP's contract); ``bct_fast`` is ``cosine_topk(normalize=False)`` (what
 ``GalleryIndex`` runs: rows are normalized once when added), ``bct_fast_cosine`` also
 normalizes on the fly. ``torch`` is the plain q @ g.T + topk (a Q x N matrix) where it fits in
-memory. On CUDA: bct_fast (fused kernel) vs torch mm + topk in gallery chunks.
+memory. On CUDA: ``bct_fast_cuda`` (the fused kernel, ``backend="cuda"``), ``bct_fast_torch``
+(the chunked path, ``backend="torch"``: the default until the kernel passes a recorded GPU run)
+and torch mm + topk in gallery chunks.
 Run: pytest benchmarks/bench_search.py --benchmark-only
 """
 from __future__ import annotations
@@ -81,12 +83,13 @@ def torch_chunked_topk(q, g, k, chunk=262_144):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("provider", ["bct_fast", "torch"])
+@pytest.mark.parametrize("provider", ["bct_fast_cuda", "bct_fast_torch", "torch"])
 @pytest.mark.parametrize("Q,N,k", CUDA_CASES, ids=[f"Q{q}-N{n}-k{k}" for q, n, k in CUDA_CASES])
 def test_cuda_search(measure, provider, dtype, Q, N, k):
     q, g = unit_rows(Q, 1, "cuda", dtype), unit_rows(N, 2, "cuda", dtype)
-    if provider == "bct_fast":
-        fn = lambda: cosine_topk(q, g, k, normalize=False)  # noqa: E731
+    if provider.startswith("bct_fast"):
+        backend = provider.rsplit("_", 1)[1]
+        fn = lambda: cosine_topk(q, g, k, normalize=False, backend=backend)  # noqa: E731
     else:
         fn = lambda: torch_chunked_topk(q, g, k)  # noqa: E731
     measure(fn, "cuda", rounds=5, Q=Q, N=N, d=D, k=k, provider=provider, dtype=str(dtype))

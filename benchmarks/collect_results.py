@@ -60,10 +60,18 @@ def main() -> None:
     ap.add_argument("--tests", default="")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--rc", nargs="*", default=[], help="name=exit_code pairs")
+    ap.add_argument("--steps", default="", help="file of step=verdict lines (gpu_session.sh)")
+    ap.add_argument("--attach", nargs="*", default=[], help="JSON files to embed under their stem")
     a = ap.parse_args()
+    steps = {}
+    if a.steps and os.path.exists(a.steps):
+        steps = dict(line.rstrip("\n").split("=", 1) for line in open(a.steps) if "=" in line)
+    attached = {os.path.splitext(os.path.basename(p))[0]: json.load(open(p))
+                for p in a.attach if os.path.exists(p) and os.path.getsize(p)}
     doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "commit": a.commit, "exit_codes": dict(kv.split("=", 1) for kv in a.rc),
-           "machine": machine(), "tests": tests_summary(a.tests), "benchmarks": bench_rows(a.bench)}
+           "commit": a.commit, "exit_codes": dict(kv.split("=", 1) for kv in a.rc), "steps": steps,
+           "machine": machine(), "tests": tests_summary(a.tests), **attached,
+           "benchmarks": bench_rows(a.bench)}
     # Atomic write: a partial JSON never lands under the final name.
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(a.out)), suffix=".tmp")
     with os.fdopen(fd, "w") as f:

@@ -1,38 +1,128 @@
 #!/usr/bin/env bash
 # The one script a session with a GPU lease runs on the device machine (repository root):
-# build there, run the CUDA tests and the CUDA benchmarks, write ONE JSON with every figure.
+# build there (offline, the device's architecture only), check that the INSTALLED build is what
+# gets imported, run every test with the CUDA kernels requested, the small kernel cases under
+# compute-sanitizer memcheck + racecheck, then the CUDA benchmarks; write ONE JSON.
 #
-#   BCT_FAST_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_session.sh      # here: pass the commit
+#   BCT_FAST_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_session.sh
+#   BCT_FAST_GPU_DRY_RUN=1 CUDAARCHS=90a-real bash benchmarks/gpu_session.sh   # no GPU: stops
+#       right before the first GPU call (build, import check, test collection)
+#   BCT_FAST_GPU_STEPS=tests,sanitizer bash benchmarks/gpu_session.sh   # a subset, when one device
+#       command (10 minutes) cannot hold them all; the build is reused from build/gpu when warm
 #
-# Output: $OUT (device tool) or benchmarks/results/: gpu_<date>.json, build.log, tests.log.
-# Commit the JSON under benchmarks/results/.
+# Output: $OUT (device tool) or benchmarks/results/: gpu_<stamp>.json plus logs. Commit the JSON.
+# Every step's verdict lands in the JSON; the exit code is non-zero when any step failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-RESULTS="${OUT:-benchmarks/results}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+RESULTS="${OUT:-$ROOT/benchmarks/results}"
 mkdir -p "$RESULTS"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 PY="${PYTHON:-python3}"
+DRY="${BCT_FAST_GPU_DRY_RUN:-}"
+STEPS=",${BCT_FAST_GPU_STEPS:-build,tests,sanitizer,bench},"
+want() { case "$STEPS" in *",$1,"*) return 0;; *) return 1;; esac; }
 export PYTHONUNBUFFERED=1
-export CUDAARCHS="${CUDAARCHS:-native}"  # on the GPU machine itself, native is right
+export PYTHONSAFEPATH=1          # never put the current folder (the source tree) on sys.path
+export BCT_FAST_CUDA=ON          # the build must compile the kernels, or fail
+CHECK="$PY $ROOT/benchmarks/gpu_checks.py"
+STATUS="$RESULTS/steps_${STAMP}.txt"
+: >"$STATUS"
+step() { echo "$1=$2" >>"$STATUS"; echo "== $1: $2"; }
 
-echo "== build (CUDAARCHS=$CUDAARCHS)"
-$PY -m pip install --no-build-isolation --no-deps -Cbuild-dir=build/gpu -v . >"$RESULTS/build.log" 2>&1
-BUILD_RC=$?
-tail -3 "$RESULTS/build.log"
+# ---- 0. driver and architecture --------------------------------------------------------------
+if [ -z "$DRY" ]; then
+  DRIVER="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)"
+  echo "== driver: ${DRIVER:-none}"
+  # nvcc 13.0's statically linked runtime needs a driver >= 580.
+  if [ -z "$DRIVER" ] || [ "${DRIVER%%.*}" -lt 580 ]; then
+    step driver "too old or missing (${DRIVER:-none}); CUDA 13 needs >= 580"; exit 3
+  fi
+  CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)"
+  # 90 -> 90a: the explicit Hopper target (wgmma-capable), never `native` (recorded literally).
+  [ "$CAP" = "90" ] && CAP="90a"
+  export CUDAARCHS="${CUDAARCHS:-${CAP}-real}"
+else
+  export CUDAARCHS="${CUDAARCHS:-90a-real}"
+  echo "== dry run (no GPU calls): CUDAARCHS=$CUDAARCHS"
+fi
+step archs "$CUDAARCHS"
 
-echo "== tests (all, CUDA ones included)"
-$PY -m pytest tests -q -p no:cacheprovider --junitxml="$RESULTS/tests.xml" >"$RESULTS/tests.log" 2>&1
-TEST_RC=$?
-tail -5 "$RESULTS/tests.log"
+# ---- 1. cmake floor (no network there: a carried wheel, else stop) ---------------------------
+if ! $CHECK cmake; then
+  if ls "$ROOT"/.whl/cmake-*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --target /tmp/bct_cmake "$ROOT"/.whl/cmake-*.whl || exit 4
+    export PATH="/tmp/bct_cmake/bin:$PATH" PYTHONPATH="/tmp/bct_cmake${PYTHONPATH:+:$PYTHONPATH}"
+    $CHECK cmake || { step cmake "carried wheel still below the floor"; exit 4; }
+  else
+    step cmake "below pyproject's floor and no .whl/cmake-*.whl carried (download it here: pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl cmake)"; exit 4
+  fi
+fi
+step cmake ok
 
-echo "== CUDA benchmarks"
-$PY -m pytest benchmarks -q -p no:cacheprovider -m cuda --benchmark-only \
-  --benchmark-json="$RESULTS/bench_raw.json" >"$RESULTS/bench.log" 2>&1
-BENCH_RC=$?
-tail -5 "$RESULTS/bench.log"
+# ---- 2. build and install, offline -----------------------------------------------------------
+if want build || [ -n "$DRY" ]; then
+  echo "== build"
+  $PY -m pip install --no-build-isolation --no-deps --no-index -Cbuild-dir=build/gpu -v . \
+    >"$RESULTS/build.log" 2>&1
+  BUILD_RC=$?
+  tail -3 "$RESULTS/build.log"
+  step build "$BUILD_RC"
+  [ "$BUILD_RC" -eq 0 ] || exit 5
+fi
+
+# ---- 3. the installed build is what the tests import -----------------------------------------
+$CHECK installed "$ROOT" | tee "$RESULTS/installed.json"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { step installed failed; exit 6; }
+step installed ok
+
+if [ -n "$DRY" ]; then
+  $PY -m pytest tests benchmarks -q -p no:cacheprovider --collect-only >"$RESULTS/collect.log" 2>&1
+  COLLECT_RC=$?
+  tail -3 "$RESULTS/collect.log"
+  step collect "$COLLECT_RC"
+  echo "== dry run: stopping before the first GPU call"
+  exit "$COLLECT_RC"
+fi
+
+TEST_RC=0; CUDA_RC=0; BENCH_RC=0
+# ---- 4. the CUDA tests (cuda-marked, and every device=cuda case), the kernels also on `auto` --
+if want tests; then
+  echo "== CUDA tests"
+  BCT_FAST_UNVERIFIED_KERNELS=1 timeout 540 $PY -m pytest tests -m cuda -q -p no:cacheprovider \
+    -o junit_family=xunit1 --junitxml="$RESULTS/tests.xml" >"$RESULTS/tests.log" 2>&1
+  TEST_RC=$?
+  tail -5 "$RESULTS/tests.log"
+  $CHECK cuda-tests "$RESULTS/tests.xml" | tee "$RESULTS/cuda_tests.json"
+  CUDA_RC=${PIPESTATUS[0]}
+  step tests "$TEST_RC"; step cuda_tests "$CUDA_RC"
+fi
+
+# ---- 5. compute-sanitizer on the small kernel cases -----------------------------------------
+want sanitizer && for TOOL in memcheck racecheck; do
+  echo "== compute-sanitizer --tool $TOOL"
+  timeout 480 compute-sanitizer --tool "$TOOL" --error-exitcode 1 \
+    $PY -m pytest tests/ops/test_kernels_small_cuda.py -q -p no:cacheprovider \
+    >"$RESULTS/sanitizer_$TOOL.log" 2>&1
+  RC=$?
+  tail -3 "$RESULTS/sanitizer_$TOOL.log"
+  $CHECK sanitizer "$RESULTS/sanitizer_$TOOL.log" "$RC" | tee "$RESULTS/sanitizer_$TOOL.json"
+  step "sanitizer_$TOOL" "$(sed -n 's/.*"verdict": "\([a-z]*\)".*/\1/p' "$RESULTS/sanitizer_$TOOL.json")"
+done
+
+# ---- 6. CUDA benchmarks ----------------------------------------------------------------------
+if want bench; then
+  echo "== CUDA benchmarks"
+  timeout 540 $PY -m pytest benchmarks -q -p no:cacheprovider -m cuda --benchmark-only \
+    --benchmark-json="$RESULTS/bench_raw.json" >"$RESULTS/bench.log" 2>&1
+  BENCH_RC=$?
+  tail -5 "$RESULTS/bench.log"
+  step bench "$BENCH_RC"
+fi
 
 $PY benchmarks/collect_results.py --out "$RESULTS/gpu_${STAMP}.json" --bench "$RESULTS/bench_raw.json" \
-  --tests "$RESULTS/tests.xml" --commit "${BCT_FAST_COMMIT:-unknown}" \
-  --rc build=$BUILD_RC tests=$TEST_RC bench=$BENCH_RC
-rm -f "$RESULTS/bench_raw.json" "$RESULTS/tests.xml"
-exit $(( BUILD_RC || TEST_RC || BENCH_RC ))
+  --tests "$RESULTS/tests.xml" --commit "${BCT_FAST_COMMIT:-unknown}" --steps "$STATUS" \
+  --attach "$RESULTS/cuda_tests.json" "$RESULTS/sanitizer_memcheck.json" "$RESULTS/sanitizer_racecheck.json" \
+  "$RESULTS/installed.json"
+rm -f "$RESULTS/bench_raw.json"
+exit $(( TEST_RC || CUDA_RC || BENCH_RC ))

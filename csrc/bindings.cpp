@@ -40,6 +40,13 @@ py::dict build_info() {
   info["cuda_compiler_version"] = py::none();
   info["cuda_architectures"] = py::none();
 #endif
+  // sha256 of each kernel family's sources (CMakeLists.txt): ties a GPU run's record to a build.
+  py::dict sources;
+#ifdef BCT_FAST_WITH_CUDA
+  sources["margin_softmax"] = BCT_FAST_HASH_MARGIN_SOFTMAX;
+  sources["cosine_topk"] = BCT_FAST_HASH_COSINE_TOPK;
+#endif
+  info["kernel_sources"] = sources;
   return info;
 }
 

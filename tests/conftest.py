@@ -9,7 +9,23 @@ import torch
 from bct_fast.testing import available_devices, skip_cuda_items  # noqa: F401  (re-exported to tests)
 
 
+def pytest_report_header(config):
+    """Which bct_fast is under test: a source folder shadowing the installed build shows here."""
+    import bct_fast
+
+    info = bct_fast.build_info()
+    return [f"bct_fast: {bct_fast.__file__}",
+            f"bct_fast build: extension_loaded={info['extension_loaded']} cuda_compiled={info['cuda_compiled']} "
+            f"archs={info['cuda_architectures']} cuda_available={info['torch_cuda_available']}"]
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(item, "callspec", None)
+        if params is not None and params.params.get("device") == "cuda":
+            item.add_marker(pytest.mark.cuda)  # so `-m cuda` selects every CUDA case
+        if "cuda" in item.keywords:  # junit XML records it: a GPU run's checker counts CUDA tests
+            item.user_properties.append(("cuda", "1"))
     skip_cuda_items(items)
 
 
@@ -25,7 +41,7 @@ def seed() -> int:
 @pytest.fixture(params=["onednn", "mm"])
 def cpu_gemm(request, monkeypatch) -> str:
     """Run a CPU test once through oneDNN products (where available) and once through torch.mm."""
-    from bct_fast import _cpu_gemm
+    from bct_fast.ops import cpu_gemm as _cpu_gemm
 
     if request.param == "onednn" and not _cpu_gemm._probe():
         pytest.skip("oneDNN's fp32 linear is not available in this torch build")
@@ -36,9 +52,9 @@ def cpu_gemm(request, monkeypatch) -> str:
 @pytest.fixture(params=["native", "torch"])
 def cpu_select(request, monkeypatch) -> str:
     """Run a CPU search test once with the C++ running top-k and once with the PyTorch one."""
-    from bct_fast import _native
+    from bct_fast.ops import topk_select
 
-    monkeypatch.setattr(_native, "USE_CPU_SELECT", request.param == "native")
-    if request.param == "native" and not _native.cpu_select_available():
+    monkeypatch.setattr(topk_select, "USE_CPU_SELECT", request.param == "native")
+    if request.param == "native" and not topk_select.cpu_select_available():
         pytest.fail("the extension's TopkSelector is missing (bct_fast._C not built?)")
     return request.param

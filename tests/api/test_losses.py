@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bct_fast import losses
-from bct_fast._reference import cosine_margin_cross_entropy_ref
+from bct_fast.ops.reference import cosine_margin_cross_entropy_ref
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 

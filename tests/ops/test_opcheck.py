@@ -7,6 +7,10 @@ from bct_fast.ops import cosine_margin_cross_entropy
 from conftest import available_devices
 
 
+# On CUDA the op runs once through the default route and once through the kernels (requested).
+DEVICE_BACKENDS = [(d, b) for d in available_devices() for b in (("auto", "cuda") if d == "cuda" else ("auto",))]
+
+
 def op_args(device, dtype=torch.float32):
     B, C, d = 5, 37, 9
     x = torch.randn(B, d, device=device, dtype=dtype)
@@ -19,21 +23,22 @@ def op_args(device, dtype=torch.float32):
     return x, w, inv_nx, inv_nw, labels, target
 
 
-@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("with_pws", [False, True])
-def test_opcheck_softmax_stats(device, with_pws):
+def test_opcheck_softmax_stats(device, backend, with_pws):
     torch.library.opcheck(torch.ops.bct_fast.softmax_stats.default,
-                          (*op_args(device), 8.0, with_pws, 10))
+                          (*op_args(device), 8.0, with_pws, 10, backend))
 
 
-@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("need_x,need_w", [(True, True), (True, False), (False, True)])
-def test_opcheck_softmax_grads(device, need_x, need_w):
+def test_opcheck_softmax_grads(device, backend, need_x, need_w):
     x, w, inv_nx, inv_nw, labels, target = op_args(device)
     lse, _ = torch.ops.bct_fast.softmax_stats(x, w, inv_nx, inv_nw, labels, target, 8.0, False, 0)
     row_coef = torch.rand(x.shape[0], device=device)
     torch.library.opcheck(torch.ops.bct_fast.softmax_grads.default,
-                          (x, w, inv_nx, inv_nw, labels, target, lse, row_coef, 8.0, need_x, need_w, 10))
+                          (x, w, inv_nx, inv_nw, labels, target, lse, row_coef, 8.0, need_x, need_w, 10,
+                           backend))
 
 
 @pytest.mark.parametrize("device", available_devices())

@@ -1,5 +1,6 @@
 """CUDA kernels at sizes that exercise several class splits, partial tiles and every dtype.
-(The device-parametrized tests in test_margin_ce.py also run on CUDA when it is available.)"""
+Every call requests ``backend="cuda"`` so the kernels run whether or not they are the default yet.
+(The device-parametrized tests in test_margin_ce.py run the default ``auto`` route on CUDA.)"""
 import pytest
 import torch
 
@@ -13,24 +14,25 @@ from test_margin_ce import check_against_reference, inputs
 def test_kernels_match_reference(seed, dtype, tol, B, C, d, frozen):
     x, w, y = inputs(B, C, d, "cuda", dtype=dtype, ignore_rows=(0,) if B > 1 else ())
     check_against_reference(x, w, y, frozen, tol, scale=32.0, margin_type="arcface", margin=0.4,
-                            label_smoothing=0.1)
+                            label_smoothing=0.1, backend="cuda")
 
 
 @pytest.mark.cuda
 def test_kernel_is_used_and_matches_chunked_path(seed):
     """The CUDA kernel and the chunked PyTorch path agree on the same CUDA tensors."""
-    from bct_fast import _chunked, _native
+    from bct_fast.ops import margin_softmax_cuda as cuda_provider
+    from bct_fast.ops import margin_softmax_torch as torch_provider
 
     x, w, y = inputs(50, 3001, 256, "cuda")
     inv_nx, inv_nw = x.norm(dim=1).reciprocal(), w.norm(dim=1).reciprocal()
     target = torch.randn(50, device="cuda")
-    assert _native.kernel_applies(x, w)
-    a = _native.softmax_stats(x, w, inv_nx, inv_nw, y, target, 20.0, True)
-    b = _chunked.softmax_stats(x, w, inv_nx, inv_nw, y, target, 20.0, True)
+    assert cuda_provider.unsupported(x, w) is None
+    a = cuda_provider.softmax_stats(x, w, inv_nx, inv_nw, y, target, 20.0, True)
+    b = torch_provider.softmax_stats(x, w, inv_nx, inv_nw, y, target, 20.0, True)
     for u, v in zip(a, b):
         assert torch.allclose(u, v, rtol=1e-4, atol=1e-5)
     r = torch.rand(50, device="cuda")
-    ga = _native.softmax_grads(x, w, inv_nx, inv_nw, y, target, b[0], r, 20.0, True, True)
-    gb = _chunked.softmax_grads(x, w, inv_nx, inv_nw, y, target, b[0], r, 20.0, True, True)
+    ga = cuda_provider.softmax_grads(x, w, inv_nx, inv_nw, y, target, b[0], r, 20.0, True, True)
+    gb = torch_provider.softmax_grads(x, w, inv_nx, inv_nw, y, target, b[0], r, 20.0, True, True)
     for u, v in zip(ga, gb):
         assert torch.allclose(u, v, rtol=1e-4, atol=1e-6)

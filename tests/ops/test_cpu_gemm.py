@@ -1,8 +1,8 @@
-"""_cpu_gemm.mm_nt: a @ b.T through oneDNN or torch.mm, exact to fp32 rounding."""
+"""ops.cpu_gemm.mm_nt: a @ b.T through oneDNN or torch.mm, exact to fp32 rounding."""
 import pytest
 import torch
 
-from bct_fast import _cpu_gemm
+from bct_fast.ops import cpu_gemm as _cpu_gemm
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 7, 3), (5, 1, 513), (37, 1001, 129), (130, 64, 512)])

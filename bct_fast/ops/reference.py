@@ -10,11 +10,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bct_fast.margins import MarginValue, make_margin
+from bct_fast.ops.margins import MarginValue, make_margin
 
 
 def margin_target_ref(cos_t: torch.Tensor, margin_type: str, margin: MarginValue, straight_through: bool) -> torch.Tensor:
-    """f(cos) per bct_fast.margins, with autograd giving its derivative."""
+    """f(cos) per bct_fast.ops.margins, with autograd giving its derivative."""
     mg = make_margin(margin_type, margin)
     c = cos_t.clamp(-1.0, 1.0)
     if mg.is_cosine_only:

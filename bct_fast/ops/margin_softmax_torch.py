@@ -1,4 +1,4 @@
-"""Chunked PyTorch implementations of the native primitives (any device, bounded memory).
+"""The torch provider of the margin-softmax sweeps: chunked PyTorch (any device, bounded memory).
 
 Same contract as the CUDA launchers in csrc/include/bct_fast/margin_softmax.h, computed over
 class chunks of ``chunk`` rows so that at most B x chunk logits exist at a time. fp16/bf16
@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from bct_fast._cpu_gemm import mm_nt, mm_tn
+from bct_fast.ops.cpu_gemm import mm_nt, mm_tn
+from bct_fast.ops.rows import normalized_rows
 
 # Elements of one B x chunk logit block: 4M fp32 = 16 MiB, a few such blocks live at a time.
 _BLOCK_ELEMS = 1 << 22
-
-
-def inv_row_norms(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """1 / max(||row||, 1e-12) (the eps of F.normalize), accumulated in ``dtype`` (default: t's)."""
-    return torch.linalg.vector_norm(t, dim=1, dtype=dtype).clamp_min(1e-12).reciprocal()
 
 
 def auto_chunk(rows: int, classes: int) -> int:
@@ -35,11 +31,6 @@ def _chunk_logits(xh: torch.Tensor, wc: torch.Tensor, c0: int, labels: torch.Ten
     if rows.numel():
         z[rows, local[rows]] = target_logit[rows]
     return z
-
-
-def normalized_rows(t: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
-    """Rows of ``t`` scaled by ``inv_norm``, in inv_norm's dtype."""
-    return t.to(inv_norm.dtype) * inv_norm[:, None]
 
 
 def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw: torch.Tensor,

@@ -91,7 +91,7 @@ def test_failed_save_leaves_the_old_file(tmp_path, seed, monkeypatch):
 
 
 def test_atomic_write_cleans_up_on_error(tmp_path):
-    from bct_fast._io import atomic_write
+    from bct_fast._core.io import atomic_write
 
     def partial(f):
         f.write(b"half")

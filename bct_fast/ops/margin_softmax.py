@@ -1,4 +1,4 @@
-"""The op layer: torch.library ops with per-device kernels, and the autograd Function on top.
+"""The margin-softmax op family: torch.library ops with per-device kernels, the autograd Function.
 
 Two primitive ops carry every B x C sweep of the normalized-softmax loss family:
 
@@ -6,9 +6,10 @@ Two primitive ops carry every B x C sweep of the normalized-softmax loss family:
   softmax-weighted sum of normalized class rows (the frozen-classifier gradient, in one pass).
 - ``bct_fast::softmax_grads``: P @ W_hat and P.T @ X_hat for the backward pass.
 
-Each has a CUDA kernel (``bct_fast._C``, when compiled), a chunked PyTorch kernel for CPU (and
-for CUDA tensors on a CPU-only build) and a fake implementation so that ``torch.compile`` can
-trace them. Everything of size B (target cosines, margins, the loss itself) is plain PyTorch in
+Each has a CUDA registration that asks :func:`bct_fast.ops.providers.choose` for the provider
+(the ``bct_fast._C`` kernels when verified or requested, else the chunked PyTorch path), a CPU
+registration (chunked PyTorch) and a fake implementation so that ``torch.compile`` can trace
+them. Everything of size B (target cosines, margins, the loss itself) is plain PyTorch in
 :class:`CosineMarginCrossEntropyFunction`, shared by both devices.
 """
 from __future__ import annotations
@@ -19,12 +20,15 @@ import numbers
 import torch
 from torch import Tensor
 
-from bct_fast import _chunked, _native
-from bct_fast._backend import cuda_kernels_compiled, warn_fallback
-from bct_fast._checks import check_choice, check_labels, check_matrix, check_same_device, nonfinite_error
-from bct_fast.margins import Margin, MarginValue, make_margin, target_function
+from bct_fast._core.checks import check_choice, check_labels, check_matrix, check_same_device, nonfinite_error
+from bct_fast.ops import margin_softmax_cuda
+from bct_fast.ops import margin_softmax_torch
+from bct_fast.ops.margins import Margin, MarginValue, make_margin, target_function
+from bct_fast.ops.providers import check_backend, choose, note_fallback
+from bct_fast.ops.rows import inv_row_norms, normalized_rows
 
-__all__ = ["cosine_margin_cross_entropy", "CosineMarginCrossEntropyFunction"]
+__all__ = ["cosine_margin_cross_entropy", "CosineMarginCrossEntropyFunction", "check_loss_options",
+           "normalization_backward_rows"]
 
 
 # ---- op definitions ----------------------------------------------------------------------
@@ -32,25 +36,27 @@ __all__ = ["cosine_margin_cross_entropy", "CosineMarginCrossEntropyFunction"]
 torch.library.define(
     "bct_fast::softmax_stats",
     "(Tensor x, Tensor w, Tensor inv_nx, Tensor inv_nw, Tensor labels, Tensor target_logit, "
-    "float scale, bool with_pws, int chunk_size) -> (Tensor, Tensor)",
+    "float scale, bool with_pws, int chunk_size, str backend='auto') -> (Tensor, Tensor)",
 )
 torch.library.define(
     "bct_fast::softmax_grads",
     "(Tensor x, Tensor w, Tensor inv_nx, Tensor inv_nw, Tensor labels, Tensor target_logit, "
-    "Tensor lse, Tensor row_coef, float scale, bool need_x, bool need_w, int chunk_size) "
+    "Tensor lse, Tensor row_coef, float scale, bool need_x, bool need_w, int chunk_size, "
+    "str backend='auto') "
     "-> (Tensor, Tensor)",
 )
 
 
 @torch.library.register_fake("bct_fast::softmax_stats")
-def _stats_fake(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size):
+def _stats_fake(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size, backend="auto"):
     B, d = x.shape
     lse = x.new_empty((B,), dtype=inv_nx.dtype)
     return lse, x.new_empty((B, d) if with_pws else (0,), dtype=inv_nx.dtype)
 
 
 @torch.library.register_fake("bct_fast::softmax_grads")
-def _grads_fake(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x, need_w, chunk_size):
+def _grads_fake(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x, need_w, chunk_size,
+                backend="auto"):
     B, d = x.shape
     C = w.shape[0]
     return (x.new_empty((B, d) if need_x else (0,), dtype=inv_nx.dtype),
@@ -58,48 +64,48 @@ def _grads_fake(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale
 
 
 @torch.library.register_kernel("bct_fast::softmax_stats", "cpu")
-def _stats_cpu(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size):
-    return _chunked.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size)
+def _stats_cpu(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size, backend="auto"):
+    return margin_softmax_torch.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size)
 
 
 @torch.library.register_kernel("bct_fast::softmax_grads", "cpu")
-def _grads_cpu(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x, need_w, chunk_size):
-    return _chunked.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale,
+def _grads_cpu(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x, need_w, chunk_size,
+               backend="auto"):
+    return margin_softmax_torch.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale,
                                   need_x, need_w, chunk_size)
 
 
-def _use_kernel(op: str, x: Tensor, w: Tensor) -> bool:
-    if _native.kernel_applies(x, w):
-        return True
-    if not cuda_kernels_compiled() and x.dtype != torch.float64:
-        warn_fallback(op)
-    return False
+def _provider(op: str, x: Tensor, w: Tensor, backend: str) -> str:
+    choice = choose("margin_softmax", x.device, backend, lambda: margin_softmax_cuda.unsupported(x, w))
+    note_fallback(op, choice)
+    return choice.provider
 
 
 @torch.library.register_kernel("bct_fast::softmax_stats", "cuda")
-def _stats_cuda(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size):
-    if _use_kernel("softmax_stats", x, w):
-        return _native.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws)
+def _stats_cuda(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size, backend="auto"):
+    if _provider("softmax_stats", x, w, backend) == "cuda":
+        return margin_softmax_cuda.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws)
     return _stats_cpu(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size)
 
 
 @torch.library.register_kernel("bct_fast::softmax_grads", "cuda")
-def _grads_cuda(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x, need_w, chunk_size):
-    if _use_kernel("softmax_grads", x, w):
-        return _native.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef,
-                                     scale, need_x, need_w)
+def _grads_cuda(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x, need_w, chunk_size,
+                backend="auto"):
+    if _provider("softmax_grads", x, w, backend) == "cuda":
+        return margin_softmax_cuda.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef,
+                                                 scale, need_x, need_w)
     return _grads_cpu(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x,
                       need_w, chunk_size)
 
 
 # ---- autograd ------------------------------------------------------------------------------
 
-def _normalization_backward_rows(t: Tensor, inv_n: Tensor, grad_hat: Tensor, chunk: int = 4096) -> Tensor:
+def normalization_backward_rows(t: Tensor, inv_n: Tensor, grad_hat: Tensor, chunk: int = 4096) -> Tensor:
     """Gradient through t_hat = t * inv_n, in place on ``grad_hat`` (chunked rows):
     d t = inv_n * (g - t_hat (t_hat . g))."""
     for r0 in range(0, t.shape[0], chunk):
         g = grad_hat[r0:r0 + chunk]
-        th = _chunked.normalized_rows(t[r0:r0 + chunk], inv_n[r0:r0 + chunk])
+        th = normalized_rows(t[r0:r0 + chunk], inv_n[r0:r0 + chunk])
         g.sub_(th * (th * g).sum(1, keepdim=True)).mul_(inv_n[r0:r0 + chunk, None])
     return grad_hat
 
@@ -110,7 +116,7 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, labels: Tensor, scale: float, margin: Margin,
                 straight_through: bool, reduction: str, ignore_index: int, label_smoothing: float,
-                chunk_size: int, validate: bool, fuse_grad: bool) -> Tensor:
+                chunk_size: int, validate: bool, fuse_grad: bool, backend: str) -> Tensor:
         orig_dtypes = (x.dtype, w.dtype)
         dt = torch.promote_types(x.dtype, w.dtype)
         x, w = x.to(dt), w.to(dt)
@@ -124,8 +130,8 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
         safe = torch.where(valid & in_range, labels, torch.zeros_like(labels))
         lab_eff = torch.where(valid, safe, torch.full_like(labels, -1))
 
-        inv_nx, inv_nw = _chunked.inv_row_norms(x, acc), _chunked.inv_row_norms(w, acc)
-        xh = _chunked.normalized_rows(x, inv_nx)
+        inv_nx, inv_nw = inv_row_norms(x, acc), inv_row_norms(w, acc)
+        xh = normalized_rows(x, inv_nx)
         wyh = w[safe].to(acc) * inv_nw[safe][:, None]
         cos_y = (xh * wyh).sum(1)
         f, df = target_function(cos_y, margin, straight_through)
@@ -133,11 +139,12 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
 
         # Frozen classifier: the forward sweep also produces d(loss)/d(x_hat) (one pass).
         fused = fuse_grad and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
-        lse, pws = torch.ops.bct_fast.softmax_stats(x, w, inv_nx, inv_nw, lab_eff, z_y, scale, fused, chunk_size)
+        lse, pws = torch.ops.bct_fast.softmax_stats(x, w, inv_nx, inv_nw, lab_eff, z_y, scale, fused, chunk_size,
+                                                    backend)
         rows = lse - (1.0 - eps) * z_y
         wsum = None
         if eps > 0:
-            wsum = _chunked.weighted_row_sum(w, inv_nw)  # sum_j w_hat_j
+            wsum = margin_softmax_torch.weighted_row_sum(w, inv_nw)  # sum_j w_hat_j
             rows = rows - (eps / C) * (scale * (xh @ wsum) - scale * cos_y + z_y)
         rows = torch.where(valid, rows, torch.zeros_like(rows))
         n_valid = valid.sum()
@@ -161,7 +168,7 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
 
         ctx.save_for_backward(x, w, inv_nx, inv_nw, lab_eff, safe, valid, xh, wyh, z_y, df, lse,
                               pws if fused else None, wsum, n_valid)
-        ctx.cfg = (scale, reduction, eps, chunk_size, orig_dtypes, fused)
+        ctx.cfg = (scale, reduction, eps, chunk_size, orig_dtypes, fused, backend)
         return loss.to(torch.float32) if acc == torch.float32 else loss
 
     @staticmethod
@@ -169,7 +176,7 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         (x, w, inv_nx, inv_nw, lab_eff, safe, valid, xh, wyh, z_y, df, lse, pws, wsum,
          n_valid) = ctx.saved_tensors
-        scale, reduction, eps, chunk_size, (x_dtype, w_dtype), fused = ctx.cfg
+        scale, reduction, eps, chunk_size, (x_dtype, w_dtype), fused, backend = ctx.cfg
         need_x, need_w = ctx.needs_input_grad[:2]
         C = w.shape[0]
         acc = inv_nx.dtype
@@ -189,19 +196,19 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
             gx_part, gw_part = pws * r[:, None], None
         else:
             gx_part, gw_part = torch.ops.bct_fast.softmax_grads(
-                x, w, inv_nx, inv_nw, lab_eff, z_y, lse, r, scale, need_x, need_w, chunk_size)
+                x, w, inv_nx, inv_nw, lab_eff, z_y, lse, r, scale, need_x, need_w, chunk_size, backend)
         if need_x:
             g = gx_part + corr[:, None] * wyh
             if wsum is not None:
                 g = g - (r * (eps / C))[:, None] * wsum[None, :]
-            grad_x = _normalization_backward_rows(x, inv_nx, g).to(x_dtype)
+            grad_x = normalization_backward_rows(x, inv_nx, g).to(x_dtype)
         if need_w:
             K = gw_part
             K.index_add_(0, safe, corr[:, None] * xh)
             if wsum is not None:
                 K.sub_(((eps / C) * (r[:, None] * xh).sum(0))[None, :])
-            grad_w = _normalization_backward_rows(w, inv_nw, K).to(w_dtype)
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None
+            grad_w = normalization_backward_rows(w, inv_nw, K).to(w_dtype)
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None, None
 
 
 def check_loss_options(*, scale: float, margin_type: str, margin: MarginValue, reduction: str = "mean",
@@ -231,11 +238,12 @@ def cosine_margin_cross_entropy(
     arcface_grad: str = "exact",
     chunk_size: int | None = None,
     validate: bool = True,
+    backend: str = "auto",
 ) -> Tensor:
     """Normalized-softmax cross-entropy with an optional CosFace / ArcFace / combined margin.
 
     ``loss_i = CE(scale * [cos(x_i, w_j) for j], y_i)`` with the target logit replaced by
-    ``scale * f(cos)`` (see :mod:`bct_fast.margins`). Embeddings and weight rows are
+    ``scale * f(cos)`` (see :mod:`bct_fast.ops.margins`). Embeddings and weight rows are
     L2-normalized inside the op and gradients flow through the normalization. The B x C logits
     are never materialized: a CUDA kernel streams class tiles (fp32/fp16/bf16 inputs, fp32
     accumulation), elsewhere a chunked PyTorch path does the same with bounded memory.
@@ -257,6 +265,10 @@ def cosine_margin_cross_entropy(
         arcface_grad: ``"exact"`` or ``"straight_through"`` (insightface arcface_torch).
         chunk_size: classes per chunk on the PyTorch path (default: ~4M logits per chunk).
         validate: check labels and finiteness (costs one host sync; off under torch.compile).
+        backend: ``"auto"`` (the CUDA kernels for CUDA tensors once they passed a recorded GPU
+            run, or with ``BCT_FAST_UNVERIFIED_KERNELS=1``; else the chunked PyTorch path),
+            ``"cuda"`` (the kernels, or an error saying why they cannot serve the call) or
+            ``"torch"`` (:mod:`bct_fast.ops.providers`).
 
     Returns:
         fp32 loss (float64 for float64 inputs): a scalar, or [B] with ``reduction="none"``.
@@ -271,9 +283,13 @@ def cosine_margin_cross_entropy(
                             label_smoothing=label_smoothing, arcface_grad=arcface_grad)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
+    check_backend(backend)
+    if backend == "cuda":  # fail here, naming the argument, rather than inside the sweep
+        dt = embeddings.new_empty(0, dtype=torch.promote_types(embeddings.dtype, weight.dtype))
+        choose("margin_softmax", embeddings.device, backend, lambda: margin_softmax_cuda.unsupported(dt, dt))
     # Grad mode is off inside Function.forward, so decide here whether a backward will follow.
     fuse_grad = torch.is_grad_enabled() and embeddings.requires_grad and not weight.requires_grad
     return CosineMarginCrossEntropyFunction.apply(
         embeddings, weight, labels, float(scale), mg, arcface_grad == "straight_through",
         reduction, int(ignore_index), float(label_smoothing), int(chunk_size or 0), validate,
-        fuse_grad)
+        fuse_grad, backend)

@@ -54,3 +54,35 @@ def test_lazy_import_is_cheap():
             "assert 'bct_fast.ops' in sys.modules")
     out = run_python(code)
     assert out.returncode == 0, out.stderr
+
+
+def test_build_matches_the_source_tree():
+    """What runs is what was built: the extension's embedded per-kernel source hashes equal the
+    hashes of this checkout's csrc/ (a stale or foreign build fails here, naming the family)."""
+    from pathlib import Path
+
+    from bct_fast._core.extension import built_source_hashes, source_hashes
+
+    root = Path(__file__).resolve().parents[2]
+    if not bct_fast.build_info()["cuda_compiled"]:
+        assert built_source_hashes() == {}
+        return
+    assert built_source_hashes() == source_hashes(root), "rebuild: csrc/ changed since this build"
+
+
+def test_unverified_kernels_are_not_the_default(monkeypatch):
+    """Without a recorded GPU run of these exact sources, build_info says the kernels are not
+    verified, and the auto route for CUDA tensors is the torch provider."""
+    import torch
+
+    from bct_fast._core.extension import verified_record
+    from bct_fast.ops import providers
+
+    monkeypatch.delenv(providers.UNVERIFIED_ENV, raising=False)
+    info = bct_fast.build_info()
+    for family, k in info["kernels"].items():
+        recorded = {r["sha256"] for r in verified_record().get(family, [])}
+        assert k["verified_on_gpu"] == (info["kernel_sources"].get(family) in recorded), family
+        if not k["verified_on_gpu"] and info["cuda_compiled"]:
+            choice = providers.choose(family, torch.device("cuda"), "auto", lambda: None)
+            assert choice.provider == "torch" and "recorded GPU run" in choice.reason

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from bct_fast.search import cosine_topk
+from bct_fast.ops import cosine_topk
 from conftest import available_devices
 from topk_reference import assert_topk_matches_reference, near_tie_free, reference_topk
 
@@ -139,35 +139,13 @@ def test_mixed_devices_are_an_error():
         cosine_topk(torch.randn(3, 4), torch.randn(10, 4, device="meta"), 2)
 
 
-def test_knn_func_in_pml_accuracy_calculator(seed):
-    acc_mod = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
-    from bct_fast.search import KnnFunc
-
-    # fp32 may order neighbours ~1e-8 apart either way and a swap across labels moves the metrics
-    # by ~1e-6; this test is about the PML interface (the tie tests above cover ties)
-    ref, _ = near_tie_free(lambda: (torch.randn(300, 16),) * 2, k=60, n_queries=80)
-    ref_labels = torch.randint(0, 10, (300,))
-    q, q_labels = ref[:80], ref_labels[:80]
-    metrics = ("precision_at_1", "r_precision", "mean_average_precision_at_r", "mean_average_precision")
-    ours = acc_mod.AccuracyCalculator(include=metrics, knn_func=KnnFunc(), k=60)
-    # PML's own exact cosine kNN as the peer
-    from pytorch_metric_learning.distances import CosineSimilarity
-    from pytorch_metric_learning.utils.inference import CustomKNN
-    peer = acc_mod.AccuracyCalculator(include=metrics, knn_func=CustomKNN(CosineSimilarity()), k=60)
-    for ref_includes_query in (False, True):
-        a = ours.get_accuracy(q, q_labels, ref, ref_labels, ref_includes_query=ref_includes_query)
-        b = peer.get_accuracy(q, q_labels, ref, ref_labels, ref_includes_query=ref_includes_query)
-        for name in metrics:
-            assert a[name] == pytest.approx(b[name], abs=1e-6), (name, ref_includes_query)
-
-
 def test_native_selector_contract():
     """The C++ running top-k refuses blocks out of gallery order and a flush before k candidates."""
-    from bct_fast import _native
+    from bct_fast.ops import topk_select
 
-    if not _native.cpu_select_available():
+    if not topk_select.cpu_select_available():
         pytest.fail("the extension's TopkSelector is missing")
-    sel = _native.CpuRunningTopk(2, 3)
+    sel = topk_select.CpuRunningTopk(2, 3)
     sel.add(torch.tensor([[3.0, 1.0], [0.0, 2.0]]), 10)
     with pytest.raises(ValueError, match="fewer than k"):
         sel.flush()

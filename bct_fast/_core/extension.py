@@ -1,0 +1,114 @@
+"""Lazy access to the native extension ``bct_fast._C``, and what it was built from.
+
+Importing bct_fast never loads or requires the extension; the first op that could use it asks
+:func:`native` for it. Machines without a GPU, without a CUDA driver, or with a CPU-only build get
+the chunked PyTorch paths instead. Nothing here needs torch.
+
+Which CUDA kernels run by default is decided by evidence, not by their presence: the build
+embeds a sha256 of the sources of each kernel family (``kernel_sources``); a family runs by
+default only when that hash is listed in ``gpu_verified.json``, the record of a GPU run whose
+tests (and sanitizer, where the machine allows it) passed. See :func:`kernel_verification`.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from bct_fast._version import __version__
+
+# Kernel family -> the source files (globs, relative to the repository root) its hash covers.
+# CMakeLists.txt computes the same hash at configure time (keep the two lists identical).
+KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
+    "margin_softmax": ("csrc/bindings.cpp", "csrc/include/bct_fast/common.h",
+                       "csrc/include/bct_fast/margin_softmax.h", "csrc/cuda/tile_common*",
+                       "csrc/cuda/margin_softmax*"),
+    "cosine_topk": ("csrc/bindings.cpp", "csrc/include/bct_fast/common.h",
+                    "csrc/include/bct_fast/cosine_topk.h", "csrc/cuda/tile_common*",
+                    "csrc/cuda/cosine_topk*"),
+}
+_VERIFIED_RECORD = Path(__file__).with_name("gpu_verified.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module("bct_fast._C"), ""
+    except ImportError as exc:  # a source checkout that was never built, or a broken build
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def native() -> ModuleType | None:
+    """The compiled extension, or None when it cannot be imported."""
+    return _load()[0]
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_kernels_compiled() -> bool:
+    """True when the extension was built with its CUDA kernels."""
+    mod = native()
+    return bool(mod is not None and mod.build_info()["cuda_compiled"])
+
+
+def source_hashes(root: str | Path) -> dict[str, str]:
+    """sha256 per kernel family of the source files under ``root`` (a checkout), computed as
+    CMakeLists.txt does: over sorted ``"<relative path>:<file sha256>\\n"`` lines."""
+    root = Path(root)
+    out = {}
+    for family, patterns in KERNEL_SOURCES.items():
+        files = sorted({p.relative_to(root).as_posix() for pat in patterns for p in root.glob(pat) if p.is_file()})
+        lines = "".join(f"{rel}:{hashlib.sha256((root / rel).read_bytes()).hexdigest()}\n" for rel in files)
+        out[family] = hashlib.sha256(lines.encode()).hexdigest()
+    return out
+
+
+def built_source_hashes() -> dict[str, str]:
+    """The per-family source hashes the installed extension was compiled from ({} without it)."""
+    mod = native()
+    return dict(mod.build_info().get("kernel_sources", {})) if mod is not None else {}
+
+
+def verified_record() -> dict[str, Any]:
+    """The committed record of GPU runs: ``{family: [{"sha256", "result", "device"}, ...]}``."""
+    try:
+        return json.loads(_VERIFIED_RECORD.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def kernel_verification() -> dict[str, dict[str, Any]]:
+    """Per kernel family: ``compiled``, ``verified_on_gpu`` (this build's sources are in the
+    record of a passing GPU run), ``record`` (that run's result file) and ``reason``."""
+    built = built_source_hashes() if cuda_kernels_compiled() else {}
+    record = verified_record()
+    out = {}
+    for family in KERNEL_SOURCES:
+        h = built.get(family)
+        runs = [r for r in record.get(family, []) if r.get("sha256") == h] if h else []
+        if not h:
+            reason = "not compiled (CPU-only build or extension not importable)"
+        elif runs:
+            reason = f"passed a recorded GPU run ({runs[0].get('result')})"
+        else:
+            reason = "compiled, but these sources have never passed a recorded GPU run"
+        out[family] = {"compiled": bool(h), "verified_on_gpu": bool(runs),
+                       "record": runs[0].get("result") if runs else None, "reason": reason}
+    return out
+
+
+def extension_info() -> dict[str, Any]:
+    """What the extension was built with and sees at run time (no torch involved)."""
+    mod, error = _load()
+    info: dict[str, Any] = {"version": __version__, "extension_loaded": mod is not None}
+    if mod is None:
+        info.update(extension_error=error, cuda_compiled=False, cuda_compiler_version=None,
+                    cuda_architectures=None, driver_version=0, runtime_version=0, device_count=0)
+    else:
+        info.update(mod.build_info())
+        info.update(mod.runtime_info())
+    info["kernels"] = kernel_verification()
+    return info

@@ -1,0 +1,92 @@
+"""The CUDA provider of the margin-softmax sweeps: ``bct_fast._C`` launchers with raw pointers.
+
+Same contract as :mod:`bct_fast.ops.margin_softmax_torch`; the class-split partial results are
+merged here with a log-sum-exp.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bct_fast._core.extension import native
+from bct_fast.ops.native_call import DTYPE_CODES, f32, stream_of
+from bct_fast.ops.providers import Unsupported
+
+
+def unsupported(x: torch.Tensor, w: torch.Tensor) -> Unsupported | None:
+    """Why the kernels cannot serve these (CUDA) tensors, or None."""
+    if x.dtype == torch.float64 or w.dtype == torch.float64:
+        return Unsupported("float64 inputs (the kernels compute in fp32)", expected=True)
+    if x.dtype not in DTYPE_CODES or w.dtype != x.dtype:
+        return Unsupported(f"dtypes {x.dtype} / {w.dtype} (the kernels take one of fp32/fp16/bf16 for both)")
+    return None
+
+
+def _class_splits(B: int, C: int, device: torch.device) -> int:
+    """Split the classes so that about 4 blocks per SM run even for small batches."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_blocks = math.ceil(B / 32)
+    return int(max(1, min(math.ceil(4 * sms / row_blocks), math.ceil(C / 256), 1024)))
+
+
+def merge_class_splits(m: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-sum-exp merge of per-split (max, sum-exp) [S, B] -> (lse [B], weights [S, B], l_all [B]).
+
+    An empty split (or one whose logits are all -inf) carries m = -inf, l = 0: its weight is 0,
+    never exp(-inf - -inf) = NaN; a row with no finite logit at all gets lse = -inf."""
+    m_all = m.amax(0)
+    finite = torch.isfinite(m)
+    weights = torch.where(finite, torch.exp(m - torch.where(torch.isfinite(m_all), m_all, 0.0)),
+                          torch.zeros((), dtype=m.dtype, device=m.device))
+    l_all = (l * weights).sum(0)
+    return m_all + torch.log(l_all), weights, l_all
+
+
+def softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale: float, with_pws: bool):
+    """Per-row log-sum-exp and, with ``with_pws``, the softmax-weighted sum of class rows."""
+    x, w = x.contiguous(), w.contiguous()
+    inv_nx, inv_nw, target_logit = f32(inv_nx), f32(inv_nw), f32(target_logit)
+    labels = labels.to(torch.int64).contiguous()
+    B, d = x.shape
+    C = w.shape[0]
+    S = _class_splits(B, C, x.device)
+    m = torch.empty(S, B, device=x.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty(S, B, d, device=x.device, dtype=torch.float32) if with_pws else None
+    with torch.cuda.device(x.device):
+        native().margin_softmax_stats(
+            x.data_ptr(), w.data_ptr(), inv_nx.data_ptr(), inv_nw.data_ptr(), labels.data_ptr(),
+            target_logit.data_ptr(), B, C, d, DTYPE_CODES[x.dtype], float(scale), S,
+            m.data_ptr(), l.data_ptr(), acc.data_ptr() if acc is not None else 0, stream_of(x))
+    lse, weights, l_all = merge_class_splits(m, l)
+    if acc is None:
+        return lse, x.new_empty((0,), dtype=torch.float32)
+    pws = torch.einsum("sb,sbd->bd", weights, acc) / l_all[:, None]
+    return lse, pws
+
+
+def softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale: float,
+                  need_x: bool, need_w: bool):
+    """P @ W_hat and P.T @ X_hat with P_ij = row_coef_i * softmax_ij (fp32; empty when not needed)."""
+    B, d = x.shape
+    C = w.shape[0]
+    empty = x.new_empty((0,), dtype=torch.float32)
+    gx, gw = empty, empty
+    if need_x:
+        # The online sweep recomputes the softmax it needs; its result equals P @ W_hat for the
+        # given lse up to rounding.
+        _, pws = softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, True)
+        gx = pws * row_coef.to(torch.float32)[:, None]
+    if need_w:
+        x, w = x.contiguous(), w.contiguous()
+        inv_nx, inv_nw, target_logit = f32(inv_nx), f32(inv_nw), f32(target_logit)
+        lse, row_coef = f32(lse), f32(row_coef)
+        labels = labels.to(torch.int64).contiguous()
+        gw = torch.empty(C, d, device=x.device, dtype=torch.float32)
+        with torch.cuda.device(x.device):
+            native().margin_softmax_grad_weight(
+                x.data_ptr(), w.data_ptr(), inv_nx.data_ptr(), inv_nw.data_ptr(),
+                labels.data_ptr(), target_logit.data_ptr(), lse.data_ptr(), row_coef.data_ptr(),
+                B, C, d, DTYPE_CODES[x.dtype], float(scale), gw.data_ptr(), stream_of(x))
+    return gx, gw

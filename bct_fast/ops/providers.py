@@ -1,0 +1,100 @@
+"""Which implementation serves an op: the provider contract and the one place that picks.
+
+Every op family has a ``torch`` provider (chunked PyTorch: any device, bounded memory, verified
+against the float64 references) and a ``cuda`` provider (the kernels of ``bct_fast._C``). A
+provider module gives:
+
+- margin softmax (``margin_softmax_torch`` / ``margin_softmax_cuda``):
+  ``softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws)`` and
+  ``softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x,
+  need_w)``, same contract (csrc/include/bct_fast/margin_softmax.h);
+- cosine top-k (``topk_select`` / ``topk_cuda``): the exact top-k of a query block over one
+  gallery chunk, merged by a running top-k with the same tie rule (lower index first);
+- and, for the CUDA provider, ``unsupported(...) -> Unsupported | None``: why it cannot serve an
+  input (dtype, k above its limit, ...).
+
+:func:`choose` is the only place that decides. ``backend="auto"`` runs a family's CUDA kernels
+only when the installed build's sources passed a recorded GPU run (``gpu_verified.json``) or
+when ``BCT_FAST_UNVERIFIED_KERNELS=1``; ``backend="cuda"`` requests them (an error when they
+cannot serve the call); ``backend="torch"`` never uses them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from bct_fast._core.checks import check_choice
+from bct_fast._core.extension import cuda_kernels_compiled, kernel_verification
+
+BACKENDS = ("auto", "torch", "cuda")
+UNVERIFIED_ENV = "BCT_FAST_UNVERIFIED_KERNELS"
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """Why a CUDA provider cannot serve an input; ``expected``: a deliberate route (float64
+    stays on the exact torch path), not worth a warning."""
+
+    reason: str
+    expected: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    provider: str  # "torch" | "cuda"
+    reason: str
+    warn: bool = False  # CUDA tensors on the torch path for a reason the user may not expect
+
+
+@functools.lru_cache(maxsize=None)
+def _verified(family: str) -> bool:
+    return bool(kernel_verification()[family]["verified_on_gpu"])
+
+
+def check_backend(backend: object) -> str:
+    check_choice(backend, "backend", BACKENDS)
+    return backend  # type: ignore[return-value]
+
+
+def choose(family: str, device: torch.device, backend: str,
+           unsupported: Callable[[], Unsupported | None]) -> Choice:
+    """The provider of ``family`` (``"margin_softmax"`` | ``"cosine_topk"``) for tensors on
+    ``device``; ``unsupported`` is asked only when the CUDA kernels are compiled."""
+    check_backend(backend)
+    if backend == "torch":
+        return Choice("torch", "backend='torch' requested")
+    if device.type != "cuda":
+        if backend == "cuda":
+            raise ValueError(f"backend: 'cuda' needs CUDA tensors, got tensors on {device}")
+        return Choice("torch", f"{device.type} tensors")
+    why = (Unsupported("bct_fast was built without CUDA kernels (CPU-only build or extension "
+                       "not importable)") if not cuda_kernels_compiled() else unsupported())
+    if why is not None:
+        if backend == "cuda":
+            raise ValueError(f"backend: the CUDA kernels of {family} cannot serve this call: {why.reason}")
+        return Choice("torch", why.reason, warn=not why.expected)
+    if backend == "cuda":
+        return Choice("cuda", "backend='cuda' requested")
+    if _verified(family):
+        return Choice("cuda", "its sources passed a recorded GPU run")
+    if os.environ.get(UNVERIFIED_ENV) == "1":
+        return Choice("cuda", f"{UNVERIFIED_ENV}=1")
+    return Choice("torch", f"its CUDA kernels have not passed a recorded GPU run yet (set "
+                           f"{UNVERIFIED_ENV}=1 or backend='cuda' to run them)", warn=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(op: str, reason: str) -> None:
+    warnings.warn(f"bct_fast.{op}: CUDA tensors served by the chunked PyTorch path: {reason}.",
+                  RuntimeWarning, stacklevel=4)
+
+
+def note_fallback(op: str, choice: Choice) -> None:
+    """Warn once per op and reason when CUDA tensors take the torch path unexpectedly."""
+    if choice.warn:
+        _warn_once(op, choice.reason)

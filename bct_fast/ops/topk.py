@@ -1,0 +1,215 @@
+"""Exact top-k cosine search of queries against a gallery, in bounded memory (the op).
+
+``cosine_topk`` scores ``query_block x chunk_size`` similarity blocks, reduces each to its top-k
+and merges, so the Q x N score matrix never exists. The provider is picked by
+:func:`bct_fast.ops.providers.choose`: the fused CUDA kernel (:mod:`bct_fast.ops.topk_cuda`) for
+CUDA tensors when it is verified or requested, else this chunked PyTorch path. On a CPU the
+score blocks come from oneDNN (:mod:`bct_fast.ops.cpu_gemm`) and the running top-k is kept by
+the extension's C++ selector when it is built, else by the PyTorch one
+(:mod:`bct_fast.ops.topk_select`). Results are exact, sorted by score descending, ties to the
+lower gallery index.
+
+Galleries larger than device memory: pass the gallery as a CPU tensor or a numpy array / memmap
+with CUDA queries; chunks are copied through pinned memory and merged on the device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bct_fast._core.checks import check_matrix, nonfinite_error
+from bct_fast.ops import topk_cuda, topk_select
+from bct_fast.ops.cpu_gemm import mm_nt
+from bct_fast.ops.providers import check_backend, choose, note_fallback
+from bct_fast.ops.rows import inv_row_norms
+from bct_fast.ops.topk_select import NonFiniteScores, RunningTopk
+
+__all__ = ["cosine_topk"]
+
+_BLOCK_ELEMS = 1 << 24  # scores per block: 16M fp32 = 64 MiB
+_DEFAULT_CHUNK = 8192   # gallery rows per chunk
+_NUMPY_FLOATS = (np.float16, np.float32, np.float64)
+
+
+def _check_gallery(g, name: str):
+    """A torch matrix, or a 2-D float numpy array / memmap (kept on the host, read by chunks)."""
+    if isinstance(g, np.ndarray):
+        if g.ndim != 2 or g.shape[0] == 0 or g.shape[1] == 0:
+            raise ValueError(f"{name}: expected a non-empty 2-D array [rows, dim], got shape {g.shape}")
+        if g.dtype.type not in _NUMPY_FLOATS:
+            raise TypeError(f"{name}: numpy dtype {g.dtype} is not supported (float16/32/64)")
+        return g
+    return check_matrix(g, name)
+
+
+def _host_tensor(a: np.ndarray) -> Tensor:
+    """numpy -> CPU tensor; read-only arrays (memmaps opened "r") are copied, as torch needs."""
+    return torch.from_numpy(np.ascontiguousarray(a) if a.flags.writeable else np.array(a))
+
+
+def _torch_dtype(g) -> torch.dtype:
+    return {np.float16: torch.float16, np.float32: torch.float32, np.float64: torch.float64}[g.dtype.type] \
+        if isinstance(g, np.ndarray) else g.dtype
+
+
+def _gallery_chunks(g, chunk: int, device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[int, Tensor]]:
+    """Yield ``(row0, chunk on device)``. Host galleries headed for CUDA go through two pinned
+    staging buffers so the next copy overlaps the current chunk's search."""
+    N = g.shape[0]
+    host = isinstance(g, np.ndarray) or g.device.type == "cpu"
+    if not (host and device.type == "cuda"):
+        for n0 in range(0, N, chunk):
+            part = g[n0:n0 + chunk]
+            if isinstance(part, np.ndarray):
+                part = _host_tensor(part)
+            yield n0, part.to(device=device, dtype=dtype or part.dtype)
+        return
+    src_dtype = _torch_dtype(g)
+    staging = [torch.empty(chunk, g.shape[1], dtype=src_dtype).pin_memory() for _ in range(2)]
+    done = [None, None]
+    for step, n0 in enumerate(range(0, N, chunk)):
+        buf = staging[step % 2]
+        if done[step % 2] is not None:
+            done[step % 2].synchronize()  # the copy that last read this buffer has finished
+        part = g[n0:n0 + chunk]
+        rows = part.shape[0]
+        buf[:rows].copy_(_host_tensor(part) if isinstance(part, np.ndarray) else part)
+        on_dev = buf[:rows].to(device, non_blocking=True)
+        done[step % 2] = torch.cuda.Event()
+        done[step % 2].record(torch.cuda.current_stream(device))
+        yield n0, on_dev.to(dtype or on_dev.dtype)
+
+
+def _score_block(qb: Tensor, gb: Tensor, inv_ng: Tensor | None, q0: int, n0: int, exclude_self: bool) -> Tensor:
+    """Scores of one query block against one gallery chunk (own rows at -inf with exclude_self)."""
+    if qb.device.type == "cpu":
+        # The gallery chunk is the left operand: for a few queries MKL streams it ~2x faster
+        # than through its GEMV path (one query is padded to two columns); above that oneDNN
+        # is ~2x faster than MKL (ops.cpu_gemm). Reductions run on the contiguous [chunk, Q]
+        # product; the caller gets its transposed view.
+        if qb.shape[0] <= 4:
+            st = gb @ (qb.repeat(2, 1) if qb.shape[0] == 1 else qb).T
+        else:
+            st = mm_nt(gb, qb)
+        if inv_ng is not None:
+            st *= inv_ng[:, None]
+        s = st.T[:qb.shape[0]]
+    else:
+        st = s = qb @ gb.T
+        if inv_ng is not None:
+            s *= inv_ng
+    # One cheap reduction instead of an isfinite pass: min/max propagate NaN and expose +-inf.
+    lo, hi = torch.aminmax(st)
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        raise NonFiniteScores()
+    if exclude_self:
+        rows = torch.arange(q0, q0 + qb.shape[0], device=qb.device)
+        own = (rows >= n0) & (rows < n0 + gb.shape[0])
+        s[own.nonzero()[:, 0], rows[own] - n0] = -math.inf
+    return s
+
+
+def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_self: bool = False,
+                chunk_size: int | None = None, progress: bool = False,
+                backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Exact top-k cosine (or inner-product) search.
+
+    Args:
+        queries: [Q, d] tensor or numpy array (fp32 / fp16 / bf16 / fp64).
+        gallery: [N, d] tensor on the queries' device, or a CPU tensor / numpy array / memmap
+            with CUDA queries (streamed to the device in chunks: galleries larger than memory).
+        k: neighbours per query, 1 <= k <= N (N - 1 with ``exclude_self``).
+        normalize: L2-normalize both sides (cosine); False scores raw inner products. An
+            all-zero row has no direction: it scores 0 against everything (the convention of
+            ``torch.nn.functional.normalize`` / ``cosine_similarity``).
+        exclude_self: query i is gallery row i (queries are the first Q gallery rows, e.g. the
+            same set): drop that row from query i's results (leave-one-out retrieval).
+        chunk_size: gallery rows per block (default: ~16M scores per block).
+        progress: show a tqdm bar over gallery chunks.
+        backend: ``"auto"`` (the CUDA kernel for CUDA tensors once it passed a recorded GPU run,
+            or with ``BCT_FAST_UNVERIFIED_KERNELS=1``; else the chunked PyTorch path),
+            ``"cuda"`` (the kernel, or an error saying why it cannot serve the call) or
+            ``"torch"`` (:mod:`bct_fast.ops.providers`).
+
+    Returns:
+        ``(scores [Q, k] float32, indices [Q, k] int64)`` on the queries' device, sorted by score
+        descending with ties to the lower gallery index.
+
+    Raises:
+        ValueError / TypeError naming the argument: bad shapes, k out of range, empty gallery,
+        dim mismatch, mixed devices, NaN/inf rows.
+    """
+    check_backend(backend)
+    q = _host_tensor(queries) if isinstance(queries, np.ndarray) else queries
+    q = check_matrix(q, "queries")
+    g = _check_gallery(gallery, "gallery")
+    g_dev = torch.device("cpu") if isinstance(g, np.ndarray) else g.device
+    streamed = q.device.type == "cuda" and g_dev.type == "cpu"
+    if g_dev != q.device and not streamed:
+        raise ValueError(f"gallery: on {g_dev}, but queries are on {q.device} (a CPU gallery may "
+                         "be streamed to CUDA queries; other mixes are not supported)")
+    Q, N = q.shape[0], g.shape[0]
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"gallery: has dim {g.shape[1]} but queries have dim {q.shape[1]}")
+    if exclude_self and Q > N:
+        raise ValueError(f"exclude_self: query i must be gallery row i, but there are {Q} queries "
+                         f"and only {N} gallery rows")
+    limit = N - 1 if exclude_self else N
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
+        raise ValueError(f"k: expected an integer in [1, {limit}] (gallery size"
+                         f"{' - 1 with exclude_self' if exclude_self else ''}), got {k!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
+
+    g_is_f64 = (g.dtype == np.float64) if isinstance(g, np.ndarray) else g.dtype == torch.float64
+    acc = torch.float64 if (q.dtype == torch.float64 or g_is_f64) else torch.float32
+    qn = q.to(acc)
+    if normalize:
+        qn = torch.nn.functional.normalize(qn, dim=1)
+    if not bool(torch.isfinite(qn).all()):
+        raise nonfinite_error({"queries": q})
+    # ~8k-row chunks keep the GEMM in cache; the query block bounds one score block to 64 MiB.
+    chunk = max(k, chunk_size or min(N, _DEFAULT_CHUNK))
+    q_block = max(1, min(Q, _BLOCK_ELEMS // chunk))
+    g_dtype = _torch_dtype(g)
+    choice = choose("cosine_topk", q.device, backend, lambda: topk_cuda.unsupported(q.dtype, g_dtype, k))
+    note_fallback("cosine_topk", choice)
+    use_kernel = choice.provider == "cuda"
+
+    out_s = torch.empty(Q, k, dtype=acc, device=q.device)
+    out_i = torch.empty(Q, k, dtype=torch.int64, device=q.device)
+    # Gallery-chunk-major order: the gallery is read (and streamed) once, the queries stay put.
+    chunks = _gallery_chunks(g, chunk, q.device, None if use_kernel else acc)
+    if progress:
+        from tqdm.auto import tqdm
+        chunks = tqdm(chunks, total=math.ceil(N / chunk), desc="cosine_topk", unit="chunk")
+    native_select = (q.device.type == "cpu" and not use_kernel and acc == torch.float32
+                     and topk_select.cpu_select_available())
+    running = [topk_select.CpuRunningTopk(min(q_block, Q - q0), k) if native_select else RunningTopk(k)
+               for q0 in range(0, Q, q_block)]
+    for n0, gb in chunks:
+        # Scale the scores instead of normalizing the chunk: one pass over it fewer.
+        inv_ng = inv_row_norms(gb) if (normalize and not use_kernel) else None
+        for b, q0 in enumerate(range(0, Q, q_block)):
+            qb = qn[q0:q0 + q_block]
+            try:
+                if use_kernel:
+                    new = topk_cuda.cosine_topk_block(q[q0:q0 + q_block], gb, min(k, gb.shape[0]), normalize,
+                                                    q0 if exclude_self else -1, n0)
+                    running[b].merge(new)
+                else:
+                    running[b].add(_score_block(qb, gb, inv_ng, q0, n0, exclude_self), n0)
+            except NonFiniteScores:
+                raise nonfinite_error({"queries": q[q0:q0 + q_block], "gallery": _rows(g, n0, gb.shape[0])}) from None
+    for b, q0 in enumerate(range(0, Q, q_block)):
+        out_s[q0:q0 + q_block], out_i[q0:q0 + q_block] = running[b].flush()
+    return out_s.to(torch.float32), out_i
+
+
+def _rows(g, n0: int, rows: int) -> Tensor:
+    part = g[n0:n0 + rows]
+    return _host_tensor(part) if isinstance(part, np.ndarray) else part

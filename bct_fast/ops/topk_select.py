@@ -1,0 +1,170 @@
+"""Exact running top-k selection: the tie rule (equal scores -> lower gallery index) in one place.
+
+``RunningTopk`` (PyTorch, any device) and ``CpuRunningTopk`` (the extension's C++ selector,
+csrc/cpu/topk_select_cpu.cpp) keep the best k of a query block over gallery chunks; both return
+rows sorted by score descending, ties by ascending gallery index.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from bct_fast._core.extension import native
+
+
+class NonFiniteScores(Exception):
+    """A block produced NaN/inf scores; the caller names the input that holds them."""
+
+
+def _sort_rows_by_score_then_column(vals: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Order each row by score descending, equal scores by ascending column."""
+    cols, perm = cols.sort(dim=1)
+    vals = vals.gather(1, perm)
+    order = vals.sort(dim=1, descending=True, stable=True).indices
+    return vals.gather(1, order), cols.gather(1, order)
+
+
+def topk_lowest_index_ties(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k per row, descending, equal scores ordered by ascending column (exact tie rule).
+
+    torch.topk breaks ties arbitrarily; only rows with a tie across the k-th place need the
+    slower exact selection, the rest are just reordered."""
+    n = scores.shape[1]
+    if k >= n:
+        return torch.sort(scores, dim=1, descending=True, stable=True)
+    vals, cols = torch.topk(scores, k + 1, dim=1)
+    tied = vals[:, k - 1] == vals[:, k]
+    out_v, out_c = _sort_rows_by_score_then_column(vals[:, :k], cols[:, :k])
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        s = scores[rows]
+        c = _first_k_columns(s, vals[rows, k - 1:k], k)
+        out_v[rows], out_c[rows] = _sort_rows_by_score_then_column(s.gather(1, c), c)
+    return out_v, out_c
+
+
+def _first_k_columns(s: Tensor, kth: Tensor, k: int) -> Tensor:
+    """Columns [rows, k], ascending, of every score above the row's k-th score ``kth`` [rows, 1]
+    plus the leftmost scores equal to it: the exact tie rule when column order is index order."""
+    above = s > kth
+    need = k - above.sum(1, keepdim=True)
+    equal = s == kth
+    take = above | (equal & (torch.cumsum(equal, dim=1) <= need))
+    return take.nonzero()[:, 1].view(s.shape[0], k)
+
+
+class RunningTopk:
+    """The running top-k of one query block over gallery chunks (rows ``n0 + j``).
+
+    Once a query holds k candidates, only scores strictly above its k-th best can enter (a later
+    row with an equal score has a higher index and loses the tie): a cheap mask replaces a full
+    selection over each chunk, and survivors are merged in batches of about k columns. The
+    running set is kept unordered (plus its k-th score); it is sorted once, at the end. That
+    keeps this path GEMM-bound on a CPU."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.best: tuple[Tensor, Tensor] | None = None  # (scores, gallery indices), any order
+        self.kth: Tensor | None = None                   # [rows, 1] k-th best score, once full
+        self.pending: list[tuple[Tensor, Tensor]] = []
+        self.pending_width = 0
+
+    def add(self, s: Tensor, n0: int) -> None:
+        if self.kth is None:
+            cols = torch.arange(n0, n0 + s.shape[1], device=s.device).expand(s.shape[0], -1)
+            self.merge((s, cols))
+            return
+        if s.stride(0) == 1 and s.shape[1] > 1:
+            # A transposed view of a [chunk, Q] product: scan it in storage order (a strided
+            # nonzero is ~2x slower), then group by query with a stable sort of the survivors.
+            cols, rows = (s.T > self.kth.T).nonzero(as_tuple=True)
+            rows, order = torch.sort(rows, stable=True)
+            cols = cols[order]
+        else:
+            rows, cols = (s > self.kth).nonzero(as_tuple=True)  # ascending columns within a row
+        if rows.numel() == 0:
+            return
+        counts = torch.bincount(rows, minlength=s.shape[0])
+        width = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(rows.shape[0], device=s.device) - starts[rows]
+        cand_s = torch.full((s.shape[0], width), -math.inf, dtype=s.dtype, device=s.device)
+        cand_i = torch.full((s.shape[0], width), -1, dtype=torch.int64, device=s.device)
+        cand_s[rows, pos] = s[rows, cols]
+        cand_i[rows, pos] = cols + n0
+        self.pending.append((cand_s, cand_i))
+        self.pending_width += width
+        if self.pending_width >= max(self.k, 64):
+            self._merge_pending()
+
+    def merge(self, new: tuple[Tensor, Tensor]) -> None:
+        """Fold in candidates (scores, gallery indices; padding columns carry -inf scores)."""
+        if self.best is not None:
+            new = (torch.cat([self.best[0], new[0].to(self.best[0].dtype)], 1), torch.cat([self.best[1], new[1]], 1))
+        self.best = _select_unordered(new[0], new[1], self.k)
+        if self.best[0].shape[1] == self.k:
+            self.kth = self.best[0].amin(1, keepdim=True)
+
+    def _merge_pending(self) -> None:
+        if self.pending:
+            self.merge((torch.cat([p[0] for p in self.pending], 1), torch.cat([p[1] for p in self.pending], 1)))
+            self.pending, self.pending_width = [], 0
+
+    def flush(self) -> tuple[Tensor, Tensor]:
+        """The final top-k: sorted by score descending, ties by ascending gallery index."""
+        self._merge_pending()
+        return _sort_rows_by_score_then_column(*self.best)
+
+
+def _select_unordered(s: Tensor, idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k best (score, index) pairs per row in any order; equal scores at the k-th place go
+    to the lower index. ``idx`` need not be ordered."""
+    if s.shape[1] <= k:
+        return s, idx
+    vals, cols = torch.topk(s, k, dim=1, sorted=False)
+    kth = vals.amin(1, keepdim=True)
+    tied = (s >= kth).sum(1) > k  # more candidates at the k-th score than places left
+    out = (vals, idx.gather(1, cols))
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        ri, order = idx[rows].sort(dim=1)  # column order = index order, as _first_k_columns needs
+        rs = s[rows].gather(1, order)
+        c = _first_k_columns(rs, kth[rows], k)
+        out[0][rows], out[1][rows] = rs.gather(1, c), ri.gather(1, c)
+    return out
+
+
+# ---- CPU running top-k (csrc/cpu/topk_select_cpu.cpp) -----------------------------------------
+# Module switch: tests turn it off to run the pure-PyTorch selection on the same inputs.
+USE_CPU_SELECT = True
+
+
+def cpu_select_available() -> bool:
+    """The extension's C++ running top-k can serve fp32 CPU score blocks."""
+    mod = native()
+    return USE_CPU_SELECT and mod is not None and hasattr(mod, "TopkSelector")
+
+
+class CpuRunningTopk:
+    """Exact running top-k of Q queries over fp32 CPU score blocks, in C++: one pass over each
+    block, candidates above a per-query threshold kept in a buffer that is compacted with
+    nth_element (amortized O(1) per candidate). Same contract as :class:`RunningTopk`."""
+
+    def __init__(self, queries: int, k: int):
+        self.k = k
+        self._sel = native().TopkSelector(queries, k)
+
+    def add(self, s: torch.Tensor, n0: int) -> None:
+        """Scores [Q, n] (any strides, float32, CPU, no NaN) of gallery rows n0 .. n0 + n - 1."""
+        if s.dtype != torch.float32 or s.device.type != "cpu":
+            raise TypeError("CpuRunningTopk.add: expected a float32 CPU tensor")
+        self._sel.add_block(s.data_ptr(), s.shape[1], s.stride(0), s.stride(1), n0, torch.get_num_threads())
+
+    def flush(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k sorted by score descending, ties by ascending gallery index."""
+        scores = torch.empty(self._sel.queries, self.k, dtype=torch.float32)
+        index = torch.empty(self._sel.queries, self.k, dtype=torch.int64)
+        self._sel.finish(scores.data_ptr(), index.data_ptr(), torch.get_num_threads())
+        return scores, index

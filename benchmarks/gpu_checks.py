@@ -1,0 +1,171 @@
+"""The checks of benchmarks/gpu_session.sh, in Python so that CI can test them without a GPU.
+
+    python benchmarks/gpu_checks.py cmake                  # local cmake >= pyproject's floor?
+    python benchmarks/gpu_checks.py installed ROOT         # the installed build, not ROOT/bct_fast?
+    python benchmarks/gpu_checks.py cuda-tests JUNIT.xml   # every CUDA test ran and passed?
+    python benchmarks/gpu_checks.py sanitizer LOG RC       # clean | errors | refused | failed
+
+Each prints one JSON object and exits 1 when the check fails. "GPU visible" is
+``torch.cuda.is_available()``, or ``BCT_FAST_CHECK_FAKE_GPU=1`` (read only here: it lets the CI
+test exercise the GPU branch of the CUDA-test check on a CPU machine).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_GPU_ENV = "BCT_FAST_CHECK_FAKE_GPU"
+
+
+def gpu_visible() -> bool:
+    if os.environ.get(FAKE_GPU_ENV) == "1":
+        return True
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+# ---- cmake ---------------------------------------------------------------------------------
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not m:
+        raise ValueError(f"no version number in {text!r}")
+    return tuple(int(g or 0) for g in m.groups())
+
+
+def cmake_floor(pyproject: Path = ROOT / "pyproject.toml") -> tuple[int, ...]:
+    """The ``cmake.version = ">=X.Y.Z"`` floor of [tool.scikit-build]."""
+    m = re.search(r'^cmake\.version\s*=\s*">=\s*([\d.]+)"', pyproject.read_text(), re.M)
+    if not m:
+        raise ValueError(f"{pyproject}: no cmake.version floor found")
+    return _version_tuple(m.group(1))
+
+
+def check_cmake(cmake: str = "cmake") -> dict:
+    try:
+        out = subprocess.run([cmake, "--version"], capture_output=True, text=True, timeout=60).stdout
+        have = _version_tuple(out)
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        return {"ok": False, "cmake": None, "error": f"{cmake} --version failed: {e}"}
+    floor = cmake_floor()
+    return {"ok": have >= floor, "cmake": ".".join(map(str, have)), "floor": ".".join(map(str, floor))}
+
+
+# ---- which bct_fast is imported ------------------------------------------------------------
+
+def check_installed(root: Path, need_cuda: bool = True) -> dict:
+    """Import bct_fast as the tests will (from ``root``, safe path: the current folder is not on
+    sys.path) and report where it came from and what it was built with."""
+    code = ("import json, bct_fast; i = bct_fast.build_info(); "
+            "print(json.dumps({'file': bct_fast.__file__, 'extension_loaded': i['extension_loaded'], "
+            "'cuda_compiled': i['cuda_compiled'], 'cuda_architectures': i['cuda_architectures'], "
+            "'kernel_sources': i.get('kernel_sources'), 'extension_error': i.get('extension_error')}))")
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env,
+                         timeout=300)
+    if out.returncode != 0:
+        return {"ok": False, "error": out.stderr.strip()[-2000:]}
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    problems = []
+    if Path(info["file"]).resolve().is_relative_to((root / "bct_fast").resolve()):
+        problems.append(f"bct_fast was imported from the source folder {root / 'bct_fast'}, not the build")
+    if not info["extension_loaded"]:
+        problems.append(f"bct_fast._C is not loaded: {info.get('extension_error')}")
+    if need_cuda and not info["cuda_compiled"]:
+        problems.append("bct_fast._C was built without its CUDA kernels")
+    info.update(ok=not problems, problems=problems)
+    return info
+
+
+# ---- the CUDA tests of a junit XML ---------------------------------------------------------
+
+def cuda_test_counts(junit: Path) -> dict[str, dict[str, int]]:
+    """Per test file: passed / failed / skipped CUDA tests (the ``cuda`` property that
+    tests/conftest.py records on every test carrying the ``cuda`` marker)."""
+    counts: dict[str, dict[str, int]] = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        if props.get("cuda") != "1":
+            continue
+        file = case.get("file") or (case.get("classname") or "?").replace(".", "/") + ".py"
+        if case.find("skipped") is not None:
+            outcome = "skipped"
+        elif case.find("failure") is not None or case.find("error") is not None:
+            outcome = "failed"
+        else:
+            outcome = "passed"
+        row = counts.setdefault(file, {"passed": 0, "failed": 0, "skipped": 0})
+        row[outcome] += 1
+    return counts
+
+
+def check_cuda_tests(junit: Path) -> dict:
+    """On a machine with a GPU: at least one CUDA test ran, none failed, none was skipped
+    (a skipped CUDA test on a GPU machine means the kernels were not what ran)."""
+    counts = cuda_test_counts(junit)
+    total = {k: sum(r[k] for r in counts.values()) for k in ("passed", "failed", "skipped")}
+    suite_errors = sum(int(s.get("errors", 0)) for s in ET.parse(junit).getroot().iter("testsuite"))
+    problems = []
+    if total["failed"]:
+        problems.append(f"{total['failed']} CUDA tests failed")
+    if suite_errors:
+        problems.append(f"{suite_errors} errors (collection or fixtures)")
+    if gpu_visible():
+        if total["skipped"]:
+            problems.append(f"{total['skipped']} CUDA tests were skipped although a GPU is visible")
+        if total["passed"] == 0:
+            problems.append("no CUDA test ran although a GPU is visible")
+    return {"ok": not problems, "gpu_visible": gpu_visible(), "total": total, "per_file": counts,
+            "problems": problems}
+
+
+# ---- compute-sanitizer ---------------------------------------------------------------------
+
+def sanitizer_verdict(log: str, rc: int) -> str:
+    """``clean`` (0 errors), ``errors`` (it found some), ``refused`` (the machine does not
+    support it: some GPU sandboxes) or ``failed`` (the run broke for another reason)."""
+    if re.search(r"Device not supported|not supported on this|Unable to find injection library|"
+                 r"CUDA_ERROR_NOT_SUPPORTED|error 999|Target application terminated before first "
+                 r"instrumented API call", log):
+        return "refused"
+    m = re.search(r"ERROR SUMMARY:\s*(\d+)\s+error", log)
+    if m and int(m.group(1)) > 0:
+        return "errors"
+    if m and rc == 0:
+        return "clean"
+    return "failed"
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    cmd, args = argv[0], argv[1:]
+    if cmd == "cmake":
+        res = check_cmake(*args[:1])
+    elif cmd == "installed":
+        res = check_installed(Path(args[0]), need_cuda=os.environ.get("BCT_FAST_CUDA", "ON") != "OFF")
+    elif cmd == "cuda-tests":
+        res = check_cuda_tests(Path(args[0]))
+    elif cmd == "sanitizer":
+        log = Path(args[0]).read_text(errors="replace") if Path(args[0]).exists() else ""
+        verdict = sanitizer_verdict(log, int(args[1]))
+        res = {"ok": verdict in ("clean", "refused"), "verdict": verdict}
+    else:
+        print(f"unknown check {cmd!r}\n{__doc__}", file=sys.stderr)
+        return 2
+    print(json.dumps(res))
+    return 0 if res["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
