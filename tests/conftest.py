@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from bct_fast.testing import available_devices, skip_cuda_items  # noqa: F401  (re-exported to tests)
+from bct_fast.testing import skip_cuda_items
 
 
 def pytest_report_header(config):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from bct_fast.ops.reference import cosine_margin_cross_entropy_ref
 from bct_fast.ops import cosine_margin_cross_entropy
-from conftest import available_devices
+from bct_fast.testing import available_devices
 
 MARGINS = [("none", 0.0), ("cosface", 0.35), ("arcface", 0.5), ("combined", (1.0, 0.3, 0.2)),
            ("combined", (1.2, 0.1, 0.05))]

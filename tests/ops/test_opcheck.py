@@ -4,7 +4,7 @@ import torch
 
 import bct_fast.ops  # noqa: F401  (registers the ops)
 from bct_fast.ops import cosine_margin_cross_entropy
-from conftest import available_devices
+from bct_fast.testing import available_devices
 
 
 # On CUDA the op runs once through the default route and once through the kernels (requested).

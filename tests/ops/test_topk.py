@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bct_fast.ops import cosine_topk
-from conftest import available_devices
+from bct_fast.testing import available_devices
 from topk_reference import assert_topk_matches_reference, near_tie_free, reference_topk
 
 
