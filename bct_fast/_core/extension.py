@@ -26,12 +26,17 @@ from bct_fast._version import __version__
 KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "margin_softmax": ("csrc/bindings.cpp", "csrc/include/bct_fast/common.h",
                        "csrc/include/bct_fast/margin_softmax.h", "csrc/cuda/tile_common*",
-                       "csrc/cuda/margin_softmax*"),
+                       "csrc/cuda/launch_common*", "csrc/cuda/margin_softmax*"),
     "cosine_topk": ("csrc/bindings.cpp", "csrc/include/bct_fast/common.h",
                     "csrc/include/bct_fast/cosine_topk.h", "csrc/cuda/tile_common*",
-                    "csrc/cuda/cosine_topk*"),
+                    "csrc/cuda/launch_common*", "csrc/cuda/cosine_topk*"),
 }
 _VERIFIED_RECORD = Path(__file__).with_name("gpu_verified.json")
+# Where each family's kernel bodies run on the CPU under the emulator shim (csrc/emulator/): the
+# logic (tails, indices, ties, barriers, shared-memory races) is checked in CI; timing, memory
+# ordering beyond the interleavings tried and tensor-core instructions are not. Emulation never
+# makes a family the default: only a recorded GPU run does.
+EMULATED_BY = {family: "tests/ops/test_kernels_emulated.py" for family in KERNEL_SOURCES}
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,7 +87,8 @@ def verified_record() -> dict[str, Any]:
 
 def kernel_verification() -> dict[str, dict[str, Any]]:
     """Per kernel family: ``compiled``, ``verified_on_gpu`` (this build's sources are in the
-    record of a passing GPU run), ``record`` (that run's result file) and ``reason``."""
+    record of a passing GPU run), ``record`` (that run's result file), ``emulated_by`` (the CI
+    test that runs its kernel logic on the CPU) and ``reason``."""
     built = built_source_hashes() if cuda_kernels_compiled() else {}
     record = verified_record()
     out = {}
@@ -96,7 +102,8 @@ def kernel_verification() -> dict[str, dict[str, Any]]:
         else:
             reason = "compiled, but these sources have never passed a recorded GPU run"
         out[family] = {"compiled": bool(h), "verified_on_gpu": bool(runs),
-                       "record": runs[0].get("result") if runs else None, "reason": reason}
+                       "record": runs[0].get("result") if runs else None,
+                       "emulated_by": EMULATED_BY[family], "reason": reason}
     return out
 
 

@@ -1,14 +1,30 @@
 // Building blocks shared by the kernels: dtype conversion, smem tile loads, a 32x32 dot tile,
 // warp reductions. Deliberately plain SIMT code with fp32 accumulation (correctness first;
 // tensor-core versions are tracked by the performance issue).
+//
+// Device code only: the CPU emulator (csrc/emulator/, tests/ops/test_kernels_emulated.py)
+// compiles this header and the *_kernels.cuh headers with BCT_FAST_EMULATOR defined, where
+// cuda_shim.h stands in for the CUDA headers. Host-side helpers live in launch_common.cuh.
 #pragma once
+#ifdef BCT_FAST_EMULATOR
+#include "../emulator/cuda_shim.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <math_constants.h>
+#endif
 
 #include <cstdint>
 
-#include "bct_fast/common.h"
+// Dynamic shared memory is declared through this macro: `extern __shared__` has no C++
+// equivalent, so the emulator substitutes a pointer to the block's dynamic smem.
+#ifndef BCT_FAST_EMULATOR
+#define BCT_DYNAMIC_SMEM(T, name) extern __shared__ __align__(16) T name[]
+#endif
+
+// BCT_FAST_EMU_BREAK_* below inject faults for the emulator's self-test (it must catch them);
+// real builds never define them.
 
 namespace bct_fast {
 namespace tile {
@@ -29,7 +45,11 @@ __device__ __forceinline__ void load(const T* __restrict__ src, int64_t row0, in
   for (int e = threadIdx.x; e < tile_rows * kK; e += kThreads) {
     const int r = e / kK, k = e % kK;
     const int64_t gr = row0 + r, gk = k0 + k;
+#ifdef BCT_FAST_EMU_BREAK_TAIL_OFF_BY_ONE
+    tile[r][k] = (gr <= nrows && gk < d) ? to_float(src[gr * d + gk]) : 0.f;  // reads row nrows
+#else
     tile[r][k] = (gr < nrows && gk < d) ? to_float(src[gr * d + gk]) : 0.f;
+#endif
   }
 }
 
@@ -56,7 +76,9 @@ __device__ __forceinline__ void dot_tile(const T* __restrict__ a, int64_t a_row0
         if (r < a_tile_rows) dot[i] = fmaf(as[r][k], bv, dot[i]);
       }
     }
-    __syncthreads();
+#ifndef BCT_FAST_EMU_BREAK_MISSING_BARRIER
+    __syncthreads();  // the next stage's loads overwrite the tiles
+#endif
   }
 }
 
@@ -67,20 +89,6 @@ __device__ __forceinline__ float warp_max(float v) {
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
-}
-
-// Largest dynamic shared memory one block may opt into on the current device.
-inline int max_dynamic_smem(int static_bytes) {
-  int dev = 0, optin = 48 * 1024;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  return optin - static_bytes;
-}
-
-inline Status check_launch(const char* what) {
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return Status::Error(std::string(what) + ": " + cudaGetErrorString(err));
-  return Status::Ok();
 }
 
 }  // namespace tile

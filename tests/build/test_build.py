@@ -86,3 +86,11 @@ def test_unverified_kernels_are_not_the_default(monkeypatch):
         if not k["verified_on_gpu"] and info["cuda_compiled"]:
             choice = providers.choose(family, torch.device("cuda"), "auto", lambda: None)
             assert choice.provider == "torch" and "recorded GPU run" in choice.reason
+
+
+def test_build_info_names_the_emulation_test_of_each_kernel_family():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for family, k in bct_fast.build_info()["kernels"].items():
+        assert (root / k["emulated_by"]).is_file(), family

@@ -1,0 +1,207 @@
+// Driver of the CPU emulator: runs one launcher of the library (the same entry points that
+// bct_fast/_native.py calls) on inputs read from files, and writes the outputs back.
+//
+//   bct_emu_driver DIR
+// DIR/request.txt holds "key value" lines: op (stats | grad_weight | topk | convert | selftest), the sizes and
+// scalars of that op, and seeds (comma-separated; each seed reruns the launch with another
+// thread order and must give bit-identical outputs). Arrays are raw little-endian files
+// DIR/<name>.bin; outputs are written to DIR/<name>.out.bin.
+// Exit status: 0 ok, 3 emulator error (race, deadlock, ...), 4 the launcher returned an error;
+// a fault (e.g. a guard page hit) kills the process with SIGSEGV.
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bct_fast/cosine_topk.h"
+#include "bct_fast/margin_softmax.h"
+#include "cuda_shim.h"  // cudaGetErrorString
+#include "emu_host.h"
+
+void bct_emu_register_margin_softmax();
+void bct_emu_register_cosine_topk();
+int bct_emu_selftest(const std::string& name, int* out);
+
+namespace {
+
+using bct_emu::fail;
+
+std::string g_dir;
+std::map<std::string, std::string> g_req;
+
+std::string req(const std::string& key) {
+  auto it = g_req.find(key);
+  if (it == g_req.end()) fail("request has no '%s'", key.c_str());
+  return it->second;
+}
+int64_t req_int(const std::string& key) { return std::stoll(req(key)); }
+float req_float(const std::string& key) { return std::stof(req(key)); }
+
+size_t dtype_size(int code) { return code == 0 ? 4 : 2; }
+
+// An input in a guarded, read-only buffer; nullptr when the request has no such file.
+const void* input(const std::string& name, size_t bytes, bool optional = false) {
+  std::ifstream f(g_dir + "/" + name + ".bin", std::ios::binary);
+  if (!f) {
+    if (optional) return nullptr;
+    fail("missing input %s.bin", name.c_str());
+  }
+  std::vector<char> data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  if (data.size() != bytes)
+    fail("input %s.bin has %zu bytes, expected %zu", name.c_str(), data.size(), bytes);
+  void* buf = bct_emu::guarded_alloc(bytes);
+  std::memcpy(buf, data.data(), bytes);
+  bct_emu::guarded_make_readonly(buf, bytes);
+  return buf;
+}
+
+struct Output {
+  std::string name;
+  void* buf;
+  size_t bytes;
+  unsigned char fill;  // what the caller's buffer holds before the launch
+  std::vector<char> first;  // result of the first seed
+};
+
+Output output(const std::string& name, size_t bytes, unsigned char fill) {
+  return Output{name, bct_emu::guarded_alloc(bytes), bytes, fill, {}};
+}
+
+std::vector<uint64_t> seeds() {
+  std::vector<uint64_t> out;
+  std::stringstream ss(req("seeds"));
+  std::string s;
+  while (std::getline(ss, s, ',')) out.push_back(std::stoull(s));
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s REQUEST_DIR\n", argv[0]);
+    return 2;
+  }
+  g_dir = argv[1];
+  {
+    std::ifstream f(g_dir + "/request.txt");
+    std::string key, value;
+    while (f >> key >> value) g_req[key] = value;
+  }
+  bct_emu_register_margin_softmax();
+  bct_emu_register_cosine_topk();
+
+  const std::string op = req("op");
+  std::vector<Output> outs;
+  std::function<bct_fast::Status()> call;
+  if (op == "stats" || op == "grad_weight") {
+    const int64_t B = req_int("B"), C = req_int("C"), d = req_int("d");
+    const int dt = static_cast<int>(req_int("dtype"));
+    const float scale = req_float("scale");
+    const void* x = input("x", B * d * dtype_size(dt));
+    const void* w = input("w", C * d * dtype_size(dt));
+    auto inv_nx = static_cast<const float*>(input("inv_nx", B * 4));
+    auto inv_nw = static_cast<const float*>(input("inv_nw", C * 4));
+    auto labels = static_cast<const int64_t*>(input("labels", B * 8));
+    auto target = static_cast<const float*>(input("target_logit", B * 4));
+    if (op == "stats") {
+      const int S = static_cast<int>(req_int("splits"));
+      const bool with_acc = req_int("with_acc") != 0;
+      outs.push_back(output("m", S * B * 4, 0xff));  // torch.empty: anything; NaN here
+      outs.push_back(output("l", S * B * 4, 0xff));
+      if (with_acc) outs.push_back(output("acc", S * B * d * 4, 0xff));
+      call = [=, &outs] {
+        return bct_fast::margin_softmax_stats(
+            x, w, inv_nx, inv_nw, labels, target, B, C, d, static_cast<bct_fast::DType>(dt), scale,
+            S, static_cast<float*>(outs[0].buf), static_cast<float*>(outs[1].buf),
+            with_acc ? static_cast<float*>(outs[2].buf) : nullptr, nullptr);
+      };
+    } else {
+      auto lse = static_cast<const float*>(input("lse", B * 4));
+      auto row_coef = static_cast<const float*>(input("row_coef", B * 4));
+      outs.push_back(output("gw", C * d * 4, 0xff));
+      call = [=, &outs] {
+        return bct_fast::margin_softmax_grad_weight(
+            x, w, inv_nx, inv_nw, labels, target, lse, row_coef, B, C, d,
+            static_cast<bct_fast::DType>(dt), scale, static_cast<float*>(outs[0].buf), nullptr);
+      };
+    }
+  } else if (op == "topk") {
+    const int64_t Q = req_int("Q"), N = req_int("N"), d = req_int("d");
+    const int qdt = static_cast<int>(req_int("q_dtype")), gdt = static_cast<int>(req_int("g_dtype"));
+    const int k = static_cast<int>(req_int("k")), S = static_cast<int>(req_int("splits"));
+    const bool exclude = req_int("exclude") != 0;
+    const int64_t offset = req_int("exclude_offset");
+    const void* q = input("q", Q * d * dtype_size(qdt));
+    const void* g = input("g", N * d * dtype_size(gdt));
+    auto inv_nq = static_cast<const float*>(input("inv_nq", Q * 4, true));
+    auto inv_ng = static_cast<const float*>(input("inv_ng", N * 4, true));
+    outs.push_back(output("scores", S * Q * k * 4, 0xff));
+    outs.push_back(output("index", S * Q * k * 8, 0xff));
+    outs.push_back(output("nonfinite", 4, 0));  // the caller zeroes the flag
+    call = [=, &outs] {
+      return bct_fast::cosine_topk_partial(
+          q, g, inv_nq, inv_ng, Q, N, d, static_cast<bct_fast::DType>(qdt),
+          static_cast<bct_fast::DType>(gdt), k, S, exclude, offset,
+          static_cast<float*>(outs[0].buf), static_cast<int64_t*>(outs[1].buf),
+          static_cast<int*>(outs[2].buf), nullptr);
+    };
+  } else if (op == "convert") {  // the shim's fp32 -> fp16 / bf16 conversions
+    const int64_t n = req_int("n");
+    auto src = static_cast<const float*>(input("x", n * 4));
+    outs.push_back(output("half", n * 2, 0));
+    outs.push_back(output("bf16", n * 2, 0));
+    call = [=, &outs] {
+      auto h = static_cast<__half*>(outs[0].buf);
+      auto b = static_cast<__nv_bfloat16*>(outs[1].buf);
+      for (int64_t i = 0; i < n; ++i) {
+        h[i] = __float2half(src[i]);
+        b[i] = __float2bfloat16(src[i]);
+        if (!(__half2float(h[i]) == __half2float(h[i])) && src[i] == src[i])
+          fail("fp16 round trip of %g gives NaN", static_cast<double>(src[i]));
+      }
+      return bct_fast::Status::Ok();
+    };
+  } else if (op == "selftest") {  // selftest_emu.cpp: grid 2 x 64 threads, out[128] int32
+    const std::string name = req("case");
+    outs.push_back(output("out", 128 * 4, 0));
+    call = [name, &outs] {
+      const int err = bct_emu_selftest(name, static_cast<int*>(outs[0].buf));
+      return err == 0 ? bct_fast::Status::Ok()
+                      : bct_fast::Status::Error(cudaGetErrorString(static_cast<cudaError_t>(err)));
+    };
+  } else {
+    fail("unknown op '%s'", op.c_str());
+  }
+
+  bool first = true;
+  for (uint64_t seed : seeds()) {
+    for (Output& o : outs) std::memset(o.buf, o.fill, o.bytes);
+    bct_emu::set_seed(seed);
+    const bct_fast::Status st = call();
+    if (!st.ok()) {
+      std::fprintf(stderr, "launcher error: %s\n", st.error.c_str());
+      return 4;
+    }
+    for (Output& o : outs) {
+      const char* p = static_cast<const char*>(o.buf);
+      if (first) {
+        o.first.assign(p, p + o.bytes);
+      } else if (std::memcmp(o.first.data(), p, o.bytes) != 0) {
+        fail("output %s differs between seeds (result depends on the thread schedule)",
+             o.name.c_str());
+      }
+    }
+    first = false;
+  }
+  for (const Output& o : outs) {
+    std::ofstream f(g_dir + "/" + o.name + ".out.bin", std::ios::binary);
+    f.write(o.first.data(), static_cast<std::streamsize>(o.bytes));
+  }
+  return 0;
+}

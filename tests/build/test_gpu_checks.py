@@ -1,0 +1,99 @@
+"""benchmarks/gpu_checks.py, the checks behind benchmarks/gpu_session.sh, tested without a GPU:
+"green" on a GPU machine must never mean "skipped", and the installed build must be what runs."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu_checks.py")
+gpu_checks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_checks)
+
+
+def junit(tmp_path, cases: str, errors: int = 0) -> Path:
+    p = tmp_path / "t.xml"
+    p.write_text(f'<testsuites><testsuite name="pytest" errors="{errors}" tests="3">{cases}</testsuite></testsuites>')
+    return p
+
+
+CUDA = '<properties><property name="cuda" value="1"/></properties>'
+PASSED = f'<testcase classname="tests.ops.test_topk_cuda" name="a" file="tests/ops/test_topk_cuda.py">{CUDA}</testcase>'
+SKIPPED = (f'<testcase classname="tests.ops.test_topk_cuda" name="b" file="tests/ops/test_topk_cuda.py">{CUDA}'
+           '<skipped message="needs a CUDA GPU"/></testcase>')
+CPU_ONLY = '<testcase classname="tests.ops.test_topk" name="c" file="tests/ops/test_topk.py"/>'
+
+
+def test_skipped_cuda_test_fails_when_a_gpu_is_visible(tmp_path, monkeypatch):
+    monkeypatch.setenv(gpu_checks.FAKE_GPU_ENV, "1")
+    res = gpu_checks.check_cuda_tests(junit(tmp_path, PASSED + SKIPPED + CPU_ONLY))
+    assert not res["ok"] and "skipped although a GPU is visible" in res["problems"][0]
+    assert res["per_file"] == {"tests/ops/test_topk_cuda.py": {"passed": 1, "failed": 0, "skipped": 1}}
+
+
+def test_all_cuda_tests_passed_is_green(tmp_path, monkeypatch):
+    monkeypatch.setenv(gpu_checks.FAKE_GPU_ENV, "1")
+    assert gpu_checks.check_cuda_tests(junit(tmp_path, PASSED + CPU_ONLY))["ok"]
+
+
+def test_no_cuda_test_at_all_fails_on_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv(gpu_checks.FAKE_GPU_ENV, "1")
+    res = gpu_checks.check_cuda_tests(junit(tmp_path, CPU_ONLY))
+    assert not res["ok"] and "no CUDA test ran" in " ".join(res["problems"])
+
+
+def test_collection_errors_fail(tmp_path, monkeypatch):
+    monkeypatch.setenv(gpu_checks.FAKE_GPU_ENV, "1")
+    assert not gpu_checks.check_cuda_tests(junit(tmp_path, PASSED, errors=1))["ok"]
+
+
+def test_skips_are_fine_without_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.delenv(gpu_checks.FAKE_GPU_ENV, raising=False)
+    if gpu_checks.gpu_visible():
+        pytest.skip("a GPU is visible: the no-GPU branch cannot be exercised here")
+    assert gpu_checks.check_cuda_tests(junit(tmp_path, SKIPPED))["ok"]
+
+
+def test_real_junit_records_the_cuda_marker(tmp_path, monkeypatch):
+    """End to end: pytest's own junit XML of a CUDA-marked test file carries the property our
+    conftest adds, so the checker counts it (skipped here, without a GPU)."""
+    xml = tmp_path / "real.xml"
+    env = dict(os.environ, BCT_FAST_TEST_DEVICE="cpu")
+    subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests/ops/test_kernels_small_cuda.py"), "-q",
+                    "-p", "no:cacheprovider", "-o", "junit_family=xunit1", f"--junitxml={xml}"],
+                   cwd=ROOT, env=env, capture_output=True, timeout=300)
+    counts = gpu_checks.cuda_test_counts(xml)
+    n = sum(sum(r.values()) for r in counts.values())
+    assert n >= 8, counts
+    monkeypatch.setenv(gpu_checks.FAKE_GPU_ENV, "1")
+    res = gpu_checks.check_cuda_tests(xml)
+    if res["total"]["skipped"]:  # this machine has no GPU: exactly the case the checker must fail
+        assert not res["ok"]
+
+
+@pytest.mark.parametrize("log,rc,verdict", [
+    ("========= ERROR SUMMARY: 0 errors\n", 0, "clean"),
+    ("========= Invalid __global__ write of size 4\n========= ERROR SUMMARY: 3 errors\n", 1, "errors"),
+    ("========= Error: Device not supported\n", 1, "refused"),
+    ("Traceback ...\n", 1, "failed"),
+    ("========= ERROR SUMMARY: 0 errors\n", 1, "failed"),  # tests failed under the sanitizer
+])
+def test_sanitizer_verdicts(log, rc, verdict):
+    assert gpu_checks.sanitizer_verdict(log, rc) == verdict
+
+
+def test_cmake_floor_is_read_from_pyproject():
+    assert gpu_checks.cmake_floor() >= (3, 26, 0)
+    assert gpu_checks._version_tuple("cmake version 4.1.2\n") == (4, 1, 2)
+
+
+def test_source_folder_shadowing_the_build_is_caught(monkeypatch):
+    """Negative control: with the source tree forced onto sys.path (what `python -m pytest` from
+    the repository root does) the check must fail, naming the source folder."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    res = gpu_checks.check_installed(ROOT, need_cuda=False)
+    assert not res["ok"]
+    assert any("source folder" in p for p in res["problems"]), res
