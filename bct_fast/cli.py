@@ -1,4 +1,5 @@
-"""Command line: ``bct-fast demo``, ``bct-fast eval``, ``bct-fast data cjk-setup``, ``bct-fast info``."""
+"""Command line: ``bct-fast demo``, ``bct-fast eval``, ``bct-fast compat``, ``bct-fast data cjk-setup``,
+``bct-fast info``."""
 from __future__ import annotations
 
 import argparse
@@ -32,32 +33,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _load_matrix(path: str, what: str):
-    """[n, d] float array from .npy or .safetensors (first tensor, or the one named 'embeddings')."""
-    import os
+    from bct_fast.embedding_files import load_array
 
-    import numpy as np
-    import torch
-
-    if not os.path.exists(path):
-        raise ValueError(f"{what}: file not found: {path}")
-    if path.endswith(".npy"):
-        try:
-            a = np.load(path, allow_pickle=False)
-        except ValueError as e:
-            raise ValueError(f"{what}: not a readable .npy file ({e})") from None
-        t = torch.from_numpy(np.array(a))
-    elif path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ValueError(f"{what}: reading .safetensors needs `pip install safetensors`") from None
-        tensors = load_file(path)
-        if not tensors:
-            raise ValueError(f"{what}: {path} holds no tensors")
-        t = tensors.get("embeddings", next(iter(tensors.values())))
-    else:
-        raise ValueError(f"{what}: expected a .npy or .safetensors file, got {path}")
-    return t
+    return load_array(path, what)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -79,7 +57,12 @@ def _eval(args: argparse.Namespace) -> int:
                 continue
             if lab.dim() != 1 or lab.shape[0] != rows or lab.dtype.is_floating_point:
                 raise ValueError(f"{name}: expected {rows} integer labels, got shape {tuple(lab.shape)} {lab.dtype}")
-        k = args.k if args.k in ("auto", "all") else int(args.k)
+        if args.k in ("auto", "all"):
+            k = args.k
+        elif args.k.isdigit() and int(args.k) >= 1:
+            k = int(args.k)
+        else:
+            raise ValueError(f"--k: expected 'auto', 'all' or a positive integer, got {args.k!r}")
         m = evaluate_retrieval(q, ql.long(), g, gl.long() if gl is not None else None, k=k,
                                recall_at=tuple(args.recall_at), exclude_self=True if args.exclude_self else None)
     except (ValueError, TypeError) as e:
@@ -131,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("what", choices=["cjk-setup"])
     data.add_argument("--cache", default=None, help="default: $BCT_FAST_CACHE or ~/.cache/bct_fast")
     data.set_defaults(func=_data)
+    from bct_fast.compat_command import add_parser as add_compat_parser
+
+    add_compat_parser(sub)
     info = sub.add_parser("info", help="print build_info() as JSON")
     info.set_defaults(func=_info)
     args = parser.parse_args(argv)

@@ -220,39 +220,104 @@ def distributed_topk(queries: Tensor, local_gallery: Tensor, k: int, group=None,
     return top, torch.cat(all_i, 1).gather(1, cols)
 
 
+_MANIFEST_FORMAT = "bct_fast sharded gallery v1"
+_MANIFEST_KEYS = {"world_size", "rows", "model_version", "format"}
+
+
+def _shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.bctidx"
+
+
+def _group_src(group, rank: int = 0) -> int:
+    """The global rank of ``rank`` in ``group`` (what broadcast's ``src`` wants)."""
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def _raise_if_any_failed(errors: list, what: str) -> None:
+    """Every rank raises the same error when one rank failed (none is left in a collective)."""
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        detail = "; ".join(f"rank {r}: {e}" for r, e in failed)
+        raise RuntimeError(f"save_gallery_shard: {what} failed on {len(failed)} rank(s): {detail}")
+
+
 def save_gallery_shard(index, folder: str | Path, group=None) -> Path:
     """Every rank writes its ``GalleryIndex`` as ``shard-RRRRR-of-WWWWW.bctidx``; rank 0 then
-    writes ``manifest.json`` (world size, row counts, model version). Atomic per file."""
+    writes ``manifest.json`` (world size, row counts, model version). Atomic per file. A shard
+    may be empty (0 rows).
+
+    Collective: call it on every rank. If the save fails on any rank (or the ranks hold
+    different model versions), EVERY rank raises (RuntimeError / ValueError naming the ranks
+    and their errors) instead of leaving the others blocked in a collective."""
     rank, world = _world(group)
     folder = Path(folder)
-    path = index.save(folder / f"shard-{rank:05d}-of-{world:05d}.bctidx")
-    rows: list = [None] * world
-    dist.all_gather_object(rows, (len(index), index.model_version), group=group)
+    path = folder / _shard_name(rank, world)
+    mine: tuple = (None, 0, None)
+    try:
+        index.save(path)
+        mine = (None, len(index), index.model_version)
+    except Exception as e:  # reported to every rank below
+        mine = (f"{type(e).__name__}: {e}", 0, None)
+    info: list = [None] * world
+    dist.all_gather_object(info, mine, group=group)
+    _raise_if_any_failed([e for e, _, _ in info], "writing the shard")
+    versions = sorted({v for _, _, v in info})
+    if len(versions) != 1:
+        raise ValueError(f"index: ranks hold different model versions {versions}")
+    status: list = [None]
     if rank == 0:
-        versions = {v for _, v in rows}
-        if len(versions) != 1:
-            raise ValueError(f"index: ranks hold different model versions {sorted(versions)}")
-        manifest = json.dumps({"world_size": world, "rows": [n for n, _ in rows],
-                               "model_version": versions.pop(), "format": "bct_fast sharded gallery v1"}).encode()
-        atomic_write(folder / "manifest.json", lambda f: f.write(manifest))
-    dist.barrier(group=group)
+        manifest = json.dumps({"world_size": world, "rows": [n for _, n, _ in info],
+                               "model_version": versions[0], "format": _MANIFEST_FORMAT}).encode()
+        try:
+            atomic_write(folder / "manifest.json", lambda f: f.write(manifest))
+        except Exception as e:
+            status = [f"{type(e).__name__}: {e}"]
+    dist.broadcast_object_list(status, src=_group_src(group), group=group)
+    _raise_if_any_failed([status[0]], "writing manifest.json (rank 0)")
     return path
 
 
+def _read_manifest(folder: Path) -> dict:
+    """manifest.json, schema-checked; IndexFileError naming the file for anything malformed."""
+    from bct_fast.gallery import IndexFileError
+
+    file = folder / "manifest.json"
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: no manifest.json (not a sharded gallery folder)") from None
+    try:
+        m = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise IndexFileError(f"{file}: unreadable manifest (truncated or corrupted: {e})") from None
+    ok = (type(m) is dict and set(m) == _MANIFEST_KEYS and m["format"] == _MANIFEST_FORMAT
+          and type(m["world_size"]) is int and m["world_size"] >= 1
+          and type(m["rows"]) is list and len(m["rows"]) == m["world_size"]
+          and all(type(n) is int and n >= 0 for n in m["rows"])
+          and type(m["model_version"]) is str and m["model_version"])
+    if not ok:
+        raise IndexFileError(f"{file}: inconsistent manifest {m!r:.200}")
+    return m
+
+
 def load_gallery_shard(folder: str | Path, group=None, **load_kwargs):
-    """This rank's shard of a :func:`save_gallery_shard` folder; checks the manifest (world
-    size, row count, model version)."""
+    """This rank's shard of a :func:`save_gallery_shard` folder; checks the manifest (format,
+    world size, row count, model version). Not collective: each rank reads its own files.
+
+    Raises:
+        FileNotFoundError (no manifest or shard); ValueError when the world size differs;
+        IndexFileError (a ValueError) for a malformed manifest or shard, naming the file."""
     from bct_fast.gallery import GalleryIndex, IndexFileError
 
     rank, world = _world(group)
     folder = Path(folder)
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{folder}: no manifest.json (not a sharded gallery folder)") from None
-    if manifest.get("world_size") != world:
-        raise ValueError(f"{folder}: saved by {manifest.get('world_size')} ranks, loading with {world}")
-    index = GalleryIndex.load(folder / f"shard-{rank:05d}-of-{world:05d}.bctidx", **load_kwargs)
+    manifest = _read_manifest(folder)
+    if manifest["world_size"] != world:
+        raise ValueError(f"{folder}: saved by {manifest['world_size']} ranks, loading with {world}")
+    path = folder / _shard_name(rank, world)
+    index = GalleryIndex.load(path, **load_kwargs)
     if len(index) != manifest["rows"][rank] or index.model_version != manifest["model_version"]:
-        raise IndexFileError(f"{folder}: shard {rank} does not match the manifest")
+        raise IndexFileError(f"{path}: shard {rank} does not match {folder / 'manifest.json'} "
+                             f"({len(index)} rows of {index.model_version!r}, manifest: "
+                             f"{manifest['rows'][rank]} rows of {manifest['model_version']!r})")
     return index

@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 from torch import Tensor
 
 from bct_fast._core.io import atomic_write
+from bct_fast._core.checks import check_matrix
 from bct_fast.metrics import evaluate_retrieval
 
 __all__ = ["CrossTestResult", "cross_test", "CompatibilityMatrix", "compatibility_matrix"]
@@ -61,12 +63,24 @@ def cross_test(old_query: Tensor, new_query: Tensor, query_labels: Tensor, *,
 
     Each model embeds the same query images (``old_query``, ``new_query``) and, if given, the
     same gallery images (``old_gallery``, ``new_gallery``). Without galleries the query set is
-    its own gallery with leave-one-out: query i never retrieves image i, in any model pair.
+    its own gallery with leave-one-out: query i never retrieves image i, in any model pair. With
+    galleries, ``exclude_self=True`` says that gallery row i is query i's image (in both models).
     The new and old embeddings may differ in size only if the caller has matched them (see
     :func:`bct_fast.losses.match_dim`). ``retrieval_kwargs`` go to :func:`evaluate_retrieval`."""
     same = old_gallery is None and new_gallery is None
     if not same and (old_gallery is None or new_gallery is None or gallery_labels is None):
         raise ValueError("old_gallery, new_gallery, gallery_labels: give all three or none")
+    for name, t in (("old_query", old_query), ("new_query", new_query), ("old_gallery", old_gallery),
+                    ("new_gallery", new_gallery)):
+        if t is not None and not isinstance(t, np.ndarray):  # numpy memmap galleries: cosine_topk checks
+            check_matrix(t, name)
+    if "exclude_self" in retrieval_kwargs:
+        exclude_self = retrieval_kwargs.pop("exclude_self")
+        if same and exclude_self is False:
+            raise ValueError("exclude_self: without galleries the query set is its own gallery and "
+                             "each query's own image must be excluded")
+    else:
+        exclude_self = same
     if old_query.shape[0] != new_query.shape[0]:
         raise ValueError(f"new_query: {new_query.shape[0]} rows, but old_query has {old_query.shape[0]} "
                          "(both models must embed the same query images)")
@@ -76,7 +90,10 @@ def cross_test(old_query: Tensor, new_query: Tensor, query_labels: Tensor, *,
     og = old_query if same else old_gallery
     ng = new_query if same else new_gallery
     gl = query_labels if same else gallery_labels
-    kw = dict(k=k, exclude_self=same, **retrieval_kwargs)
+    if not same and exclude_self and (og.shape[0] < old_query.shape[0] or ng.shape[0] < new_query.shape[0]):
+        raise ValueError("exclude_self: query i must be gallery row i in both galleries, but a gallery "
+                         "has fewer rows than there are queries")
+    kw = dict(k=k, exclude_self=bool(exclude_self), **retrieval_kwargs)
     result = CrossTestResult(
         old_old=evaluate_retrieval(old_query, query_labels, og, gl, **kw),
         new_new=evaluate_retrieval(new_query, query_labels, ng, gl, **kw),
@@ -177,15 +194,15 @@ def save_png(fig, path: str | Path) -> Path:
 
 
 def _check_model_embeddings(embeddings: object, name: str, labels: object) -> None:
-    """A non-empty {model name: [n, d] tensor} with one row per label."""
+    """A non-empty {model name: [n, d] tensor or numpy array (memmap)} with one row per label."""
     if not isinstance(embeddings, Mapping):
         raise TypeError(f"{name}: expected a mapping {{model name: embeddings}}, got {type(embeddings).__name__}")
     if not embeddings:
         raise ValueError(f"{name}: needs at least one model")
     rows = labels.shape[0] if isinstance(labels, Tensor) else None
     for model, emb in embeddings.items():
-        if not isinstance(emb, Tensor) or emb.dim() != 2 or (rows is not None and emb.shape[0] != rows):
-            got = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
+        if not isinstance(emb, (Tensor, np.ndarray)) or emb.ndim != 2 or (rows is not None and emb.shape[0] != rows):
+            got = tuple(emb.shape) if isinstance(emb, (Tensor, np.ndarray)) else type(emb).__name__
             raise ValueError(f"{name}[{model!r}]: expected a [{rows}, dim] tensor (one row per label), got {got}")
 
 

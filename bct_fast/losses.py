@@ -4,11 +4,20 @@ pytorch-metric-learning losses: ``loss(embeddings, labels)``.
 Class weights are stored as ``[num_classes, embedding_size]`` (nn.Linear / insightface layout);
 pytorch-metric-learning stores the transpose, see :meth:`CosineClassifierLoss.load_pml_weight`.
 
-Differences from pytorch-metric-learning, on purpose:
-- ArcFace ``margin`` is in radians (PML: degrees; 28.6 deg = 0.5 rad).
-- ``NormSoftmaxLoss`` takes ``scale`` (PML's ``NormalizedSoftmaxLoss`` takes temperature = 1/scale).
+What a pytorch-metric-learning user calls works the same: ``loss(embeddings, labels,
+indices_tuple=...)`` (a miner's tuple weights the rows as PML's ``convert_to_weights`` does),
+``get_logits(embeddings)``, ``weight_init_func``, the PML-layout view ``loss.W``. Differences,
+on purpose (README "Coming from pytorch-metric-learning"):
+
+- Hyperparameters are keyword-only: ``ArcFaceLoss(C, d, 0.5)`` is an error, not a silent swap of
+  PML's ``(margin, scale)`` order.
+- ArcFace ``margin`` is in radians (PML: degrees; 28.6 deg = 0.5 rad); a degree-sized value
+  (>= pi) is refused.
+- ``NormSoftmaxLoss`` takes ``scale`` or PML's ``temperature`` (= 1 / scale); both default to
+  PML's (temperature 0.05, scale 20).
 - The weight keeps its dtype under autocast (PML rewrites ``W.data`` to the embeddings' dtype).
-- No miners / reducers / regularizers: the loss is the mean over rows (or ``reduction``).
+- No reducers, distances or regularizers: the loss is the mean over rows (or ``reduction``);
+  passing ``reducer`` / ``distance`` / ``*_regularizer`` is a clear error, not an ignored argument.
 """
 from __future__ import annotations
 
@@ -19,9 +28,10 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from bct_fast._core.checks import check_device
+from bct_fast._core.checks import (check_device, check_int, check_labels, check_matrix, embedding_output,
+                                   nonfinite_error)
 from bct_fast.ops import MarginValue
-from bct_fast.ops import check_loss_options, cosine_margin_cross_entropy
+from bct_fast.ops import check_loss_options, cosine_margin_cross_entropy, normalize_rows
 
 __all__ = [
     "CosineClassifierLoss", "NormSoftmaxLoss", "CosFaceLoss", "ArcFaceLoss", "InfluenceLoss",
@@ -42,20 +52,61 @@ def match_dim(embeddings: Tensor, dim: int) -> Tensor:
     return torch.nn.functional.pad(embeddings, (0, dim - d))
 
 
+# PML constructor arguments with no counterpart here: refused by name instead of ignored.
+_PML_UNSUPPORTED = ("reducer", "distance", "weight_regularizer", "weight_reg_weight",
+                    "embedding_regularizer", "embedding_reg_weight", "collect_stats")
+
+
+def _refuse_pml_only(kwargs: dict) -> None:
+    for name in _PML_UNSUPPORTED:
+        if name in kwargs:
+            raise TypeError(f"{name}: not supported by bct_fast losses (no reducers, distances or "
+                            "regularizer hooks); add such a term to the loss value yourself")
+    if kwargs:
+        raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
+
+
+def _miner_weights(indices_tuple: tuple, labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per-row weights from a miner's indices tuple, as PML's ``convert_to_weights``: rows never
+    named get 0, the others their count normalized by the largest count; an empty tuple: all 1."""
+    if not isinstance(indices_tuple, (tuple, list)) or not all(isinstance(t, Tensor) for t in indices_tuple):
+        raise TypeError("indices_tuple: expected a tuple of index tensors (a miner's output)")
+    weights = torch.zeros(labels.shape[0], device=labels.device, dtype=dtype)
+    if all(t.numel() == 0 for t in indices_tuple):
+        return weights + 1
+    idx, counts = torch.unique(torch.cat([t.reshape(-1).to(labels.device) for t in indices_tuple]),
+                               return_counts=True)
+    if int(idx.min()) < 0 or int(idx.max()) >= labels.shape[0]:
+        raise ValueError(f"indices_tuple: indices must lie in [0, {labels.shape[0]}) (rows of the batch)")
+    counts = counts.to(dtype)
+    weights[idx] = counts / counts.max()
+    return weights
+
+
 class CosineClassifierLoss(nn.Module):
-    """Normalized-softmax classification loss with a trainable class weight ``[C, d]``."""
+    """Normalized-softmax classification loss with a trainable class weight ``[C, d]``.
+
+    ``weight_init_func``: as in PML, called on a ``[embedding_size, num_classes]`` tensor (PML's
+    ``W`` layout; default ``torch.nn.init.normal_``), which is then stored transposed."""
 
     def __init__(self, num_classes: int, embedding_size: int, *, scale: float,
                  margin_type: str = "none", margin: MarginValue = 0.0, reduction: str = "mean",
                  label_smoothing: float = 0.0, arcface_grad: str = "exact",
-                 ignore_index: int = -100) -> None:
+                 ignore_index: int = -100, weight_init_func=None, **pml_only) -> None:
         super().__init__()
-        if num_classes < 1 or embedding_size < 1:
-            raise ValueError(f"num_classes and embedding_size must be >= 1, got {num_classes}, {embedding_size}")
+        _refuse_pml_only(pml_only)
+        num_classes = check_int(num_classes, "num_classes", 1)
+        embedding_size = check_int(embedding_size, "embedding_size", 1)
         check_loss_options(scale=scale, margin_type=margin_type, margin=margin, reduction=reduction,
                            label_smoothing=label_smoothing, arcface_grad=arcface_grad)
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
-        nn.init.normal_(self.weight)
+        w_pml = torch.empty(embedding_size, num_classes)
+        if weight_init_func is None:
+            nn.init.normal_(w_pml)
+        elif callable(weight_init_func):
+            weight_init_func(w_pml)
+        else:
+            raise TypeError(f"weight_init_func: expected a callable, got {type(weight_init_func).__name__}")
+        self.weight = nn.Parameter(w_pml.T.contiguous())
         self.kwargs = dict(scale=float(scale), margin_type=margin_type, margin=margin,
                            reduction=reduction, label_smoothing=label_smoothing,
                            arcface_grad=arcface_grad, ignore_index=ignore_index)
@@ -64,8 +115,45 @@ class CosineClassifierLoss(nn.Module):
     def num_classes(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return cosine_margin_cross_entropy(embeddings, self.weight, labels, **self.kwargs)
+    def __setattr__(self, name: str, value) -> None:
+        if name == "W":  # nn.Module would register a second, unused parameter without a word
+            raise AttributeError("W: bct_fast stores the class weight as `weight` [num_classes, "
+                                 "embedding_size]; use load_pml_weight(W) for a PML-layout tensor")
+        super().__setattr__(name, value)
+
+    @property
+    def W(self) -> Tensor:
+        """The class weight in PML's layout ``[embedding_size, num_classes]`` (a view of ``weight``)."""
+        return self.weight.T
+
+    def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple: tuple | None = None,
+                ref_emb: Tensor | None = None, ref_labels: Tensor | None = None) -> Tensor:
+        """The loss of ``embeddings`` [B, d] with ``labels`` [B]. ``indices_tuple`` (a PML miner's
+        output) weights rows as PML does; ``ref_emb`` / ``ref_labels`` are refused, as PML's
+        classification losses refuse them."""
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError("ref_emb: classification losses compare embeddings with class weights, "
+                             "not with reference embeddings (PML refuses it too)")
+        if indices_tuple is None:
+            return cosine_margin_cross_entropy(embeddings, self.weight, labels, **self.kwargs)
+        check_labels(labels, "labels", embeddings.shape[0] if isinstance(embeddings, Tensor) else None, None)
+        kw = dict(self.kwargs, reduction="none")
+        rows = cosine_margin_cross_entropy(embeddings, self.weight, labels, **kw)
+        rows = rows * _miner_weights(indices_tuple, labels, rows.dtype)
+        if self.kwargs["reduction"] == "none":
+            return rows
+        if self.kwargs["reduction"] == "sum":
+            return rows.sum()
+        n = (labels != self.kwargs["ignore_index"]).sum().clamp_min(1)
+        return rows.sum() / n
+
+    @torch.no_grad()
+    def get_logits(self, embeddings: Tensor) -> Tensor:
+        """``scale * cos(embeddings, class rows)`` [B, C] without the margin, as PML's
+        ``get_logits`` (inference; this one materializes B x C)."""
+        check_matrix(embeddings, "embeddings")
+        w = self.weight.to(embeddings.device)
+        return self.kwargs["scale"] * (normalize_rows(embeddings.float()) @ normalize_rows(w.float()).T)
 
     @torch.no_grad()
     def load_pml_weight(self, W: Tensor) -> None:
@@ -81,27 +169,37 @@ class CosineClassifierLoss(nn.Module):
 
 
 class NormSoftmaxLoss(CosineClassifierLoss):
-    """NormFace: cross-entropy over ``scale * cos(x, w_j)``."""
+    """NormFace: cross-entropy over ``scale * cos(x, w_j)``. Give ``scale`` or PML's
+    ``temperature`` (= 1 / scale); the default is PML's temperature 0.05 (scale 20)."""
 
-    def __init__(self, num_classes: int, embedding_size: int, scale: float = 30.0, **kwargs) -> None:
-        super().__init__(num_classes, embedding_size, scale=scale, margin_type="none", **kwargs)
+    def __init__(self, num_classes: int, embedding_size: int, *, scale: float | None = None,
+                 temperature: float | None = None, **kwargs) -> None:
+        if scale is not None and temperature is not None:
+            raise ValueError("temperature: give scale or temperature (= 1 / scale), not both")
+        if temperature is not None:
+            if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real)
+                                                     and math.isfinite(temperature) and temperature > 0):
+                raise ValueError(f"temperature: expected a finite positive number, got {temperature!r}")
+            scale = 1.0 / temperature
+        super().__init__(num_classes, embedding_size, scale=20.0 if scale is None else scale,
+                         margin_type="none", **kwargs)
 
 
 class CosFaceLoss(CosineClassifierLoss):
-    """CosFace: target logit ``scale * (cos - margin)``."""
+    """CosFace: target logit ``scale * (cos - margin)`` (PML's defaults: margin 0.35, scale 64)."""
 
-    def __init__(self, num_classes: int, embedding_size: int, scale: float = 64.0,
+    def __init__(self, num_classes: int, embedding_size: int, *, scale: float = 64.0,
                  margin: float = 0.35, **kwargs) -> None:
         super().__init__(num_classes, embedding_size, scale=scale, margin_type="cosface",
                          margin=margin, **kwargs)
 
 
 class ArcFaceLoss(CosineClassifierLoss):
-    """ArcFace: target logit ``scale * cos(theta + margin)``, margin in **radians**.
+    """ArcFace: target logit ``scale * cos(theta + margin)``, margin in **radians** (PML: degrees;
+    its default 28.6 degrees is this default 0.5). ``arcface_grad="straight_through"``
+    reproduces insightface's arcface_torch gradient."""
 
-    ``arcface_grad="straight_through"`` reproduces insightface's arcface_torch gradient."""
-
-    def __init__(self, num_classes: int, embedding_size: int, scale: float = 64.0,
+    def __init__(self, num_classes: int, embedding_size: int, *, scale: float = 64.0,
                  margin: float = 0.5, **kwargs) -> None:
         super().__init__(num_classes, embedding_size, scale=scale, margin_type="arcface",
                          margin=margin, **kwargs)
@@ -127,8 +225,7 @@ class InfluenceLoss(nn.Module):
                  margin: MarginValue = 0.0, arcface_grad: str = "exact",
                  label_smoothing: float = 0.0, unknown_labels: str = "ignore") -> None:
         super().__init__()
-        if not isinstance(old_weight, Tensor) or old_weight.dim() != 2:
-            raise ValueError("old_weight: expected a 2-D tensor [num_old_classes, old_dim]")
+        check_matrix(old_weight, "old_weight")
         if unknown_labels not in ("ignore", "raise"):
             raise ValueError(f"unknown_labels: expected 'ignore' or 'raise', got {unknown_labels!r}")
         check_loss_options(scale=scale, margin_type=margin_type, margin=margin,
@@ -139,8 +236,11 @@ class InfluenceLoss(nn.Module):
                            arcface_grad=arcface_grad, label_smoothing=label_smoothing)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        check_matrix(embeddings, "embeddings")
+        check_labels(labels, "labels", embeddings.shape[0], embeddings.device)
         x = match_dim(embeddings, self.old_weight.shape[1])
         ignore = -100
+        labels = labels.long()  # uint8 / int32 labels: -100 must be representable
         if self.unknown_labels == "ignore":
             labels = torch.where(labels < self.old_weight.shape[0], labels, torch.full_like(labels, ignore))
         return cosine_margin_cross_entropy(x, self.old_weight, labels, ignore_index=ignore, **self.kwargs)
@@ -184,13 +284,18 @@ class L2CompatibilityLoss(nn.Module):
         self.normalize = normalize
 
     def forward(self, new_embeddings: Tensor, old_embeddings: Tensor) -> Tensor:
-        if old_embeddings.dim() != 2 or old_embeddings.shape[0] != new_embeddings.shape[0]:
+        check_matrix(new_embeddings, "new_embeddings")
+        check_matrix(old_embeddings, "old_embeddings")
+        if old_embeddings.shape[0] != new_embeddings.shape[0]:
             raise ValueError(f"old_embeddings: expected shape [{new_embeddings.shape[0]}, d_old], "
                              f"got {tuple(old_embeddings.shape)}")
+        for name, t in (("new_embeddings", new_embeddings), ("old_embeddings", old_embeddings)):
+            if not bool(torch.isfinite(t.detach()).all()):  # every other entry point refuses NaN too
+                raise nonfinite_error({name: t.detach()})
         new = match_dim(new_embeddings, old_embeddings.shape[1]).float()
         old = old_embeddings.detach().float()
         if self.normalize:
-            new, old = nn.functional.normalize(new, dim=1), nn.functional.normalize(old, dim=1)
+            new, old = normalize_rows(new), normalize_rows(old)
         return (new - old).pow(2).sum(1).mean()
 
 
@@ -207,11 +312,12 @@ def _class_means(old_model: nn.Module, loader: Iterable, first_class: int, num_c
     old_model.eval()
     try:
         for inputs, labels in tqdm(loader, desc="class means", disable=not progress, leave=False):
+            check_labels(labels, "loader: labels", None, None)
             labels = labels.to(device)
             keep = (labels >= first_class) & (labels < num_classes)
             if not bool(keep.any()):
                 continue
-            emb = old_model(inputs.to(device)).float()
+            emb = embedding_output(old_model(inputs.to(device)), "old_model").float()
             if emb.dim() != 2 or (dim is not None and emb.shape[1] != dim):
                 raise ValueError(f"old_model: returns shape {tuple(emb.shape)}, expected [batch, "
                                  f"{dim if dim is not None else 'd_old'}]")
@@ -219,7 +325,7 @@ def _class_means(old_model: nn.Module, loader: Iterable, first_class: int, num_c
                 sums = torch.zeros(num_classes - first_class, emb.shape[1], device=device)
                 counts = torch.zeros(num_classes - first_class, device=device)
             rows = labels[keep] - first_class
-            sums.index_add_(0, rows, nn.functional.normalize(emb[keep], dim=1))
+            sums.index_add_(0, rows, normalize_rows(emb[keep]))
             counts.index_add_(0, rows, torch.ones_like(rows, dtype=torch.float32))
     finally:
         old_model.train(was_training)
@@ -246,9 +352,10 @@ def class_mean_classifier(old_model: nn.Module, loader: Iterable, num_classes: i
     Returns:
         [num_classes, d_old] float32 tensor on ``device`` (default: the old model's device).
     """
+    num_classes = check_int(num_classes, "num_classes", 1)
     rows = _class_means(old_model, loader, 0, num_classes, None,
                         check_device(device) if device is not None else None, progress)
-    return nn.functional.normalize(rows, dim=1) if normalize else rows
+    return normalize_rows(rows) if normalize else rows
 
 
 def synthesize_classifier(old_model: nn.Module, loader: Iterable, old_weight: Tensor,
@@ -265,6 +372,8 @@ def synthesize_classifier(old_model: nn.Module, loader: Iterable, old_weight: Te
     Returns:
         [num_classes, d_old] float32 tensor on ``old_weight``'s device.
     """
+    check_matrix(old_weight, "old_weight")
+    num_classes = check_int(num_classes, "num_classes", 1)
     c_old, d_old = old_weight.shape
     if num_classes < c_old:
         raise ValueError(f"num_classes: {num_classes} is smaller than old_weight's {c_old} rows")
@@ -274,5 +383,5 @@ def synthesize_classifier(old_model: nn.Module, loader: Iterable, old_weight: Te
         return old
     rows = _class_means(old_model, loader, c_old, num_classes, d_old, device, progress)
     if normalize:
-        rows = nn.functional.normalize(rows, dim=1)
+        rows = normalize_rows(rows)
     return torch.cat([old, rows], 0)

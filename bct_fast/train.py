@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import struct
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -25,8 +26,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bct_fast import losses
-from bct_fast._core.checks import check_device
-from bct_fast._core.io import atomic_write
+from bct_fast._core.checks import check_device, embedding_output
+from bct_fast._core.io import atomic_write, remove_stale_temps
 
 __all__ = ["fit", "embed", "train_bct", "train_independent", "train_l2", "L2RegressionObjective",
            "save_checkpoint", "load_checkpoint", "CheckpointError"]
@@ -39,11 +40,52 @@ class CheckpointError(ValueError):
     """A checkpoint file is not readable: wrong format, truncated or corrupted."""
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """``torch.save(state)`` behind a header with the payload's sha256, written atomically."""
+def _weights_only_loads(payload: bytes) -> bool:
+    """Whether ``load_checkpoint``'s unpickler accepts these ``torch.save`` bytes (tensors are
+    mapped to the meta device: nothing is copied)."""
+    try:
+        torch.load(io.BytesIO(payload), map_location="meta", weights_only=True)
+        return True
+    except (pickle.UnpicklingError, RuntimeError, TypeError, AttributeError):
+        return False
+
+
+def _saved(obj: Any) -> bytes:
     buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getvalue()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _refused_entry(obj: Any, where: str) -> str:
+    """Path of the innermost entry of ``obj`` that weights-only loading refuses (obj is refused)."""
+    if isinstance(obj, (dict, list, tuple)):
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        for key, value in items:
+            if isinstance(value, Tensor) and type(value) in (Tensor, nn.Parameter):
+                continue  # plain tensors always load
+            try:
+                ok = _weights_only_loads(_saved(value))
+            except Exception:  # the entry alone cannot be pickled: then it is the one
+                ok = False
+            if not ok:
+                return _refused_entry(value, f"{where}[{key!r}]")
+    return f"{where} ({type(obj).__module__}.{type(obj).__qualname__})"
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """``torch.save(state)`` behind a header with the payload's sha256, written atomically.
+
+    Refuses (TypeError naming the entry, nothing written) a state that :func:`load_checkpoint`
+    could not read back: its weights-only unpickler accepts tensors, numbers, strings, bytes,
+    containers, torch sizes / dtypes / devices, not arbitrary objects (numpy arrays, paths,
+    user classes). The check unpickles the saved bytes onto the meta device (no tensor data)."""
+    try:
+        payload = _saved(state)
+    except Exception as e:  # e.g. a lambda: name the entry, not just the pickler's complaint
+        raise TypeError(f"state: {_refused_entry(state, 'state')} cannot be saved ({e})") from e
+    if not _weights_only_loads(payload):
+        raise TypeError(f"state: {_refused_entry(state, 'state')} cannot be loaded back by load_checkpoint "
+                        f"(weights-only unpickling); store it as tensors, numbers, strings or containers")
     header = json.dumps({"format_version": _CKPT_VERSION, "nbytes": len(payload),
                          "sha256": hashlib.sha256(payload).hexdigest()}).encode()
 
@@ -54,7 +96,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a :func:`save_checkpoint` file; checks format, length and checksum, and unpickles
-    with ``weights_only=True`` (tensors, numbers, strings, containers only)."""
+    with ``weights_only=True`` (tensors, numbers, strings, containers only). Also removes
+    temporaries of this path left by killed writers (see ``remove_stale_temps``)."""
+    remove_stale_temps(path)
     data = Path(path).read_bytes()
     if data[:8] != _CKPT_MAGIC or len(data) < 12:
         raise CheckpointError(f"{path}: not a bct_fast checkpoint (bad magic)")
@@ -109,9 +153,17 @@ def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
     start = 0
     if checkpoint is not None and resume and Path(checkpoint).exists():
         state = load_checkpoint(checkpoint, map_location=device)
+        saved_opt = state.get("optimizer_type")
+        if saved_opt is not None and saved_opt != type(opt).__name__:
+            raise ValueError(f"optimizer: {checkpoint} was written with {saved_opt}, not "
+                             f"{type(opt).__name__}; pass the same optimizer type or resume=False")
         model.load_state_dict(state["model"])
         loss.load_state_dict(state["loss"])
-        opt.load_state_dict(state["optimizer"])
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"optimizer: cannot resume from {checkpoint}: its optimizer state does "
+                             f"not fit this optimizer ({type(e).__name__}: {e})") from None
         scaler.load_state_dict(state["scaler"])
         start = int(state["epoch"])
     bar = tqdm(range(start, epochs), desc=desc, disable=not progress, leave=False, initial=start, total=epochs)
@@ -123,6 +175,9 @@ def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 value = _call_loss(loss, model, x, y)
+            if value.dim() != 0:
+                raise ValueError(f"loss: returned shape {tuple(value.shape)}; fit needs a scalar "
+                                 "(use reduction='mean' or 'sum')")
             opt.zero_grad(set_to_none=True)
             scaler.scale(value).backward()
             scaler.step(opt)
@@ -135,7 +190,8 @@ def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
         bar.set_postfix(loss=f"{mean:.3f}")
         if checkpoint is not None:
             save_checkpoint(checkpoint, {"epoch": epoch + 1, "model": model.state_dict(), "loss": loss.state_dict(),
-                                         "optimizer": opt.state_dict(), "scaler": scaler.state_dict()})
+                                         "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                                         "optimizer_type": type(opt).__name__})
         if on_epoch_end is not None:
             on_epoch_end(epoch, mean)
     model.eval()
@@ -153,7 +209,7 @@ def embed(model: nn.Module, loader: Iterable, *, device: str | torch.device = "c
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     for x, y in tqdm(loader, desc="embed", disable=not progress, leave=False):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            embs.append(model(x.to(device)).float().cpu())
+            embs.append(embedding_output(model(x.to(device)), "model").float().cpu())
         labels.append(torch.as_tensor(y).cpu())
     model.train(was_training)
     if not embs:

@@ -7,9 +7,13 @@ import numpy as np
 import torch
 
 
-def reference_scores(q, g, exclude_self=False):
-    """float64 cosine matrix [Q, N]; with exclude_self, query i's own gallery row i at -inf."""
-    s = torch.nn.functional.normalize(q.double(), dim=1) @ torch.nn.functional.normalize(g.double(), dim=1).T
+def reference_scores(q, g, exclude_self=False, normalize=True):
+    """float64 cosine (or, without normalize, inner-product) matrix [Q, N]; with exclude_self,
+    query i's own gallery row i at -inf."""
+    if normalize:
+        s = torch.nn.functional.normalize(q.double(), dim=1) @ torch.nn.functional.normalize(g.double(), dim=1).T
+    else:
+        s = q.double() @ g.double().T
     if exclude_self:
         s.fill_diagonal_(-float("inf"))
     return s
@@ -26,7 +30,7 @@ def reference_topk(q, g, k, exclude_self=False):
     return _first_k(reference_scores(q, g, exclude_self), k)
 
 
-def assert_topk_matches_reference(s, i, q, g, k, atol=1e-6, exclude_self=False):
+def assert_topk_matches_reference(s, i, q, g, k, atol=1e-6, exclude_self=False, normalize=True):
     """The returned lists are an exact top-k up to fp32 noise.
 
     Random float inputs make near-ties (two float64 scores ~1e-8 apart) that fp32 rounding may
@@ -35,7 +39,7 @@ def assert_topk_matches_reference(s, i, q, g, k, atol=1e-6, exclude_self=False):
     reference score of its rank. A wrong neighbour, a missing one or a duplicate fails.
     """
     s, i = s.cpu(), i.cpu()
-    full = reference_scores(q, g, exclude_self)
+    full = reference_scores(q, g, exclude_self, normalize)
     rs, ri = _first_k(full, k)
     assert s.shape == i.shape == rs.shape
     assert torch.allclose(s.double(), rs, atol=atol), "scores differ from the float64 top-k"

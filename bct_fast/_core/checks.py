@@ -62,3 +62,29 @@ def check_device(device: object, name: str = "device") -> torch.device:
         return torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"{name}: not a torch device ({device!r}): {e}") from None
+
+
+def check_int(value: object, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer (Python or numpy, not bool) within [minimum, maximum], returned as ``int``."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        lo = "-inf" if minimum is None else minimum
+        hi = "inf" if maximum is None else maximum
+        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {value}")
+    return value
+
+
+def embedding_output(out: object, name: str) -> torch.Tensor:
+    """The embeddings a model returned: the tensor itself, or the first element of a
+    (embedding, logits, ...) tuple / list, as a 2-D tensor [batch, dim]."""
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{name}: expected it to return embeddings [batch, dim] (or a tuple whose "
+                         f"first element is), got {shape}")
+    return out

@@ -17,12 +17,12 @@ from bct_fast.ops.margin_softmax import (CosineMarginCrossEntropyFunction, check
                                          cosine_margin_cross_entropy, normalization_backward_rows)
 from bct_fast.ops.margins import Margin, MarginValue, make_margin, target_function
 from bct_fast.ops.providers import BACKENDS
-from bct_fast.ops.rows import inv_row_norms
+from bct_fast.ops.rows import inv_row_norms, normalize_rows
 from bct_fast.ops.topk import cosine_topk
 from bct_fast.ops.topk_select import topk_lowest_index_ties
 
 __all__ = [
     "cosine_margin_cross_entropy", "CosineMarginCrossEntropyFunction", "check_loss_options",
     "normalization_backward_rows", "Margin", "MarginValue", "make_margin", "target_function",
-    "BACKENDS", "inv_row_norms", "cosine_topk", "topk_lowest_index_ties",
+    "BACKENDS", "inv_row_norms", "normalize_rows", "cosine_topk", "topk_lowest_index_ties",
 ]

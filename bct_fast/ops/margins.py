@@ -66,7 +66,8 @@ def make_margin(margin_type: str, margin: MarginValue) -> Margin:
         return Margin(m3=margin)
     if margin_type == "arcface":
         if not 0.0 <= margin < math.pi:
-            raise ValueError(f"margin: ArcFace margin is in radians and must lie in [0, pi), got {margin}")
+            raise ValueError(f"margin: ArcFace margin is in radians and must lie in [0, pi), got {margin} "
+                             "(pytorch-metric-learning takes degrees: 28.6 degrees = 0.5 radians)")
         return Margin(m2=margin)
     raise ValueError(
         f"margin_type: expected one of 'none', 'cosface', 'arcface', 'combined', got {margin_type!r}"

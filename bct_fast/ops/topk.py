@@ -15,6 +15,7 @@ with CUDA queries; chunks are copied through pinned memory and merged on the dev
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterator
 
 import numpy as np
@@ -25,7 +26,7 @@ from bct_fast._core.checks import check_matrix, nonfinite_error
 from bct_fast.ops import topk_cuda, topk_select
 from bct_fast.ops.cpu_gemm import mm_nt
 from bct_fast.ops.providers import check_backend, choose, note_fallback
-from bct_fast.ops.rows import inv_row_norms
+from bct_fast.ops.rows import inv_row_norms, normalize_rows
 from bct_fast.ops.topk_select import NonFiniteScores, RunningTopk
 
 __all__ = ["cosine_topk"]
@@ -47,7 +48,10 @@ def _check_gallery(g, name: str):
 
 
 def _host_tensor(a: np.ndarray) -> Tensor:
-    """numpy -> CPU tensor; read-only arrays (memmaps opened "r") are copied, as torch needs."""
+    """numpy -> CPU tensor; read-only arrays (memmaps opened "r") and non-native byte orders
+    (big-endian .npy files) are copied, as torch needs."""
+    if not a.dtype.isnative:
+        return torch.from_numpy(a.astype(a.dtype.newbyteorder("="), copy=True))
     return torch.from_numpy(np.ascontiguousarray(a) if a.flags.writeable else np.array(a))
 
 
@@ -159,17 +163,19 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
         raise ValueError(f"exclude_self: query i must be gallery row i, but there are {Q} queries "
                          f"and only {N} gallery rows")
     limit = N - 1 if exclude_self else N
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= limit:
         raise ValueError(f"k: expected an integer in [1, {limit}] (gallery size"
                          f"{' - 1 with exclude_self' if exclude_self else ''}), got {k!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    k = int(k)  # numpy integers too
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
 
-    g_is_f64 = (g.dtype == np.float64) if isinstance(g, np.ndarray) else g.dtype == torch.float64
+    g_is_f64 = _torch_dtype(g) == torch.float64
     acc = torch.float64 if (q.dtype == torch.float64 or g_is_f64) else torch.float32
     qn = q.to(acc)
     if normalize:
-        qn = torch.nn.functional.normalize(qn, dim=1)
+        qn = normalize_rows(qn)
     if not bool(torch.isfinite(qn).all()):
         raise nonfinite_error({"queries": q})
     # ~8k-row chunks keep the GEMM in cache; the query block bounds one score block to 64 MiB.

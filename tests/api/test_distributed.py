@@ -1,6 +1,7 @@
 """torch.distributed (gloo, 2 CPU processes): the sharded loss and search equal the
 single-process ops on the concatenated weights / gallery."""
 import functools
+import json
 import os
 import sys
 import traceback
@@ -116,6 +117,75 @@ def test_distributed_topk_and_sharded_gallery(tmp_path, monkeypatch):
             assert torch.equal(r[k][1], i) and torch.allclose(r[k][0], s)
     assert torch.equal(torch.cat([r["reloaded_ids"] for r in out]), torch.arange(101))
     assert (tmp_path / "shards" / "manifest.json").exists()
+
+
+def _expect_error(fn, error) -> str:
+    try:
+        fn()
+    except error as e:
+        return str(e)
+    return "NO ERROR"
+
+
+def shard_edge_case(rank, world):
+    """An empty shard; failures on one rank raise on every rank (no rank left in a collective);
+    a truncated manifest is a file error naming it."""
+    from pathlib import Path
+
+    from bct_fast.distributed import load_gallery_shard, save_gallery_shard
+    from bct_fast.gallery import GalleryIndex, IndexFileError
+    folder = Path(os.environ["BCT_TEST_SHARD_DIR"])
+    out = {}
+    index = GalleryIndex(6, "old-v1")
+    if rank == 0:
+        index.add(torch.randn(7, 6), ids=torch.arange(7))
+    save_gallery_shard(index, folder / "empty")
+    out["rows"] = len(load_gallery_shard(folder / "empty", mmap=True))
+    other = GalleryIndex(6, "old-v1" if rank == 0 else "other-v2")
+    out["versions"] = _expect_error(lambda: save_gallery_shard(other, folder / "versions"), ValueError)
+    if rank == 1:  # a directory where rank 1's file must go: its save fails
+        (folder / "blocked" / "shard-00001-of-00002.bctidx").mkdir(parents=True)
+    dist.barrier()
+    out["blocked"] = _expect_error(lambda: save_gallery_shard(index, folder / "blocked"), RuntimeError)
+    dist.barrier()
+    if rank == 0:
+        manifest = folder / "empty" / "manifest.json"
+        manifest.write_bytes(manifest.read_bytes()[:-7])
+    dist.barrier()
+    out["manifest"] = _expect_error(lambda: load_gallery_shard(folder / "empty"), IndexFileError)
+    return out
+
+
+def test_empty_shard_and_failures_on_one_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("BCT_TEST_SHARD_DIR", str(tmp_path / "shards"))
+    out = run_world(tmp_path, shard_edge_case)  # a hang fails the join's timeout
+    assert [r["rows"] for r in out] == [7, 0]
+    for r in out:
+        assert "different model versions" in r["versions"]
+        assert "rank 1" in r["blocked"] and "shard-00001-of-00002.bctidx" in r["blocked"]
+        assert "manifest.json" in r["manifest"] and "unreadable manifest" in r["manifest"]
+
+
+def test_manifest_is_schema_checked(tmp_path):
+    from bct_fast.distributed import _read_manifest
+    from bct_fast.gallery import IndexFileError
+    good = {"world_size": 2, "rows": [3, 0], "model_version": "m", "format": "bct_fast sharded gallery v1"}
+    file = tmp_path / "manifest.json"
+    file.write_text(json.dumps(good))
+    assert _read_manifest(tmp_path) == good
+    bad = [dict(good, rows=[3]), dict(good, rows=[3, -1]), dict(good, rows=[3, 1.0]), dict(good, world_size=True),
+           dict(good, format="other"), dict(good, model_version=""), dict(good, extra=1), [good]]
+    for m in bad:
+        file.write_text(json.dumps(m))
+        with pytest.raises(IndexFileError, match="manifest.json: inconsistent"):
+            _read_manifest(tmp_path)
+    for cut in range(len(json.dumps(good))):
+        file.write_text(json.dumps(good)[:cut])
+        with pytest.raises(IndexFileError, match="manifest.json"):
+            _read_manifest(tmp_path)
+    file.unlink()
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        _read_manifest(tmp_path)
 
 
 def test_not_initialized_is_a_clear_error():

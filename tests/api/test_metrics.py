@@ -12,7 +12,8 @@ def test_hand_computed():
     indices = torch.tensor([[0, 1, 2, 3], [1, 3, 0, 2]])
     m = retrieval_metrics(indices, torch.tensor([1, 1]), gallery_labels, recall_at=(1, 3))
     assert m["precision_at_1"] == pytest.approx(0.5)
-    assert m["recall_at_3"] == pytest.approx(1.0)
+    assert m["hit_rate_at_3"] == pytest.approx(1.0)   # both queries find a relevant item by rank 3
+    assert m["recall_at_3"] == pytest.approx((2 / 2 + 1 / 2) / 2)  # fraction of the 2 relevant found
     # AP q0 = (1/1 + 2/3) / 2; AP q1 = (1/3 + 2/4) / 2
     assert m["mean_average_precision"] == pytest.approx(((1 + 2 / 3) / 2 + (1 / 3 + 2 / 4) / 2) / 2)
 
@@ -75,9 +76,39 @@ def test_full_ranking_metrics_match_torchmetrics(seed):
     ap = [tm.retrieval_average_precision(scores[i], rel[i]) for i in range(40) if keep[i]]
     rp = [tm.retrieval_r_precision(scores[i], rel[i]) for i in range(40) if keep[i]]
     hr5 = [tm.retrieval_hit_rate(scores[i], rel[i], top_k=5) for i in range(40) if keep[i]]
+    rc5 = [tm.retrieval_recall(scores[i], rel[i], top_k=5) for i in range(40) if keep[i]]
     assert ours["mean_average_precision"] == pytest.approx(float(torch.stack(ap).mean()), abs=1e-6)
     assert ours["r_precision"] == pytest.approx(float(torch.stack(rp).mean()), abs=1e-6)
-    assert ours["recall_at_5"] == pytest.approx(float(torch.stack(hr5).mean()), abs=1e-6)
+    assert ours["hit_rate_at_5"] == pytest.approx(float(torch.stack(hr5).mean()), abs=1e-6)
+    assert ours["recall_at_5"] == pytest.approx(float(torch.stack(rc5).mean()), abs=1e-6)
+
+
+def test_truncated_map_and_empty_queries_match_torchmetrics(seed):
+    """k < R with torchmetrics' conventions: MAP@k over the hits in the top k
+    (ap_normalization='retrieved') and queries without a relevant item counted as 0
+    (empty_queries='zero', torchmetrics' empty_target_action='neg')."""
+    tm = _tm()
+    q, g = near_tie_free(lambda: (torch.randn(30, 10, dtype=torch.float64), torch.randn(120, 10, dtype=torch.float64)),
+                         k=120)
+    ql, gl = torch.randint(0, 8, (30,)), torch.randint(0, 6, (120,))  # labels 6, 7: empty queries
+    assert bool((ql >= 6).any())
+    ours = evaluate_retrieval(q, ql, g, gl, k=7, recall_at=(3, 7), empty_queries="zero",
+                              ap_normalization="retrieved", include=("mean_average_precision", "hit_rate_at_K",
+                                                                     "recall_at_K", "precision_at_1"))
+    scores = 2 + torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(g, dim=1).T
+    rel = gl[None, :] == ql[:, None]
+    mean = lambda f: float(torch.stack([f(scores[i], rel[i]) for i in range(30)]).mean())  # noqa: E731
+    assert ours["mean_average_precision"] == pytest.approx(mean(lambda s, r: tm.retrieval_average_precision(s, r, top_k=7)), abs=1e-6)
+    assert ours["hit_rate_at_3"] == pytest.approx(mean(lambda s, r: tm.retrieval_hit_rate(s, r, top_k=3)), abs=1e-6)
+    assert ours["recall_at_7"] == pytest.approx(mean(lambda s, r: tm.retrieval_recall(s, r, top_k=7)), abs=1e-6)
+    assert ours["precision_at_1"] == pytest.approx(mean(lambda s, r: tm.retrieval_precision(s, r, top_k=1)), abs=1e-6)
+    skipped = evaluate_retrieval(q, ql, g, gl, k=7, recall_at=(3,), include=("hit_rate_at_K",))
+    n = int((gl[None, :] == ql[:, None]).any(1).sum())
+    assert skipped["hit_rate_at_3"] == pytest.approx(ours["hit_rate_at_3"] * 30 / n, abs=1e-6)
+    with pytest.raises(ValueError, match="query_labels: queries .* no relevant"):
+        evaluate_retrieval(q, ql, g, gl, k=7, empty_queries="error")
+    with pytest.raises(ValueError, match="empty_queries"):
+        evaluate_retrieval(q, ql, g, gl, k=7, empty_queries="neg")
 
 
 def test_auto_k_is_exact_for_r_metrics_and_recall(seed):
@@ -85,7 +116,8 @@ def test_auto_k_is_exact_for_r_metrics_and_recall(seed):
     labels = torch.randint(0, 9, (120,))
     auto = evaluate_retrieval(q, labels)
     full = evaluate_retrieval(q, labels, k="all")
-    for name in ("precision_at_1", "recall_at_5", "recall_at_10", "r_precision", "mean_average_precision_at_r"):
+    for name in ("precision_at_1", "hit_rate_at_5", "hit_rate_at_10", "recall_at_5", "r_precision",
+                 "mean_average_precision_at_r"):
         assert auto[name] == pytest.approx(full[name], abs=1e-7), name
 
 

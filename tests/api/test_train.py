@@ -1,4 +1,7 @@
 """train.fit / embed / checkpoints / BCT and baselines on tiny data."""
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -61,6 +64,26 @@ def test_corrupted_or_truncated_checkpoint_is_reported(tmp_path):
     path.write_bytes(b"garbage" * 3)
     with pytest.raises(train.CheckpointError, match="magic"):
         train.load_checkpoint(path)
+
+
+class _Opaque:
+    pass
+
+
+@pytest.mark.parametrize("bad,where", [
+    ({"epoch": 1, "extra": {"arr": [1, np.ones(2)]}}, r"state\['extra'\]\['arr'\]\[1\] \(numpy.ndarray\)"),
+    ({"path": Path("x")}, r"state\['path'\]"),
+    ({"obj": _Opaque()}, r"state\['obj'\] \(.*_Opaque\)"),
+])
+def test_checkpoint_refuses_at_save_what_load_would_refuse(tmp_path, bad, where):
+    path = tmp_path / "c.ckpt"
+    with pytest.raises(TypeError, match=where):
+        train.save_checkpoint(path, bad)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    fine = {"epoch": 1, "w": torch.ones(3), "sizes": torch.Size([2]), "dtype": torch.float16,
+            "nested": {"t": (1, 2.5, "s", None, b"raw"), "l": [torch.zeros(2, dtype=torch.int64)]}}
+    back = train.load_checkpoint(train.save_checkpoint(path, fine))
+    assert back["sizes"] == torch.Size([2]) and back["nested"]["t"] == (1, 2.5, "s", None, b"raw")
 
 
 def test_embed_and_errors():

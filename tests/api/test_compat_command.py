@@ -1,0 +1,79 @@
+"""``bct-fast compat`` on embedding files: two models (cross-test + verdict), three models (AC/AM),
+memory-mapped galleries, and errors that name the option."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bct_fast import cli
+from bct_fast.evaluate import cross_test
+
+
+def clustered(n_per, classes, d, seed, noise=0.3):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, d, generator=g)
+    labels = torch.arange(classes).repeat_interleave(n_per)
+    return centres[labels] + noise * torch.randn(len(labels), d, generator=g), labels
+
+
+def write(tmp_path, name, t):
+    p = tmp_path / name
+    np.save(p, t.numpy() if isinstance(t, torch.Tensor) else t)
+    return str(p)
+
+
+def test_two_models_match_cross_test(tmp_path, capsys):
+    old, labels = clustered(6, 10, 16, 0)
+    new = old + 0.05 * torch.randn_like(old)  # a compatible "new" model
+    args = ["compat", "--model", f"old={write(tmp_path, 'o.npy', old)}", "--model", f"new={write(tmp_path, 'n.npy', new)}",
+            "--query-labels", write(tmp_path, "l.npy", labels), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert cli.main(args) == 0
+    doc = json.loads((tmp_path / "out" / "compat.json").read_text())
+    ref = cross_test(old, new, labels)
+    assert doc["cross_test"]["new_old"] == pytest.approx(ref.new_old)
+    assert doc["cross_test"]["compatible"] == ref.compatible
+    assert (tmp_path / "out" / "compat.png").stat().st_size > 1000
+    assert "compatible (M(new,old) > M(old,old)" in capsys.readouterr().out
+
+
+def test_three_models_with_memmapped_galleries(tmp_path):
+    q0, ql = clustered(3, 8, 12, 1)
+    g0, gl = clustered(20, 8, 12, 1)
+    specs = []
+    for i, name in enumerate(("v1", "v2", "v3")):
+        rot = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(i)))[0] if i == 2 else torch.eye(12)
+        specs += ["--model", f"{name}={write(tmp_path, f'q{i}.npy', q0 @ rot)},{write(tmp_path, f'g{i}.npy', g0 @ rot)}"]
+    args = ["compat", *specs, "--query-labels", write(tmp_path, "ql.npy", ql), "--gallery-labels",
+            write(tmp_path, "gl.npy", gl), "--out", str(tmp_path / "out"), "--no-progress", "--no-plot"]
+    assert cli.main(args) == 0
+    m = json.loads((tmp_path / "out" / "compat.json").read_text())["matrix"]
+    assert m["names"] == ["v1", "v2", "v3"]
+    assert m["values"][0][1] is None and m["values"][1][0] == pytest.approx(m["values"][0][0])
+    assert m["values"][2][0] < 0.5 < m["values"][2][2]  # a rotated model is incompatible with v1
+    assert m["AC"] == 0.0  # v2 = v1 ties (not >), v3 is incompatible with both
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--model", "old=MISSING.npy"], "file not found"),
+    (["--model", "oops"], "NAME=QUERIES"),
+    (["--k", "x"], "--k"),
+])
+def test_errors_name_the_option(tmp_path, capsys, extra, needle):
+    old, labels = clustered(2, 3, 4, 0)
+    base = ["compat", "--model", f"a={write(tmp_path, 'a.npy', old)}", "--query-labels",
+            write(tmp_path, "l.npy", labels), "--out", str(tmp_path / "o"), "--no-plot", "--no-progress"]
+    if extra[0] == "--model":
+        base += extra
+    else:
+        base += ["--model", f"b={write(tmp_path, 'b.npy', old)}"] + extra
+    assert cli.main(base) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_a_model_with_the_wrong_row_count(tmp_path, capsys):
+    old, labels = clustered(2, 3, 4, 0)
+    args = ["compat", "--model", f"a={write(tmp_path, 'a.npy', old)}", "--model", f"b={write(tmp_path, 'b.npy', old[:-1])}",
+            "--query-labels", write(tmp_path, "l.npy", labels), "--no-plot", "--out", str(tmp_path / "o")]
+    assert cli.main(args) == 2
+    assert "--model b (queries)" in capsys.readouterr().err
