@@ -6,7 +6,7 @@
 #
 #   BCT_FAST_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_session.sh
 #   BCT_FAST_GPU_DRY_RUN=1 CUDAARCHS=90a-real bash benchmarks/gpu_session.sh   # no GPU: stops
-#       right before the first GPU call (build, import check, test collection)
+#       right before the first GPU call (build, import check, test collection, tests/build)
 #   BCT_FAST_GPU_STEPS=tests,sanitizer bash benchmarks/gpu_session.sh   # a subset, when one device
 #       command (10 minutes) cannot hold them all; the build is reused from build/gpu when warm
 #
@@ -81,8 +81,13 @@ if [ -n "$DRY" ]; then
   COLLECT_RC=$?
   tail -3 "$RESULTS/collect.log"
   step collect "$COLLECT_RC"
+  # The build tests need no GPU: they check the installed build is the one under test.
+  $PY -m pytest tests/build -q -p no:cacheprovider >"$RESULTS/build_tests.log" 2>&1
+  BT_RC=$?
+  tail -2 "$RESULTS/build_tests.log"
+  step build_tests "$BT_RC"
   echo "== dry run: stopping before the first GPU call"
-  exit "$COLLECT_RC"
+  exit $(( COLLECT_RC || BT_RC ))
 fi
 
 TEST_RC=0; CUDA_RC=0; BENCH_RC=0
