@@ -13,15 +13,20 @@ is wider and sees more classes, so it should be better; it is trained five ways:
 - ``bct_class_means``: + influence loss through the old model's class-mean embeddings for every
   class instead of its learned classifier rows (BT-2's and MixBCT's BCT baseline).
 
-Printed: the paper's table (old/old, new/new, new/old top-1 and mAP, compatibility verdict).
-Saved: ``results.json`` (every number) and ``compatibility.png`` (heatmap).
+Printed: the paper's table (old/old, new/new, new/old top-1 and mAP, compatibility verdict),
+then a ``bct-fast compat`` command that reproduces one method's cross-test from the saved files.
+Saved: ``results.json`` (every number, and that command), ``compatibility.png`` (heatmap) and
+``embeddings/<set>/`` (every model's embeddings of each evaluation set as ``.npy``, see
+:func:`save_embeddings`).
 """
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,6 +36,7 @@ from bct_fast._core.io import atomic_write
 from bct_fast.evaluate import CompatibilityMatrix, cross_test, pyplot, save_png
 
 DATASETS = ("glyphs", "cjk", "digits", "synthetic")
+EXAMPLE_METHOD = "bct_class_means"  # the method whose `bct-fast compat` command is printed
 
 
 @dataclass
@@ -188,14 +194,17 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool 
     }
     results: dict = {"config": asdict(cfg), "train_images": int(len(yt)), "old_classifier_geometry": geometry}
     old_emb = {}
+    embeddings: dict = {set_name: {} for set_name in d.eval_sets}  # set -> model -> [n, dim], saved below
     for set_name, (xe, ye, is_query) in d.eval_sets.items():
         old_emb[set_name], _ = train.embed(old, _loader(xe, ye, 512, False), device=cfg.device)
+        embeddings[set_name]["old"] = old_emb[set_name]
         results[set_name] = {"images": int(len(ye)), "classes": int(ye.unique().numel()),
                              "queries": int(len(ye) if is_query is None else is_query.sum()), "methods": {}}
     for name, run in methods.items():
         model, _ = run()
         for set_name, (xe, ye, is_query) in d.eval_sets.items():
             new_e, _ = train.embed(model, _loader(xe, ye, 512, False), device=cfg.device)
+            embeddings[set_name][name] = new_e
             old_e = old_emb[set_name]
             if is_query is None:
                 r = cross_test(old_e, new_e, ye, k="all")
@@ -209,6 +218,10 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool 
                                     "compatible_map": r.new_old["mean_average_precision"] > r.old_old["mean_average_precision"],
                                     "update_gain": r.update_gain}
     if out_dir is not None:
+        files = save_embeddings(embeddings, d.eval_sets, out_dir)
+        results["embeddings"] = files
+        results["compat_commands"] = {s: compat_command(f, EXAMPLE_METHOD, Path(out_dir) / f"compat_{s}")
+                                      for s, f in files.items()}
         save_results(results, out_dir)
         _plot(results, Path(out_dir) / "compatibility.png")
     return results
@@ -275,7 +288,54 @@ def format_table(results: dict) -> str:
                      f"{geo['cos_embedding_to_own_class_mean']:.2f}, cos(row, class mean) = "
                      f"{geo['cos_row_to_class_mean']:.2f}")
     lines.append("compatible: M(new query, old gallery) > M(old, old)  (BCT's empirical criterion)")
+    for set_name, cmd in results.get("compat_commands", {}).items():
+        lines += ["", f"{EXAMPLE_METHOD}'s {set_name.replace('_', '-')} cross-test again, from the saved embeddings:",
+                  f"  {cmd}"]
     return "\n".join(lines)
+
+
+def _save_npy(path: Path, t: torch.Tensor) -> str:
+    """Write one tensor as ``.npy`` atomically; returns the path as text."""
+    arr = t.detach().cpu().numpy()
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
+    return str(path)
+
+
+def save_embeddings(embeddings: dict, eval_sets: dict, out_dir: str | Path) -> dict:
+    """Write ``embeddings/<set>/<model>_queries.npy`` (and ``<model>_gallery.npy``) plus the labels,
+    split exactly as the demo evaluates the set: with a query mask the queries and the gallery
+    are separate files; without one (leave-one-out) the query file is its own gallery, which is
+    what ``bct-fast compat`` does when a model has no gallery file.
+
+    Returns ``{set: {"query_labels": path, ["gallery_labels": path,] "models": {model:
+    {"queries": path, ["gallery": path]}}}}``."""
+    files = {}
+    for set_name, (_, labels, is_query) in eval_sets.items():
+        folder = Path(out_dir) / "embeddings" / set_name
+        parts = {"queries": slice(None)} if is_query is None else {"queries": is_query, "gallery": ~is_query}
+        entry: dict = {"models": {}}
+        for part, rows in parts.items():
+            key = "query_labels" if part == "queries" else "gallery_labels"
+            entry[key] = _save_npy(folder / f"{key}.npy", labels[rows])
+        for model, emb in embeddings[set_name].items():
+            entry["models"][model] = {part: _save_npy(folder / f"{model}_{part}.npy", emb[rows])
+                                      for part, rows in parts.items()}
+        files[set_name] = entry
+    return files
+
+
+def compat_command(set_files: dict, method: str, out: str | Path) -> str:
+    """The ``bct-fast compat`` command that recomputes ``method``'s cross-test against the old
+    model from the files of one evaluation set (``k=all``, as the demo evaluates)."""
+    def spec(model: str) -> str:
+        paths = set_files["models"][model]
+        return f"{model}=" + ",".join(paths[p] for p in ("queries", "gallery") if p in paths)
+
+    args = ["bct-fast", "compat", "--model", spec("old"), "--model", spec(method),
+            "--query-labels", set_files["query_labels"]]
+    if "gallery_labels" in set_files:
+        args += ["--gallery-labels", set_files["gallery_labels"]]
+    return shlex.join(args + ["--k", "all", "--out", str(out)])
 
 
 def save_results(results: dict, out_dir: str | Path) -> Path:

@@ -7,7 +7,8 @@ normalizes on the fly. ``torch`` is the plain q @ g.T + topk (a Q x N matrix) wh
 memory. On CUDA: ``bct_fast_cuda`` (the fused kernel, ``backend="cuda"``), ``bct_fast_torch``
 (the chunked path, ``backend="torch"``: the default until the kernel passes a recorded GPU run)
 and torch mm + topk in gallery chunks.
-Run: pytest benchmarks/bench_search.py --benchmark-only
+Cases: ``CPU_QUICK`` by default, ``CPU_FULL`` with ``--full`` (benchmarks/conftest.py, ``grid``).
+Run: pytest benchmarks/bench_search.py --benchmark-only [--full]
 """
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ import torch
 from bct_fast.search import cosine_topk
 
 D = 512
-CPU_CASES = [(1, 1_000_000, 100), (16, 1_000_000, 100), (100, 1_000_000, 100),
-             (1000, 100_000, 10), (1000, 100_000, 1000), (1000, 200_000, 100)]
+# (Q, N, k). --full: the whole grid; by default one query and a small batch on a 1M gallery, and
+# a 1000-query batch at small and large k (the large-k row is our closest to faiss).
+CPU_FULL = [(1, 1_000_000, 100), (16, 1_000_000, 100), (100, 1_000_000, 100),
+            (1000, 100_000, 10), (1000, 100_000, 1000), (1000, 200_000, 100)]
+CPU_QUICK = [(1, 1_000_000, 100), (16, 1_000_000, 100), (1000, 100_000, 10), (1000, 100_000, 1000)]
 CUDA_CASES = [(1, 10_000_000, 100), (1000, 1_000_000, 100), (10_000, 1_000_000, 100),
               (1000, 1_000_000, 4096)]
 
@@ -50,7 +54,7 @@ def faiss_index(g):
 
 
 @pytest.mark.parametrize("provider", ["bct_fast", "bct_fast_cosine", "faiss", "torch"])
-@pytest.mark.parametrize("Q,N,k", CPU_CASES, ids=[f"Q{q}-N{n}-k{k}" for q, n, k in CPU_CASES])
+@pytest.mark.grid("Q,N,k", CPU_QUICK, CPU_FULL)
 def test_cpu_search(measure, provider, Q, N, k):
     torch.set_num_threads(torch.get_num_threads())
     q, g = cpu_data(Q, N)

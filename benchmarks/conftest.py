@@ -1,13 +1,21 @@
-"""Benchmark helpers: device selection, synchronised timing targets, peak-memory probes.
+"""Benchmark helpers: case grids (quick / --full), synchronised timing targets, peak-memory
+probes, and a readable summary at the end of the session (benchmarks/summary.py).
 
-Run: pytest benchmarks --benchmark-only [--benchmark-json=out.json]. CUDA cases carry the
-`cuda` marker and are skipped without a GPU + compiled kernels.
+Run: pytest benchmarks --benchmark-only [--full] [--benchmark-json=out.json]. By default a few
+representative shapes per benchmark run (a couple of minutes on a 2-core CPU); ``--full`` runs
+the whole grid. With ``--benchmark-json=out.json`` the summary is also written to ``out.md`` with
+PNG plots beside it. CUDA cases carry the `cuda` marker and are skipped without a GPU +
+compiled kernels.
 """
 from __future__ import annotations
 
 import ctypes
 import gc
+import importlib.util
+import os
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +23,69 @@ import torch
 from bct_fast.testing import skip_cuda_items
 
 
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="bct_fast benchmarks: run the full case grids (default: the quick subsets)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "grid(names, quick, full): parametrize `names` (\"Q,N,k\") with the "
+                            "`quick` case list, or with `full` under --full")
+
+
+def case_id(names: list[str], case: tuple) -> str:
+    """``Q1-N1000000-k100``: each parameter's name and value (the ids earlier results used)."""
+    return "-".join(f"{n}{v}" for n, v in zip(names, case))
+
+
+def pytest_generate_tests(metafunc):
+    """Expand a ``grid`` marker into the quick or (with --full) the full case list."""
+    mark = metafunc.definition.get_closest_marker("grid")
+    if mark is None:
+        return
+    names, quick, full = mark.args
+    cases = full if metafunc.config.getoption("full", default=False) else quick
+    names = [n.strip() for n in names.split(",")]
+    metafunc.parametrize(names, cases, ids=[case_id(names, c) for c in cases])
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda_items(items)
+
+
+def _summary_module():
+    """benchmarks/summary.py, loaded by path (benchmarks/ is not a package)."""
+    name = "bct_fast_bench_summary"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("summary.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own table
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the provider-vs-provider tables; with --benchmark-json also save them (.md, .png)."""
+    session = getattr(config, "_benchmarksession", None)
+    benches = [b.as_dict(include_data=False) for b in getattr(session, "benchmarks", None) or [] if b]
+    if not benches:
+        return
+    summary = _summary_module()
+    tables = summary.build_tables(summary.cases_from_doc({"benchmarks": benches}))
+    terminalreporter.write_sep("=", "bct_fast benchmark summary")
+    for line in summary.render_text(tables).splitlines():
+        terminalreporter.write_line(line)
+    json_path = config.getoption("benchmark_json", default=None)
+    if json_path:
+        # a Path in pytest-benchmark 4+; an open file (whose .name is its path) in older versions
+        json_path = Path(json_path if isinstance(json_path, (str, os.PathLike)) else json_path.name)
+        try:
+            written = summary.write_outputs(tables, json_path.with_suffix(""), f"Benchmark summary: {json_path.name}")
+        except (OSError, ImportError) as e:  # a summary must never fail the benchmark run
+            terminalreporter.write_line(f"summary not saved: {type(e).__name__}: {e}")
+        else:
+            terminalreporter.write_line("summary saved: " + ", ".join(str(p) for p in written))
 
 
 def sync(device: str) -> None:

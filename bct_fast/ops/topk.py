@@ -15,6 +15,7 @@ with CUDA queries; chunks are copied through pinned memory and merged on the dev
 from __future__ import annotations
 
 import math
+import mmap
 import numbers
 from typing import Iterator
 
@@ -31,9 +32,27 @@ from bct_fast.ops.topk_select import NonFiniteScores, RunningTopk
 
 __all__ = ["cosine_topk"]
 
-_BLOCK_ELEMS = 1 << 24  # scores per block: 16M fp32 = 64 MiB
+_BLOCK_ELEMS = 1 << 24  # scores per block at most: 16M fp32 = 64 MiB
 _DEFAULT_CHUNK = 8192   # gallery rows per chunk
+_MIN_CHUNK = 1024       # below this the per-call GEMM / selection overheads dominate
 _NUMPY_FLOATS = (np.float16, np.float32, np.float64)
+_ROW_MAJOR_QUERIES = 64  # from this many queries per block the CPU product is [Q, chunk]
+
+
+def block_shape(Q: int, N: int, d: int, k: int, device_type: str, chunk_size: int | None = None) -> tuple[int, int]:
+    """(gallery rows per chunk, queries per block) of one score block.
+
+    On a CPU a block is written by the GEMM and read back by the selection: at small d the
+    product is bound by those writes, so the block is kept near the caches (~2M scores at
+    d = 128, growing with d, at most 16M); at Q = 2000, d = 128 that halves the GEMM time
+    (benchmarks/NOTES.md). A user's ``chunk_size`` is kept as given."""
+    cache_sized = device_type == "cpu" and not chunk_size
+    target = min(_BLOCK_ELEMS, max(1 << 20, (1 << 21) * d // 128)) if cache_sized else _BLOCK_ELEMS
+    chunk = chunk_size or min(N, _DEFAULT_CHUNK)
+    if cache_sized:
+        chunk = min(chunk, max(_MIN_CHUNK, target // max(Q, 1)))
+    chunk = max(k, chunk)
+    return chunk, max(1, min(Q, target // chunk))
 
 
 def _check_gallery(g, name: str):
@@ -45,6 +64,17 @@ def _check_gallery(g, name: str):
             raise TypeError(f"{name}: numpy dtype {g.dtype} is not supported (float16/32/64)")
         return g
     return check_matrix(g, name)
+
+
+def _from_dlpack(x, name: str):
+    """A tensor viewing ``x`` when it is a DLPack producer (cupy, JAX, ...: no copy), else ``x``.
+    numpy arrays keep their own path (memmaps are read by chunks, never wrapped whole)."""
+    if isinstance(x, (Tensor, np.ndarray)) or not hasattr(x, "__dlpack__"):
+        return x
+    try:
+        return torch.from_dlpack(x)
+    except (RuntimeError, TypeError, BufferError) as e:
+        raise TypeError(f"{name}: a DLPack object torch cannot import ({type(x).__name__}: {e})") from None
 
 
 def _host_tensor(a: np.ndarray) -> Tensor:
@@ -60,6 +90,26 @@ def _torch_dtype(g) -> torch.dtype:
         if isinstance(g, np.ndarray) else g.dtype
 
 
+def _release_read_pages(g) -> None:
+    """Drop the pages of a read-only numpy memmap that a chunk copy brought in.
+
+    The copy itself is freed, but the pages it read stay mapped, so after one pass over a
+    memory-mapped gallery the whole file counted in the process's resident memory (1.5 GiB for
+    two 0.5 GiB galleries in ``bct-fast compat``). For a read-only mapping MADV_DONTNEED only
+    drops clean pages (a later read faults them back from the file); copy-on-write or writable
+    maps are left alone, since dropping their pages would discard changes."""
+    if not isinstance(g, np.memmap) or g.mode != "r":
+        return
+    mm = getattr(g, "_mmap", None)
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if mm is None or advice is None or not hasattr(mm, "madvise"):
+        return
+    try:
+        mm.madvise(advice)
+    except (OSError, ValueError):  # a closed map or a platform without it: only memory is lost
+        pass
+
+
 def _gallery_chunks(g, chunk: int, device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[int, Tensor]]:
     """Yield ``(row0, chunk on device)``. Host galleries headed for CUDA go through two pinned
     staging buffers so the next copy overlaps the current chunk's search."""
@@ -70,6 +120,7 @@ def _gallery_chunks(g, chunk: int, device: torch.device, dtype: torch.dtype | No
             part = g[n0:n0 + chunk]
             if isinstance(part, np.ndarray):
                 part = _host_tensor(part)
+                _release_read_pages(g)
             yield n0, part.to(device=device, dtype=dtype or part.dtype)
         return
     src_dtype = _torch_dtype(g)
@@ -82,6 +133,7 @@ def _gallery_chunks(g, chunk: int, device: torch.device, dtype: torch.dtype | No
         part = g[n0:n0 + chunk]
         rows = part.shape[0]
         buf[:rows].copy_(_host_tensor(part) if isinstance(part, np.ndarray) else part)
+        _release_read_pages(g)
         on_dev = buf[:rows].to(device, non_blocking=True)
         done[step % 2] = torch.cuda.Event()
         done[step % 2].record(torch.cuda.current_stream(device))
@@ -90,11 +142,16 @@ def _gallery_chunks(g, chunk: int, device: torch.device, dtype: torch.dtype | No
 
 def _score_block(qb: Tensor, gb: Tensor, inv_ng: Tensor | None, q0: int, n0: int, exclude_self: bool) -> Tensor:
     """Scores of one query block against one gallery chunk (own rows at -inf with exclude_self)."""
-    if qb.device.type == "cpu":
-        # The gallery chunk is the left operand: for a few queries MKL streams it ~2x faster
-        # than through its GEMV path (one query is padded to two columns); above that oneDNN
-        # is ~2x faster than MKL (ops.cpu_gemm). Reductions run on the contiguous [chunk, Q]
-        # product; the caller gets its transposed view.
+    if qb.device.type == "cpu" and qb.shape[0] >= _ROW_MAJOR_QUERIES:
+        # Many queries: a row-major [Q, chunk] product; its GEMM and the selector's vectorized
+        # per-query scan both beat the transposed layout from 64 queries on (benchmarks/NOTES.md).
+        st = s = mm_nt(qb, gb)
+        if inv_ng is not None:
+            s *= inv_ng
+    elif qb.device.type == "cpu":
+        # Few queries: the gallery chunk is the left operand, MKL streams it ~2x faster than
+        # through its GEMV path (one query is padded to two columns). Reductions run on the
+        # contiguous [chunk, Q] product; the caller gets its transposed view.
         if qb.shape[0] <= 4:
             st = gb @ (qb.repeat(2, 1) if qb.shape[0] == 1 else qb).T
         else:
@@ -123,9 +180,11 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
     """Exact top-k cosine (or inner-product) search.
 
     Args:
-        queries: [Q, d] tensor or numpy array (fp32 / fp16 / bf16 / fp64).
-        gallery: [N, d] tensor on the queries' device, or a CPU tensor / numpy array / memmap
-            with CUDA queries (streamed to the device in chunks: galleries larger than memory).
+        queries: [Q, d] tensor, numpy array or DLPack producer (cupy, JAX: viewed without a
+            copy) (fp32 / fp16 / bf16 / fp64).
+        gallery: [N, d] tensor / DLPack producer on the queries' device, or a CPU tensor / numpy
+            array / memmap with CUDA queries (streamed to the device in chunks: galleries larger
+            than memory).
         k: neighbours per query, 1 <= k <= N (N - 1 with ``exclude_self``).
         normalize: L2-normalize both sides (cosine); False scores raw inner products. An
             all-zero row has no direction: it scores 0 against everything (the convention of
@@ -148,6 +207,7 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
         dim mismatch, mixed devices, NaN/inf rows.
     """
     check_backend(backend)
+    queries, gallery = _from_dlpack(queries, "queries"), _from_dlpack(gallery, "gallery")
     q = _host_tensor(queries) if isinstance(queries, np.ndarray) else queries
     q = check_matrix(q, "queries")
     g = _check_gallery(gallery, "gallery")
@@ -178,9 +238,7 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
         qn = normalize_rows(qn)
     if not bool(torch.isfinite(qn).all()):
         raise nonfinite_error({"queries": q})
-    # ~8k-row chunks keep the GEMM in cache; the query block bounds one score block to 64 MiB.
-    chunk = max(k, chunk_size or min(N, _DEFAULT_CHUNK))
-    q_block = max(1, min(Q, _BLOCK_ELEMS // chunk))
+    chunk, q_block = block_shape(Q, N, q.shape[1], k, q.device.type, chunk_size)
     g_dtype = _torch_dtype(g)
     choice = choose("cosine_topk", q.device, backend, lambda: topk_cuda.unsupported(q.dtype, g_dtype, k))
     note_fallback("cosine_topk", choice)

@@ -1,6 +1,8 @@
 """``bct-fast compat`` on embedding files: two models (cross-test + verdict), three models (AC/AM),
-memory-mapped galleries, and errors that name the option."""
+memory-mapped galleries, errors that name the option, and the demo's saved embeddings."""
 import json
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,3 +79,29 @@ def test_a_model_with_the_wrong_row_count(tmp_path, capsys):
             "--query-labels", write(tmp_path, "l.npy", labels), "--no-plot", "--out", str(tmp_path / "o")]
     assert cli.main(args) == 2
     assert "--model b (queries)" in capsys.readouterr().err
+
+
+def test_compat_reproduces_the_demo_from_its_saved_embeddings(tmp_path):
+    """The demo saves every model's embeddings and prints a `bct-fast compat` command per
+    evaluation set; running that command as printed gives the demo's own cross-test numbers."""
+    pytest.importorskip("matplotlib")  # the glyphs are rendered from matplotlib's fonts
+    from bct_fast.demo import EXAMPLE_METHOD, format_table, quick_config, run_demo
+
+    results = run_demo(quick_config("glyphs"), out_dir=tmp_path / "demo", progress=False)  # ~20 s
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    commands = saved["compat_commands"]
+    assert set(commands) == {"open_set", "closed_set"}
+    assert "--gallery-labels" in commands["open_set"]  # glyphs: queries and gallery from different fonts
+    assert commands["open_set"] in format_table(results)  # printed at the end of the demo
+    for set_name, cmd in commands.items():
+        argv = shlex.split(cmd)
+        assert argv[:2] == ["bct-fast", "compat"]
+        assert cli.main(argv[1:] + ["--no-progress", "--no-plot"]) == 0
+        out = Path(argv[argv.index("--out") + 1])
+        assert out.parent == tmp_path / "demo"  # beside the demo's results, not in the working folder
+        got = json.loads((out / "compat.json").read_text())["cross_test"]
+        want = saved[set_name]["methods"][EXAMPLE_METHOD]
+        assert got["old_old"] == saved[set_name]["old/old"]
+        assert got["new_new"] == want["new/new"]
+        assert got["new_old"] == want["new/old"]
+        assert got["compatible"] == want["compatible"]

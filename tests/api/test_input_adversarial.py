@@ -237,3 +237,33 @@ def test_cli_eval_bad_k_and_big_endian_input(tmp_path):
     assert ok.returncode == 0, ok.stderr
     bad_r = subprocess.run(base + ["--recall-at", "0"], capture_output=True, text=True, timeout=120)
     assert bad_r.returncode == 2 and "recall_at" in bad_r.stderr
+
+
+# ---- strides and dtypes: views and low precision give the same answers --------------------------
+
+def test_strided_views_give_the_contiguous_answer(seed):
+    big_q, big_g = torch.randn(9, 40), torch.randn(64, 600)
+    q, g = big_q[::2, ::2], big_g.T[::2, 3:23]           # non-contiguous, transposed storage
+    s, i = cosine_topk(q, g, 11)
+    s2, i2 = cosine_topk(q.contiguous(), g.contiguous(), 11)
+    assert torch.equal(i, i2) and torch.allclose(s, s2)
+    x, w = torch.randn(7, 30)[:, ::3], torch.randn(20, 50).T[:, ::2]  # [7, 10], [50, 10] views
+    y = torch.randint(0, w.shape[0], (7,))
+    a = cosine_margin_cross_entropy(x, w, y, scale=8.0, margin_type="cosface", margin=0.2)
+    b = cosine_margin_cross_entropy(x.contiguous(), w.contiguous(), y, scale=8.0, margin_type="cosface", margin=0.2)
+    assert torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_cpu_inputs(seed, dtype):
+    q, g = torch.randn(5, 32).to(dtype), torch.randn(400, 32).to(dtype)
+    s, i = cosine_topk(q, g, 9)
+    assert s.dtype == torch.float32
+    assert_topk_matches_reference(s, i, q.float(), g.float(), 9, atol=1e-5)  # exact for the rounded inputs
+    x, w = torch.randn(6, 32).to(dtype).requires_grad_(True), torch.randn(40, 32).to(dtype)
+    y = torch.randint(0, 40, (6,))
+    loss = cosine_margin_cross_entropy(x, w, y, scale=16.0)
+    ref = cosine_margin_cross_entropy_ref(x.detach().double(), w.double(), y, scale=16.0)
+    assert abs(float(loss.detach()) - float(ref)) < 1e-4 * abs(float(ref))
+    loss.backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
