@@ -12,6 +12,7 @@ Run: pytest benchmarks/bench_search.py --benchmark-only [--full]
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,66 @@ def test_cpu_search(measure, provider, Q, N, k):
             pytest.skip("the Q x N score matrix would need more than 800 MB")
         fn = lambda: torch.topk(q @ g.T, k, dim=1)  # noqa: E731
     measure(fn, "cpu", rounds=3, Q=Q, N=N, d=D, k=k, provider=provider, dtype="float32")
+
+
+# (Q, N, d, k, gallery storage): a covering design over the shapes users run, every value of
+# every axis at least twice (issue 16): d 64..1024, Q 1..10000, N 10k..1M (5M once, memory-
+# mapped), k 1..4096; fp16 / bf16 galleries once each (faiss searches the same rounded rows in
+# fp32). The quick subset keeps one row per regime.
+SHAPES_FULL = [
+    (1, 1_000_000, 64, 10, "float32"), (1, 200_000, 1024, 4096, "float32"), (16, 1_000_000, 128, 100, "float32"),
+    (16, 10_000, 768, 1, "float32"), (256, 200_000, 256, 1000, "float32"), (256, 1_000_000, 384, 10, "float32"),
+    (2000, 200_000, 128, 10, "float32"), (2000, 10_000, 512, 4096, "float32"), (10_000, 10_000, 64, 100, "float32"),
+    (10_000, 200_000, 256, 1, "float32"), (2000, 1_000_000, 64, 1000, "float32"), (1, 10_000, 384, 1, "float32"),
+    (256, 10_000, 1024, 100, "float32"), (16, 200_000, 512, 1000, "float32"), (1, 1_000_000, 768, 100, "float32"),
+    (1, 5_000_000, 64, 10, "memmap"), (256, 200_000, 256, 10, "bfloat16"), (16, 1_000_000, 128, 100, "float16"),
+]
+SHAPES_QUICK = [(1, 1_000_000, 64, 10, "float32"), (16, 10_000, 768, 1, "float32"),
+                (2000, 200_000, 128, 10, "float32"), (256, 200_000, 256, 10, "bfloat16")]
+_shape_data: dict = {}
+
+
+def shape_data(Q, N, d, storage, tmp_dir):
+    """Queries [Q, d] fp32, the gallery as stored (tensor or memmap) and its fp32 values for faiss."""
+    key = (Q, N, d, storage)
+    if key not in _shape_data:
+        _shape_data.clear()
+        gen = torch.Generator().manual_seed(d)
+        q = torch.nn.functional.normalize(torch.randn(Q, d, generator=gen), dim=1)
+        g = torch.nn.functional.normalize(torch.randn(N, d, generator=gen), dim=1)
+        if storage in ("bfloat16", "float16"):
+            g = g.to(getattr(torch, storage))
+            g32 = g.float()
+        elif storage == "memmap":
+            path = tmp_dir / f"gallery_{N}x{d}.npy"
+            mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(N, d))
+            mm[:] = g.numpy()
+            mm.flush()
+            del mm
+            g32, g = g, np.load(path, mmap_mode="r")
+        else:
+            g32 = g
+        _shape_data[key] = (q, g, g32)
+    return _shape_data[key]
+
+
+@pytest.mark.parametrize("provider", ["bct_fast", "faiss", "torch"])
+@pytest.mark.grid("Q,N,d,k,storage", SHAPES_QUICK, SHAPES_FULL)
+def test_cpu_search_shapes(measure, tmp_path_factory, provider, Q, N, d, k, storage):
+    q, g, g32 = shape_data(Q, N, d, storage, tmp_path_factory.getbasetemp())
+    if provider == "bct_fast":
+        fn = lambda: cosine_topk(q, g, k, normalize=False)  # noqa: E731
+    elif provider == "faiss":
+        faiss = pytest.importorskip("faiss")
+        index = faiss.IndexFlatIP(d)
+        index.add(g32.numpy())
+        qn = q.numpy()
+        fn = lambda: index.search(qn, k)  # noqa: E731
+    else:
+        if Q * N > 200_000_000 or storage == "memmap":
+            pytest.skip("the Q x N score matrix would need more than 800 MB (or the gallery is on disk)")
+        fn = lambda: torch.topk(q @ g32.T, k, dim=1)  # noqa: E731
+    measure(fn, "cpu", rounds=3, Q=Q, N=N, d=d, k=k, provider=provider, dtype=storage)
 
 
 def torch_chunked_topk(q, g, k, chunk=262_144):
