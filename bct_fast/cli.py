@@ -20,7 +20,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         return _fail("demo", "--device cuda, but no CUDA GPU is visible to PyTorch")
     cfg = quick_config(args.dataset) if args.quick else default_config(args.dataset)
-    cfg.device, cfg.seed = args.device, args.seed
+    cfg.device, cfg.seed, cfg.protocol = args.device, args.seed, args.protocol
     print(f"bct-fast demo: dataset={cfg.dataset}; old model on {cfg.old_classes} classes, new models on "
           f"{cfg.train_classes}, retrieval on the held-out rest; device={cfg.device}")
     try:
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dataset", choices=["glyphs", "cjk", "digits", "synthetic"], default="glyphs",
                       help="glyphs: matplotlib's fonts (default); cjk: needs `bct-fast data cjk-setup` once")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--protocol", choices=["fonts", "families"], default="fonts",
+                      help="families: training, query and gallery font families disjoint (out of domain; glyphs)")
     demo.add_argument("--quick", action="store_true", help="smaller run (CI smoke test)")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     demo.set_defaults(func=_demo)

@@ -60,6 +60,10 @@ class DemoConfig:
     device: str = "cpu"
     cjk_max_classes: int | None = 1500
     split_by_font: bool = True  # glyphs: queries from some font families, gallery from the others
+    # "fonts": train on every family, evaluate on held-out styles (the sibling-font protocol);
+    # "families" (glyphs): train, query and gallery font families disjoint (out of domain),
+    # rotated by seed. See load_data.
+    protocol: str = "fonts"
 
 
 class ConvEmbedder(nn.Module):
@@ -108,9 +112,17 @@ def load_data(cfg: DemoConfig, progress: bool = False) -> DemoData:
     - ``closed_set``: held-out images of the TRAINING classes (one font per family, or every
       fourth sample, never trained on), leave-one-out: the protocol of the paper's ImageNet
       runs (validation images of the training classes).
+
+    ``protocol="families"`` (glyphs; out of domain): matplotlib's 16 fonts are 4 families of 4
+    styles. One family renders the queries, another the gallery, the other two the training
+    images (families rotated by seed), so no model ever sees a style of the query or gallery
+    family: ``closed_set`` = the training classes, ``open_set`` = the held-out classes, both
+    queried across the two unseen families.
     """
     if cfg.dataset not in DATASETS:
         raise ValueError(f"dataset: expected one of {list(DATASETS)}, got {cfg.dataset!r}")
+    if cfg.protocol not in ("fonts", "families"):
+        raise ValueError(f"protocol: expected 'fonts' or 'families', got {cfg.protocol!r}")
     if cfg.dataset in ("glyphs", "cjk"):
         load = datasets.glyph_dataset if cfg.dataset == "glyphs" else datasets.cjk_glyph_dataset
         kw = {} if cfg.dataset == "glyphs" else {"max_classes": cfg.cjk_max_classes}
@@ -123,6 +135,13 @@ def load_data(cfg: DemoConfig, progress: bool = False) -> DemoData:
         else:
             query_font = font % 4 == 2
         is_query = query_font if cfg.split_by_font else None
+        if cfg.protocol == "families":
+            if cfg.dataset != "glyphs":
+                raise ValueError("protocol: 'families' needs the glyphs dataset (4 font families)")
+            family = font // 4
+            q_family, g_family = (2 + cfg.seed) % 4, (3 + cfg.seed) % 4
+            held_out_image = (family == q_family) | (family == g_family)  # never trained on
+            is_query = family == q_family
     else:
         if cfg.dataset == "digits":
             x, y, names = datasets.digits_dataset()
@@ -144,6 +163,12 @@ def load_data(cfg: DemoConfig, progress: bool = False) -> DemoData:
     y = new_label[y]
     train_class = y < cfg.train_classes
     train_mask = train_class & ~held_out_image
+    if cfg.protocol == "families":  # both sets: unseen query family against unseen gallery family
+        open_mask = ~train_class & clean & held_out_image
+        closed_mask = train_class & clean & held_out_image
+        eval_sets = {"open_set": (x[open_mask], y[open_mask], is_query[open_mask]),
+                     "closed_set": (x[closed_mask], y[closed_mask], is_query[closed_mask])}
+        return DemoData(x[train_mask], y[train_mask], eval_sets, factory)
     open_mask = ~train_class & clean
     closed_mask = train_class & held_out_image & clean
     eval_sets = {
@@ -269,6 +294,10 @@ def format_table(results: dict) -> str:
     lines = []
     titles = {"closed_set": "closed-set: unseen images of the training classes (the paper's ImageNet protocol)",
               "open_set": "open-set: held-out classes"}
+    if results.get("config", {}).get("protocol") == "families":
+        titles = {"closed_set": "closed-set, out of domain: the training classes, queries and gallery from two "
+                                "font families no model saw",
+                  "open_set": "open-set, out of domain: held-out classes, the same two unseen families"}
     for set_name in ("closed_set", "open_set"):
         if set_name not in results:
             continue

@@ -71,3 +71,30 @@ def test_cli_eval_errors(tmp_path, capsys, monkeypatch, args, needle):
     (tmp_path / "q.txt").write_text("1 2 3")
     assert cli.main(["eval", *args]) == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_families_protocol_keeps_training_query_and_gallery_families_disjoint(seed):
+    """protocol='families': no training image shares a font family with a query or gallery
+    image, and queries and gallery come from two different unseen families."""
+    from bct_fast import data as datasets
+    from bct_fast.demo import default_config, load_data
+
+    cfg = default_config()
+    cfg.protocol, cfg.seed = "families", seed
+    x, _, font, _ = datasets.glyph_dataset(cfg.image_size, augment=cfg.augment, seed=cfg.seed)
+    families: dict = {}  # image bytes -> families rendering exactly it (a few glyphs coincide)
+    for img, f in zip(x, font):
+        families.setdefault(img.numpy().tobytes(), set()).add(int(f) // 4)
+
+    def of(images):
+        found = [families[img.numpy().tobytes()] for img in images]
+        return {next(iter(f)) for f in found if len(f) == 1}
+
+    d = load_data(cfg)
+    train_families = of(d.train_x)
+    for name, (xe, _, is_query) in d.eval_sets.items():
+        q, g = of(xe[is_query]), of(xe[~is_query])
+        assert len(q) == len(g) == 1 and q != g, name
+        assert not (q | g) & train_families, name
+    assert len(train_families) == 2
