@@ -128,7 +128,8 @@ def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
         optimizer: torch.optim.Optimizer | None = None, *, lr: float = 1e-3, device: str | torch.device = "cpu",
         amp: bool = False, checkpoint: str | os.PathLike | None = None, resume: bool = True,
         seed: int = 0, progress: bool = True, desc: str = "fit",
-        on_epoch_end: Callable[[int, float], None] | None = None) -> nn.Module:
+        on_epoch_end: Callable[[int, float], None] | None = None,
+        validate: Callable[[nn.Module, int], dict] | None = None) -> nn.Module:
     """Train ``model`` (and the trainable parameters of ``loss``, e.g. a class weight).
 
     Args:
@@ -138,6 +139,10 @@ def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
             epoch). With ``resume`` an existing file is loaded and training continues after its
             epoch; the result equals an uninterrupted run with the same seed.
         on_epoch_end: called with (epoch, mean loss).
+        validate: called with (model in eval mode, epoch) after every epoch, e.g. a
+            :class:`bct_fast.compat_monitor.CompatibilityValidator`; if it has ``restore_best``,
+            that is called with the model when training ends (the validator's history is not part
+            of the checkpoint: a resumed run validates its remaining epochs only).
     Returns the trained model in eval mode.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
@@ -194,7 +199,16 @@ def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
                                          "optimizer_type": type(opt).__name__})
         if on_epoch_end is not None:
             on_epoch_end(epoch, mean)
+        if validate is not None:
+            model.eval()
+            record = validate(model, epoch)
+            if isinstance(record, dict):
+                bar.set_postfix(loss=f"{mean:.3f}", **{k: f"{v:.3f}" for k, v in record.items()
+                                                      if isinstance(v, float)})
     model.eval()
+    ran = start < epochs  # a run resumed after its last epoch validated nothing to restore
+    if validate is not None and ran and hasattr(validate, "restore_best"):
+        validate.restore_best(model)
     return model
 
 
