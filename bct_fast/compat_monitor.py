@@ -52,11 +52,14 @@ class CompatibilityValidator:
         metric: the metric of the rule and of the criterion (a key of ``evaluate_retrieval``).
         new_new_tolerance: how much new/new the chosen epoch may give up (absolute, e.g. 0.02).
         device: where the new model embeds the validation images.
+        restore: load the chosen epoch's state when training ends (False: record and plot only,
+            e.g. curves on a split that must not select the model).
     """
 
     def __init__(self, query_loader: Iterable, old_queries: Tensor, *, gallery_loader: Iterable | None = None,
                  old_gallery: Tensor | None = None, metric: str = "precision_at_1",
-                 new_new_tolerance: float = 0.02, device: str | torch.device = "cpu") -> None:
+                 new_new_tolerance: float = 0.02, device: str | torch.device = "cpu",
+                 restore: bool = True) -> None:
         check_matrix(old_queries, "old_queries")
         if (gallery_loader is None) != (old_gallery is None):
             raise ValueError("gallery_loader, old_gallery: give both or neither")
@@ -68,6 +71,7 @@ class CompatibilityValidator:
         self.gallery_loader = gallery_loader
         self.old_gallery = old_gallery.detach().cpu() if old_gallery is not None else None
         self.metric, self.tolerance, self.device = metric, float(new_new_tolerance), device
+        self.restore = restore
         self.history: list[dict] = []
         self._states: dict[int, dict] = {}  # epoch -> model state (CPU), Pareto front only
 
@@ -107,9 +111,10 @@ class CompatibilityValidator:
         return choose_epoch(self.history, self.tolerance)
 
     def restore_best(self, model: nn.Module) -> dict:
-        """Load the chosen epoch's state into ``model``; returns its record."""
+        """Load the chosen epoch's state into ``model`` (unless ``restore=False``); returns its record."""
         record = self.chosen
-        model.load_state_dict(copy.deepcopy(self._states[record["epoch"]]))
+        if self.restore:
+            model.load_state_dict(copy.deepcopy(self._states[record["epoch"]]))
         return record
 
     def plot(self, path: str | Path) -> Path:
@@ -119,8 +124,10 @@ class CompatibilityValidator:
         epochs = [r["epoch"] + 1 for r in self.history]
         for key, label in (("new_new", "new/new"), ("new_old", "new/old (cross-test)"), ("old_old", "old/old")):
             ax.plot(epochs, [100 * r[key] for r in self.history], marker="o", ms=3, label=label)
-        ax.axvline(self.chosen["epoch"] + 1, color="gray", ls="--", lw=1, label="chosen")
+        ax.axvline(self.chosen["epoch"] + 1, color="gray", ls="--", lw=1,
+                   label="the rule's choice" + ("" if self.restore else " (not restored)"))
         ax.set_xlabel("epoch")
+        ax.set_xticks(epochs)
         ax.set_ylabel(self.metric)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -33,6 +33,7 @@ from torch import nn
 from bct_fast import data as datasets
 from bct_fast import train
 from bct_fast._core.io import atomic_write
+from bct_fast.compat_monitor import CompatibilityValidator
 from bct_fast.evaluate import CompatibilityMatrix, cross_test, pyplot, save_png
 
 DATASETS = ("glyphs", "cjk", "digits", "synthetic")
@@ -215,7 +216,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool 
                                        influence_weight=cfg.influence_weight, scale=cfg.scale, desc="bct", **fit_kw),
         "bct_class_means": lambda: train.train_bct(new_model(), old, None, *common, class_means=True,
                                                    influence_weight=cfg.influence_weight, scale=cfg.scale,
-                                                   desc="bct (class means)", **fit_kw),
+                                                   desc="bct (class means)", validate=curves, **fit_kw),
     }
     results: dict = {"config": asdict(cfg), "train_images": int(len(yt)), "old_classifier_geometry": geometry}
     old_emb = {}
@@ -225,6 +226,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool 
         embeddings[set_name]["old"] = old_emb[set_name]
         results[set_name] = {"images": int(len(ye)), "classes": int(ye.unique().numel()),
                              "queries": int(len(ye) if is_query is None else is_query.sum()), "methods": {}}
+    curves = _curve_recorder(d.eval_sets["closed_set"], old_emb["closed_set"], cfg)
     for name, run in methods.items():
         model, _ = run()
         for set_name, (xe, ye, is_query) in d.eval_sets.items():
@@ -242,7 +244,10 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool 
             res["methods"][name] = {"new/new": r.new_new, "new/old": r.new_old, "compatible": r.compatible,
                                     "compatible_map": r.new_old["mean_average_precision"] > r.old_old["mean_average_precision"],
                                     "update_gain": r.update_gain}
+    results["training_curves"] = {EXAMPLE_METHOD: {"set": "closed_set", "metric": curves.metric,
+                                                   "epochs": curves.history}}
     if out_dir is not None:
+        curves.plot(Path(out_dir) / f"curves_{EXAMPLE_METHOD}.png")
         files = save_embeddings(embeddings, d.eval_sets, out_dir)
         results["embeddings"] = files
         results["compat_commands"] = {s: compat_command(f, EXAMPLE_METHOD, Path(out_dir) / f"compat_{s}")
@@ -250,6 +255,18 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool 
         save_results(results, out_dir)
         _plot(results, Path(out_dir) / "compatibility.png")
     return results
+
+
+def _curve_recorder(eval_set, old_e: torch.Tensor, cfg: DemoConfig) -> CompatibilityValidator:
+    """Old/old, new/new and new/old on the closed set after every epoch of one method, for the
+    curves plot (``restore=False``: the evaluation set only watches, it never selects a model)."""
+    xe, ye, is_query = eval_set
+    if is_query is None:
+        return CompatibilityValidator([(xe, ye)], old_e, device=cfg.device, restore=False)
+    g = ~is_query
+    return CompatibilityValidator([(xe[is_query], ye[is_query])], old_e[is_query],
+                                  gallery_loader=[(xe[g], ye[g])], old_gallery=old_e[g],
+                                  device=cfg.device, restore=False)
 
 
 @torch.no_grad()

@@ -26,6 +26,12 @@ def test_demo_pipeline_qualitative_result(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["open_set"]["methods"]["bct"]["new/old"] == m["bct"]["new/old"]
     assert (tmp_path / "compatibility.png").read_bytes()[:4] == b"\x89PNG"
+    # training curves of class-mean BCT: one record per epoch, the last equal to the final model's
+    curve = saved["training_curves"]["bct_class_means"]["epochs"]
+    assert [e["epoch"] for e in curve] == list(range(cfg.new_epochs))
+    last = r["closed_set"]["methods"]["bct_class_means"]
+    assert curve[-1]["new_old"] == pytest.approx(last["new/old"]["precision_at_1"])
+    assert (tmp_path / "curves_bct_class_means.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_info(capsys):
