@@ -32,20 +32,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_matrix(path: str, what: str):
-    from bct_fast.embedding_files import load_array
-
-    return load_array(path, what)
-
-
 def _eval(args: argparse.Namespace) -> int:
+    from bct_fast.compat_command import parse_k
+    from bct_fast.embedding_files import load_array
     from bct_fast.metrics import evaluate_retrieval
 
     try:
-        q = _load_matrix(args.query, "--query")
-        ql = _load_matrix(args.query_labels, "--query-labels")
-        g = _load_matrix(args.gallery, "--gallery") if args.gallery else None
-        gl = _load_matrix(args.gallery_labels, "--gallery-labels") if args.gallery_labels else None
+        q = load_array(args.query, "--query")
+        ql = load_array(args.query_labels, "--query-labels")
+        g = load_array(args.gallery, "--gallery") if args.gallery else None
+        gl = load_array(args.gallery_labels, "--gallery-labels") if args.gallery_labels else None
         if (g is None) != (gl is None):
             raise ValueError("--gallery and --gallery-labels: give both or neither")
         if q.dim() != 2 or not q.dtype.is_floating_point:
@@ -57,12 +53,7 @@ def _eval(args: argparse.Namespace) -> int:
                 continue
             if lab.dim() != 1 or lab.shape[0] != rows or lab.dtype.is_floating_point:
                 raise ValueError(f"{name}: expected {rows} integer labels, got shape {tuple(lab.shape)} {lab.dtype}")
-        if args.k in ("auto", "all"):
-            k = args.k
-        elif args.k.isdigit() and int(args.k) >= 1:
-            k = int(args.k)
-        else:
-            raise ValueError(f"--k: expected 'auto', 'all' or a positive integer, got {args.k!r}")
+        k = parse_k(args.k)
         m = evaluate_retrieval(q, ql.long(), g, gl.long() if gl is not None else None, k=k,
                                recall_at=tuple(args.recall_at), exclude_self=True if args.exclude_self else None)
     except (ValueError, TypeError) as e:

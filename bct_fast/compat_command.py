@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "parse_k"]
 
 
 def add_parser(sub) -> None:
@@ -63,7 +63,8 @@ def _labels(path: str, what: str):
     return lab.long()
 
 
-def _k(text: str):
+def parse_k(text: str):
+    """The ``--k`` option of ``compat`` and ``eval``: 'auto', 'all' or a positive integer."""
     if text in ("auto", "all"):
         return text
     if text.isdigit() and int(text) >= 1:
@@ -103,7 +104,7 @@ def compat(args: argparse.Namespace) -> dict:
         if g.ndim != 2 or g.shape[0] != gl.shape[0] or g.shape[1] != queries[n].shape[1]:
             raise ValueError(f"--model {n} (gallery): expected [{gl.shape[0]}, {queries[n].shape[1]}] (one row "
                              f"per gallery label, the queries' dim), got {tuple(g.shape)}")
-    k = _k(args.k)
+    k = parse_k(args.k)
     names = [m[0] for m in models]
     kw = dict(k=k, progress=not args.no_progress)
     if len(models) == 2:

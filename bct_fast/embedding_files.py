@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
+
+from bct_fast._core.arrays import host_tensor
 
 __all__ = ["load_array"]
 
@@ -26,7 +27,7 @@ def load_array(path: str | os.PathLike, what: str, *, mmap: bool = False):
             raise ValueError(f"{what}: {path} holds {a.dtype} data, expected numbers")
         if mmap and a.ndim == 2 and a.dtype.kind == "f" and a.dtype.isnative and a.dtype.itemsize in (2, 4, 8):
             return a
-        return torch.from_numpy(np.array(a, dtype=a.dtype.newbyteorder("=")))  # any byte order
+        return host_tensor(a)  # any byte order
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file

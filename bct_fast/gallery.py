@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bct_fast._core.arrays import host_tensor
 from bct_fast._core.checks import check_device, check_labels, check_matrix
 from bct_fast._core.io import atomic_write, remove_stale_temps, sha256_of_file
 from bct_fast.ops import cosine_topk, normalize_rows
@@ -136,10 +137,8 @@ def _usable_device(device: object, name: str = "device") -> torch.device:
 
 
 def _as_tensor(x: object) -> object:
-    """numpy input as a tensor in native byte order (torch refuses big-endian arrays)."""
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.array(x, dtype=x.dtype.newbyteorder("=")))
-    return x
+    """numpy input as a tensor in native byte order (add() stores copies of what it keeps)."""
+    return host_tensor(x) if isinstance(x, np.ndarray) else x
 
 
 def _byte_view(a: np.ndarray) -> memoryview:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bct_fast._core.arrays import host_tensor
 from bct_fast._core.checks import check_choice, check_int
 from bct_fast.gallery import GalleryIndex, IndexFileError
 from bct_fast.ops import cosine_topk
@@ -79,7 +80,7 @@ class FlatIndex:
         if isinstance(x, np.ndarray):
             if x.dtype.kind != "f":
                 raise TypeError(f"{name}: expected a float array, got {x.dtype}")
-            x = torch.from_numpy(x.astype(x.dtype.newbyteorder("="), copy=True))
+            x = host_tensor(x)
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.d:
             shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
             raise ValueError(f"{name}: expected shape [n, {self.d}], got {shape}")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bct_fast._core.arrays import host_tensor
 from bct_fast._core.checks import check_matrix, nonfinite_error
 from bct_fast.ops import topk_cuda, topk_select
 from bct_fast.ops.cpu_gemm import mm_nt
@@ -78,14 +79,6 @@ def _from_dlpack(x, name: str):
         raise TypeError(f"{name}: a DLPack object torch cannot import ({type(x).__name__}: {e})") from None
 
 
-def _host_tensor(a: np.ndarray) -> Tensor:
-    """numpy -> CPU tensor; read-only arrays (memmaps opened "r") and non-native byte orders
-    (big-endian .npy files) are copied, as torch needs."""
-    if not a.dtype.isnative:
-        return torch.from_numpy(a.astype(a.dtype.newbyteorder("="), copy=True))
-    return torch.from_numpy(np.ascontiguousarray(a) if a.flags.writeable else np.array(a))
-
-
 def _torch_dtype(g) -> torch.dtype:
     return {np.float16: torch.float16, np.float32: torch.float32, np.float64: torch.float64}[g.dtype.type] \
         if isinstance(g, np.ndarray) else g.dtype
@@ -130,7 +123,7 @@ def _read_only_view(part: np.ndarray) -> Tensor:
     """A tensor over a read-only, native, contiguous array's memory without a copy: the search
     only reads gallery chunks (torch warns about non-writable arrays; nothing writes here)."""
     if not (part.dtype.isnative and part.flags.c_contiguous):
-        return _host_tensor(part)
+        return host_tensor(part)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(part)
@@ -237,7 +230,7 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
     """
     check_backend(backend)
     queries, gallery = _from_dlpack(queries, "queries"), _from_dlpack(gallery, "gallery")
-    q = _host_tensor(queries) if isinstance(queries, np.ndarray) else queries
+    q = host_tensor(queries) if isinstance(queries, np.ndarray) else queries
     q = check_matrix(q, "queries")
     g = _check_gallery(gallery, "gallery")
     g_dev = torch.device("cpu") if isinstance(g, np.ndarray) else g.device
@@ -305,4 +298,4 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
 
 def _rows(g, n0: int, rows: int) -> Tensor:
     part = g[n0:n0 + rows]
-    return _host_tensor(part) if isinstance(part, np.ndarray) else part
+    return host_tensor(part) if isinstance(part, np.ndarray) else part
