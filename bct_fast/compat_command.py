@@ -72,13 +72,6 @@ def parse_k(text: str):
     raise ValueError(f"--k: expected 'auto', 'all' or a positive integer, got {text!r}")
 
 
-def _two_model_matrix(r, names: list[str], metric: str):
-    from bct_fast.evaluate import CompatibilityMatrix
-
-    v = [[r.old_old[metric], None], [r.new_old[metric], r.new_new[metric]]]
-    return CompatibilityMatrix(names, v, metric)
-
-
 def compat(args: argparse.Namespace) -> dict:
     """Evaluate; returns the JSON document (also written to ``args.out``)."""
     # imported here: `bct-fast --help` / `info` stay light (no torch import)
@@ -112,7 +105,7 @@ def compat(args: argparse.Namespace) -> dict:
         r = cross_test(queries[old], queries[new], ql, metric=args.metric,
                        old_gallery=galleries[old] if galleries else None,
                        new_gallery=galleries[new] if galleries else None, gallery_labels=gl, **kw)
-        matrix = _two_model_matrix(r, names, args.metric)
+        matrix = r.matrix(old, new)
         text = r.table() + "\n"
         doc = {"models": names, "cross_test": r.to_dict()}
     else:

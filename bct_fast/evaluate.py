@@ -44,6 +44,13 @@ class CrossTestResult:
     def to_dict(self) -> dict:
         return {**asdict(self), "compatible": self.compatible, "update_gain": self.update_gain}
 
+    def matrix(self, old_name: str = "old", new_name: str = "new") -> "CompatibilityMatrix":
+        """The 2 x 2 :class:`CompatibilityMatrix` of :attr:`metric` (new gallery with old
+        queries not evaluated), e.g. for its heatmap."""
+        m = self.metric
+        return CompatibilityMatrix([old_name, new_name], [[self.old_old[m], None],
+                                                          [self.new_old[m], self.new_new[m]]], m)
+
     def table(self, metrics: Sequence[str] = ("precision_at_1", "mean_average_precision")) -> str:
         """A printable table: one row per (query model / gallery model) pair."""
         head = f"{'query/gallery':<14}" + "".join(f"{m:>24}" for m in metrics)

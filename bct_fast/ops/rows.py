@@ -15,6 +15,11 @@ _TINY = 1e-12  # below this the fast norm may have lost its squares to underflow
 _NORM_FLOOR = torch.finfo(torch.float32).tiny  # inverse norms stay finite in fp32
 
 
+def _unreliable(n: torch.Tensor) -> torch.Tensor:
+    """Norms the fast path may have got wrong: overflowed squares, underflowed or tiny rows."""
+    return ~torch.isfinite(n) | (n < _TINY)
+
+
 def _scaled_norms(t: torch.Tensor) -> torch.Tensor:
     """Norms in float64 of rows divided by their largest |entry| first (no over/underflow)."""
     sub = t.to(torch.float64)
@@ -31,7 +36,7 @@ def row_norms(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
     if torch.compiler.is_compiling():  # no data-dependent branch in a traced graph
         return _scaled_norms(t).to(out_dtype)
     n = torch.linalg.vector_norm(t, dim=1, dtype=dtype)
-    redo = ~torch.isfinite(n) | (n < _TINY)
+    redo = _unreliable(n)
     if bool(redo.any()):  # rare: huge, tiny or non-finite rows
         rows = redo.nonzero()[:, 0]
         n = n.clone()
@@ -55,7 +60,7 @@ def normalize_rows(t: torch.Tensor) -> torch.Tensor:
     and eps limits. Differentiable (autograd through the norm)."""
     if t.requires_grad and torch.is_grad_enabled():
         n = torch.linalg.vector_norm(t, dim=1, keepdim=True)
-        if bool((~torch.isfinite(n) | (n < _TINY)).any()):  # rare: rescale by a detached max first
+        if bool(_unreliable(n).any()):  # rare: rescale by a detached max first
             s = t.detach().abs().amax(1, keepdim=True)
             t = t / torch.where(s > 0, s, torch.ones_like(s))
             n = torch.linalg.vector_norm(t, dim=1, keepdim=True)
