@@ -3,7 +3,8 @@ F.cross_entropy), fwd and fwd+bwd, trainable and frozen (influence-loss) classif
 
 Axes: provider x mode (forward | full) x classifier (trainable | frozen). Providers: on CPU
 ``bct_fast`` (the chunked path) and ``torch`` (naive); on CUDA ``bct_fast_cuda`` (the kernels,
-``backend="cuda"``), ``bct_fast_torch`` (the chunked path on cuBLAS, ``backend="torch"``, the
+``backend="cuda"``), ``bct_fast_epilogue`` (cuBLAS GEMMs on class chunks + our epilogue kernels,
+``backend="epilogue"``), ``bct_fast_torch`` (the chunked path on cuBLAS, ``backend="torch"``, the
 default until the kernels pass a recorded GPU run) and ``torch``.
 Shapes on CPU: ``CPU_QUICK`` by default, ``CPU_FULL`` with ``--full`` (benchmarks/conftest.py).
 """
@@ -37,9 +38,10 @@ def ours(x, w, y, backend="auto"):
 
 PROVIDERS = {"bct_fast": ours, "torch": naive,
              "bct_fast_cuda": lambda x, w, y: ours(x, w, y, "cuda"),
+             "bct_fast_epilogue": lambda x, w, y: ours(x, w, y, "epilogue"),
              "bct_fast_torch": lambda x, w, y: ours(x, w, y, "torch")}
 CPU_PROVIDERS = ["bct_fast", "torch"]
-CUDA_PROVIDERS = ["bct_fast_cuda", "bct_fast_torch", "torch"]
+CUDA_PROVIDERS = ["bct_fast_cuda", "bct_fast_epilogue", "bct_fast_torch", "torch"]
 
 
 def make_case(B, C, device, dtype, frozen):

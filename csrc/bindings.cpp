@@ -11,6 +11,7 @@
 
 #ifdef BCT_FAST_WITH_CUDA
 #include "bct_fast/cosine_topk.h"
+#include "bct_fast/margin_epilogue.h"
 #include "bct_fast/margin_softmax.h"
 #include "bct_fast/runtime_info.h"
 #endif
@@ -44,6 +45,7 @@ py::dict build_info() {
   py::dict sources;
 #ifdef BCT_FAST_WITH_CUDA
   sources["margin_softmax"] = BCT_FAST_HASH_MARGIN_SOFTMAX;
+  sources["margin_epilogue"] = BCT_FAST_HASH_MARGIN_EPILOGUE;
   sources["cosine_topk"] = BCT_FAST_HASH_COSINE_TOPK;
 #endif
   info["kernel_sources"] = sources;
@@ -117,6 +119,33 @@ PYBIND11_MODULE(_C, m) {
             ptr<const float>(inv_nw), ptr<const int64_t>(labels), ptr<const float>(target_logit),
             ptr<const float>(lse), ptr<const float>(row_coef), B, C, d,
             static_cast<bct_fast::DType>(dtype), scale, ptr<float>(out), ptr<void>(stream)));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  // Epilogue provider: the caller's GEMM wrote the fp32 score block; see margin_epilogue.h.
+  m.def(
+      "margin_epilogue_stats",
+      [](std::uintptr_t scores, int64_t B, int64_t cols, std::uintptr_t inv_nx,
+         std::uintptr_t inv_nw, std::uintptr_t labels, std::uintptr_t target_logit, int64_t c0,
+         float scale, std::uintptr_t m_io, std::uintptr_t l_io, std::uintptr_t e_out,
+         int e_dtype, std::uintptr_t alpha_out, std::uintptr_t stream) {
+        raise_if_error(bct_fast::margin_epilogue_stats(
+            ptr<const float>(scores), B, cols, ptr<const float>(inv_nx), ptr<const float>(inv_nw),
+            ptr<const int64_t>(labels), ptr<const float>(target_logit), c0, scale,
+            ptr<float>(m_io), ptr<float>(l_io), ptr<void>(e_out),
+            static_cast<bct_fast::DType>(e_dtype), ptr<float>(alpha_out), ptr<void>(stream)));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "margin_epilogue_grads",
+      [](std::uintptr_t scores, int64_t B, int64_t cols, std::uintptr_t inv_nx,
+         std::uintptr_t inv_nw, std::uintptr_t labels, std::uintptr_t target_logit, int64_t c0,
+         float scale, std::uintptr_t lse, std::uintptr_t row_coef, std::uintptr_t p_out,
+         std::uintptr_t pw_out, int out_dtype, std::uintptr_t stream) {
+        raise_if_error(bct_fast::margin_epilogue_grads(
+            ptr<const float>(scores), B, cols, ptr<const float>(inv_nx), ptr<const float>(inv_nw),
+            ptr<const int64_t>(labels), ptr<const float>(target_logit), c0, scale,
+            ptr<const float>(lse), ptr<const float>(row_coef), ptr<void>(p_out), ptr<void>(pw_out),
+            static_cast<bct_fast::DType>(out_dtype), ptr<void>(stream)));
       },
       py::call_guard<py::gil_scoped_release>());
   m.attr("topk_max_k") = bct_fast::kTopkMaxK;

@@ -27,6 +27,11 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "margin_softmax": ("csrc/bindings.cpp", "csrc/include/bct_fast/common.h",
                        "csrc/include/bct_fast/margin_softmax.h", "csrc/cuda/tile_common*",
                        "csrc/cuda/launch_common*", "csrc/cuda/margin_softmax*"),
+    # The epilogue provider (cuBLAS GEMMs via torch.mm + these kernels): its own record, so
+    # verifying one margin provider on a GPU never makes the other the default.
+    "margin_epilogue": ("csrc/bindings.cpp", "csrc/include/bct_fast/common.h",
+                        "csrc/include/bct_fast/margin_epilogue.h", "csrc/cuda/tile_common*",
+                        "csrc/cuda/launch_common*", "csrc/cuda/margin_epilogue*"),
     "cosine_topk": ("csrc/bindings.cpp", "csrc/include/bct_fast/common.h",
                     "csrc/include/bct_fast/cosine_topk.h", "csrc/cuda/tile_common*",
                     "csrc/cuda/launch_common*", "csrc/cuda/cosine_topk*"),
@@ -37,6 +42,7 @@ _VERIFIED_RECORD = Path(__file__).with_name("gpu_verified.json")
 # ordering beyond the interleavings tried and tensor-core instructions are not. Emulation never
 # makes a family the default: only a recorded GPU run does.
 EMULATED_BY = {family: "tests/ops/test_kernels_emulated.py" for family in KERNEL_SOURCES}
+EMULATED_BY["margin_epilogue"] = "tests/ops/test_epilogue_emulated.py"
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,9 +7,11 @@ Two primitive ops carry every B x C sweep of the normalized-softmax loss family:
 - ``bct_fast::softmax_grads``: P @ W_hat and P.T @ X_hat for the backward pass.
 
 Each has a CUDA registration that asks :func:`bct_fast.ops.providers.choose` for the provider
-(the ``bct_fast._C`` kernels when verified or requested, else the chunked PyTorch path), a CPU
-registration (chunked PyTorch) and a fake implementation so that ``torch.compile`` can trace
-them. Everything of size B (target cosines, margins, the loss itself) is plain PyTorch in
+(the ``bct_fast._C`` SIMT kernels or the epilogue provider -- cuBLAS GEMMs + our epilogue
+kernels, :mod:`bct_fast.ops.margin_softmax_epilogue` -- when verified or requested, else the
+chunked PyTorch path), a CPU registration (chunked PyTorch; with ``backend="epilogue"`` the
+epilogue chunk loop with the PyTorch twin of its kernels) and a fake implementation so that
+``torch.compile`` can trace them. Everything of size B (target cosines, margins, the loss itself) is plain PyTorch in
 :class:`CosineMarginCrossEntropyFunction`, shared by both devices.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from bct_fast._core.checks import check_choice, check_labels, check_matrix, check_same_device, nonfinite_error
 from bct_fast.ops import margin_softmax_cuda
+from bct_fast.ops import margin_softmax_epilogue
 from bct_fast.ops import margin_softmax_torch
 from bct_fast.ops.margins import Margin, MarginValue, make_margin, target_function
 from bct_fast.ops.providers import check_backend, choose, note_fallback
@@ -63,39 +66,55 @@ def _grads_fake(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale
             x.new_empty((C, d) if need_w else (0,), dtype=inv_nx.dtype))
 
 
+def _provider(op: str, x: Tensor, w: Tensor, backend: str) -> str:
+    choice = choose("margin_softmax", x.device, backend, lambda: margin_softmax_cuda.unsupported(x, w),
+                    lambda: margin_softmax_epilogue.unsupported(x, w))
+    note_fallback(op, choice)
+    return choice.provider
+
+
 @torch.library.register_kernel("bct_fast::softmax_stats", "cpu")
 def _stats_cpu(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size, backend="auto"):
+    if backend == "epilogue" and _provider("softmax_stats", x, w, backend) == "epilogue":
+        return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale,
+                                                     with_pws, chunk_size)
     return margin_softmax_torch.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size)
 
 
 @torch.library.register_kernel("bct_fast::softmax_grads", "cpu")
 def _grads_cpu(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x, need_w, chunk_size,
                backend="auto"):
+    if backend == "epilogue" and _provider("softmax_grads", x, w, backend) == "epilogue":
+        return margin_softmax_epilogue.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse,
+                                                     row_coef, scale, need_x, need_w, chunk_size)
     return margin_softmax_torch.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale,
                                   need_x, need_w, chunk_size)
 
 
-def _provider(op: str, x: Tensor, w: Tensor, backend: str) -> str:
-    choice = choose("margin_softmax", x.device, backend, lambda: margin_softmax_cuda.unsupported(x, w))
-    note_fallback(op, choice)
-    return choice.provider
-
-
 @torch.library.register_kernel("bct_fast::softmax_stats", "cuda")
 def _stats_cuda(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size, backend="auto"):
-    if _provider("softmax_stats", x, w, backend) == "cuda":
+    provider = _provider("softmax_stats", x, w, backend)
+    if provider == "cuda":
         return margin_softmax_cuda.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws)
-    return _stats_cpu(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size)
+    if provider == "epilogue":
+        return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale,
+                                                     with_pws, chunk_size)
+    return margin_softmax_torch.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws,
+                                              chunk_size)
 
 
 @torch.library.register_kernel("bct_fast::softmax_grads", "cuda")
 def _grads_cuda(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x, need_w, chunk_size,
                 backend="auto"):
-    if _provider("softmax_grads", x, w, backend) == "cuda":
+    provider = _provider("softmax_grads", x, w, backend)
+    if provider == "cuda":
         return margin_softmax_cuda.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef,
                                                  scale, need_x, need_w)
-    return _grads_cpu(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x,
-                      need_w, chunk_size)
+    if provider == "epilogue":
+        return margin_softmax_epilogue.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse,
+                                                     row_coef, scale, need_x, need_w, chunk_size)
+    return margin_softmax_torch.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale,
+                                              need_x, need_w, chunk_size)
 
 
 # ---- autograd ------------------------------------------------------------------------------
@@ -263,12 +282,15 @@ def cosine_margin_cross_entropy(
             or ``"none"`` ([B], 0 at ignored rows).
         label_smoothing: as ``F.cross_entropy`` (over the margin logits).
         arcface_grad: ``"exact"`` or ``"straight_through"`` (insightface arcface_torch).
-        chunk_size: classes per chunk on the PyTorch path (default: ~4M logits per chunk).
+        chunk_size: classes per chunk on the PyTorch and epilogue paths (default: ~4M logits
+            per chunk).
         validate: check labels and finiteness (costs one host sync; off under torch.compile).
         backend: ``"auto"`` (the CUDA kernels for CUDA tensors once they passed a recorded GPU
             run, or with ``BCT_FAST_UNVERIFIED_KERNELS=1``; else the chunked PyTorch path),
-            ``"cuda"`` (the kernels, or an error saying why they cannot serve the call) or
-            ``"torch"`` (:mod:`bct_fast.ops.providers`).
+            ``"cuda"`` (the kernels, or an error saying why they cannot serve the call),
+            ``"torch"``, or ``"epilogue"`` (cuBLAS GEMMs on class chunks + our epilogue kernels;
+            fp32 or bf16 inputs; on CPU tensors the same loop with the kernels' PyTorch twin)
+            (:mod:`bct_fast.ops.providers`).
 
     Returns:
         fp32 loss (float64 for float64 inputs): a scalar, or [B] with ``reduction="none"``.
@@ -284,9 +306,10 @@ def cosine_margin_cross_entropy(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
     check_backend(backend)
-    if backend == "cuda":  # fail here, naming the argument, rather than inside the sweep
+    if backend in ("cuda", "epilogue"):  # fail here, naming the argument, not inside the sweep
         dt = embeddings.new_empty(0, dtype=torch.promote_types(embeddings.dtype, weight.dtype))
-        choose("margin_softmax", embeddings.device, backend, lambda: margin_softmax_cuda.unsupported(dt, dt))
+        choose("margin_softmax", embeddings.device, backend, lambda: margin_softmax_cuda.unsupported(dt, dt),
+               lambda: margin_softmax_epilogue.unsupported(dt, dt))
     # Grad mode is off inside Function.forward, so decide here whether a backward will follow.
     fuse_grad = torch.is_grad_enabled() and embeddings.requires_grad and not weight.requires_grad
     return CosineMarginCrossEntropyFunction.apply(

@@ -13,10 +13,19 @@ provider module gives:
 - and, for the CUDA provider, ``unsupported(...) -> Unsupported | None``: why it cannot serve an
   input (dtype, k above its limit, ...).
 
+Margin softmax has a third provider, ``epilogue`` (``margin_softmax_epilogue``): cuBLAS GEMMs
+through ``torch.mm`` on class chunks and our kernels for everything after each GEMM (kernel
+family ``margin_epilogue``, its own entry in ``gpu_verified.json``).
+
 :func:`choose` is the only place that decides. ``backend="auto"`` runs a family's CUDA kernels
 only when the installed build's sources passed a recorded GPU run (``gpu_verified.json``) or
 when ``BCT_FAST_UNVERIFIED_KERNELS=1``; ``backend="cuda"`` requests them (an error when they
-cannot serve the call); ``backend="torch"`` never uses them.
+cannot serve the call); ``backend="torch"`` never uses them. ``backend="epilogue"`` requests
+the epilogue provider: on CUDA tensors its kernels (an error when they cannot serve the call),
+on CPU tensors the same chunk loop with the PyTorch twin of the kernels (a test and debugging
+route). Under ``"auto"`` the epilogue provider is picked only once its own family passed a
+recorded GPU run (then before the SIMT kernels); ``BCT_FAST_UNVERIFIED_KERNELS=1`` does not
+select it.
 """
 from __future__ import annotations
 
@@ -31,7 +40,9 @@ import torch
 from bct_fast._core.checks import check_choice
 from bct_fast._core.extension import cuda_kernels_compiled, kernel_verification
 
-BACKENDS = ("auto", "torch", "cuda")
+BACKENDS = ("auto", "torch", "cuda", "epilogue")
+# Family of the epilogue provider of an op family that has one.
+EPILOGUE_FAMILIES = {"margin_softmax": "margin_epilogue"}
 UNVERIFIED_ENV = "BCT_FAST_UNVERIFIED_KERNELS"
 
 
@@ -46,7 +57,7 @@ class Unsupported:
 
 @dataclass(frozen=True)
 class Choice:
-    provider: str  # "torch" | "cuda"
+    provider: str  # "torch" | "cuda" | "epilogue"
     reason: str
     warn: bool = False  # CUDA tensors on the torch path for a reason the user may not expect
 
@@ -61,13 +72,35 @@ def check_backend(backend: object) -> str:
     return backend  # type: ignore[return-value]
 
 
+def _choose_epilogue(family: str, device: torch.device,
+                     epilogue_unsupported: Callable[[], Unsupported | None] | None) -> Choice:
+    """backend='epilogue': the epilogue provider, or a ValueError saying why it cannot serve."""
+    if epilogue_unsupported is None or family not in EPILOGUE_FAMILIES:
+        raise ValueError(f"backend: 'epilogue' is not available for {family}")
+    why = epilogue_unsupported()
+    if why is not None:
+        raise ValueError(f"backend: the epilogue provider of {family} cannot serve this call: {why.reason}")
+    if device.type == "cuda":
+        if not cuda_kernels_compiled():
+            raise ValueError("backend: 'epilogue' needs the CUDA kernels, and bct_fast was built "
+                             "without them (CPU-only build or extension not importable)")
+        return Choice("epilogue", "backend='epilogue' requested")
+    return Choice("epilogue", f"backend='epilogue' on {device.type} tensors: the chunk loop with "
+                              f"the PyTorch twin of the epilogue kernels")
+
+
 def choose(family: str, device: torch.device, backend: str,
-           unsupported: Callable[[], Unsupported | None]) -> Choice:
+           unsupported: Callable[[], Unsupported | None],
+           epilogue_unsupported: Callable[[], Unsupported | None] | None = None) -> Choice:
     """The provider of ``family`` (``"margin_softmax"`` | ``"cosine_topk"``) for tensors on
-    ``device``; ``unsupported`` is asked only when the CUDA kernels are compiled."""
+    ``device``; ``unsupported`` is asked only when the CUDA kernels are compiled.
+    ``epilogue_unsupported``: the same question for the family's epilogue provider (None: the
+    family has none)."""
     check_backend(backend)
     if backend == "torch":
         return Choice("torch", "backend='torch' requested")
+    if backend == "epilogue":
+        return _choose_epilogue(family, device, epilogue_unsupported)
     if device.type != "cuda":
         if backend == "cuda":
             raise ValueError(f"backend: 'cuda' needs CUDA tensors, got tensors on {device}")
@@ -80,6 +113,9 @@ def choose(family: str, device: torch.device, backend: str,
         return Choice("torch", why.reason, warn=not why.expected)
     if backend == "cuda":
         return Choice("cuda", "backend='cuda' requested")
+    if (epilogue_unsupported is not None and family in EPILOGUE_FAMILIES
+            and _verified(EPILOGUE_FAMILIES[family]) and epilogue_unsupported() is None):
+        return Choice("epilogue", "its epilogue kernels passed a recorded GPU run")
     if _verified(family):
         return Choice("cuda", "its sources passed a recorded GPU run")
     if os.environ.get(UNVERIFIED_ENV) == "1":

@@ -2,7 +2,8 @@
 // bct_fast/_native.py calls) on inputs read from files, and writes the outputs back.
 //
 //   bct_emu_driver DIR
-// DIR/request.txt holds "key value" lines: op (stats | grad_weight | topk | convert | selftest), the sizes and
+// DIR/request.txt holds "key value" lines: op (stats | grad_weight | epi_stats | epi_grads | topk |
+// convert | selftest), the sizes and
 // scalars of that op, and seeds (comma-separated; each seed reruns the launch with another
 // thread order and must give bit-identical outputs). Arrays are raw little-endian files
 // DIR/<name>.bin; outputs are written to DIR/<name>.out.bin.
@@ -19,11 +20,13 @@
 #include <vector>
 
 #include "bct_fast/cosine_topk.h"
+#include "bct_fast/margin_epilogue.h"
 #include "bct_fast/margin_softmax.h"
 #include "cuda_shim.h"  // cudaGetErrorString
 #include "emu_host.h"
 
 void bct_emu_register_margin_softmax();
+void bct_emu_register_margin_epilogue();
 void bct_emu_register_cosine_topk();
 int bct_emu_selftest(const std::string& name, int* out);
 
@@ -65,11 +68,24 @@ struct Output {
   void* buf;
   size_t bytes;
   unsigned char fill;  // what the caller's buffer holds before the launch
+  std::vector<char> init;  // in-out buffers: their input (instead of `fill`) before each seed
   std::vector<char> first;  // result of the first seed
 };
 
 Output output(const std::string& name, size_t bytes, unsigned char fill) {
-  return Output{name, bct_emu::guarded_alloc(bytes), bytes, fill, {}};
+  return Output{name, bct_emu::guarded_alloc(bytes), bytes, fill, {}, {}};
+}
+
+// An in-out buffer (e.g. running statistics) that starts as DIR/<name>.bin before each seed.
+Output inout(const std::string& name, size_t bytes) {
+  std::ifstream f(g_dir + "/" + name + ".bin", std::ios::binary);
+  if (!f) fail("missing input %s.bin", name.c_str());
+  std::vector<char> data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  if (data.size() != bytes)
+    fail("input %s.bin has %zu bytes, expected %zu", name.c_str(), data.size(), bytes);
+  Output o = output(name, bytes, 0);
+  o.init = std::move(data);
+  return o;
 }
 
 std::vector<uint64_t> seeds() {
@@ -94,6 +110,7 @@ int main(int argc, char** argv) {
     while (f >> key >> value) g_req[key] = value;
   }
   bct_emu_register_margin_softmax();
+  bct_emu_register_margin_epilogue();
   bct_emu_register_cosine_topk();
 
   const std::string op = req("op");
@@ -129,6 +146,44 @@ int main(int argc, char** argv) {
         return bct_fast::margin_softmax_grad_weight(
             x, w, inv_nx, inv_nw, labels, target, lse, row_coef, B, C, d,
             static_cast<bct_fast::DType>(dt), scale, static_cast<float*>(outs[0].buf), nullptr);
+      };
+    }
+  } else if (op == "epi_stats" || op == "epi_grads") {  // margin_epilogue.h, one score block
+    const int64_t B = req_int("B"), cols = req_int("cols"), c0 = req_int("c0");
+    const float scale = req_float("scale");
+    const int odt = static_cast<int>(req_int("out_dtype"));
+    auto scores = static_cast<const float*>(input("scores", B * cols * 4));
+    auto inv_nx = static_cast<const float*>(input("inv_nx", B * 4));
+    auto inv_nw = static_cast<const float*>(input("inv_nw", cols * 4));
+    auto labels = static_cast<const int64_t*>(input("labels", B * 8));
+    auto target = static_cast<const float*>(input("target_logit", B * 4));
+    const auto dt = static_cast<bct_fast::DType>(odt);
+    if (op == "epi_stats") {
+      const bool with_e = req_int("with_e") != 0;
+      outs.push_back(inout("m", B * 4));
+      outs.push_back(inout("l", B * 4));
+      if (with_e) {
+        outs.push_back(output("e", B * cols * dtype_size(odt), 0xff));
+        outs.push_back(output("alpha", B * 4, 0xff));
+      }
+      call = [=, &outs] {
+        return bct_fast::margin_epilogue_stats(
+            scores, B, cols, inv_nx, inv_nw, labels, target, c0, scale,
+            static_cast<float*>(outs[0].buf), static_cast<float*>(outs[1].buf),
+            with_e ? outs[2].buf : nullptr, dt,
+            with_e ? static_cast<float*>(outs[3].buf) : nullptr, nullptr);
+      };
+    } else {
+      const bool need_p = req_int("need_p") != 0, need_pw = req_int("need_pw") != 0;
+      auto lse = static_cast<const float*>(input("lse", B * 4));
+      auto row_coef = static_cast<const float*>(input("row_coef", B * 4));
+      // Always two slots (an unused one stays empty) so the indices below are fixed.
+      outs.push_back(output("p", need_p ? B * cols * dtype_size(odt) : 0, 0xff));
+      outs.push_back(output("pw", need_pw ? B * cols * dtype_size(odt) : 0, 0xff));
+      call = [=, &outs] {
+        return bct_fast::margin_epilogue_grads(
+            scores, B, cols, inv_nx, inv_nw, labels, target, c0, scale, lse, row_coef,
+            need_p ? outs[0].buf : nullptr, need_pw ? outs[1].buf : nullptr, dt, nullptr);
       };
     }
   } else if (op == "topk") {
@@ -181,7 +236,10 @@ int main(int argc, char** argv) {
 
   bool first = true;
   for (uint64_t seed : seeds()) {
-    for (Output& o : outs) std::memset(o.buf, o.fill, o.bytes);
+    for (Output& o : outs) {
+      if (o.init.empty()) std::memset(o.buf, o.fill, o.bytes);
+      else std::memcpy(o.buf, o.init.data(), o.bytes);
+    }
     bct_emu::set_seed(seed);
     const bct_fast::Status st = call();
     if (!st.ok()) {

@@ -33,7 +33,7 @@ FLAGS = ["-O1", "-g", "-std=c++17", "-DBCT_FAST_EMULATOR"]
 # -fno-ipa-reference: a kernel's `static` (= __shared__) arrays must be re-read after each
 # barrier call, as on the GPU; -fno-tree-loop-distribute-patterns: no uninstrumented memset.
 KERNEL_FLAGS = ["-fsanitize=thread", "-fno-ipa-reference", "-fno-tree-loop-distribute-patterns"]
-KERNEL_SOURCES = ["margin_softmax", "cosine_topk"]
+KERNEL_SOURCES = ["margin_softmax", "margin_epilogue", "cosine_topk"]
 KERNEL_OBJECTS = [f"{n}_emu" for n in KERNEL_SOURCES] + ["selftest_emu"]
 
 # Fault injection for the harness's self-test (hooks in csrc/cuda/tile_common.cuh).
