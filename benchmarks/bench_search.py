@@ -133,6 +133,36 @@ def test_cpu_search_shapes(measure, tmp_path_factory, provider, Q, N, d, k, stor
     measure(fn, "cpu", rounds=3, Q=Q, N=N, d=d, k=k, provider=provider, dtype=storage)
 
 
+# bf16 screening (issue 16, bct_fast/ops/topk_screen.py): the exact fp32 path and the screened
+# one forced on, side by side with faiss. GEMM-bound rows (many queries, d >= 256) where it should
+# win, and rows where it may lose (small d, large k, few queries). Same data as the shapes grid.
+SCREEN_FULL = [
+    (2000, 200_000, 128, 10), (2000, 200_000, 256, 10), (2000, 200_000, 512, 10), (2000, 200_000, 1024, 10),
+    (2000, 200_000, 512, 100), (10_000, 200_000, 256, 10), (256, 1_000_000, 384, 10), (2000, 1_000_000, 256, 10),
+    (2000, 200_000, 64, 10), (256, 200_000, 256, 1000), (16, 1_000_000, 128, 100), (1, 1_000_000, 768, 100),
+    (10_000, 10_000, 64, 100),
+]
+SCREEN_QUICK = [(2000, 200_000, 512, 10), (2000, 200_000, 128, 10), (256, 200_000, 256, 1000)]
+
+
+@pytest.mark.parametrize("provider", ["bct_fast_exact", "bct_fast_screen", "faiss"])
+@pytest.mark.grid("Q,N,d,k", SCREEN_QUICK, SCREEN_FULL)
+def test_cpu_search_screen(measure, monkeypatch, tmp_path_factory, provider, Q, N, d, k):
+    from bct_fast.ops import topk
+
+    q, g, _ = shape_data(Q, N, d, "float32", tmp_path_factory.getbasetemp())
+    if provider == "faiss":
+        faiss = pytest.importorskip("faiss")
+        index = faiss.IndexFlatIP(d)
+        index.add(g.numpy())
+        qn = q.numpy()
+        fn = lambda: index.search(qn, k)  # noqa: E731
+    else:
+        monkeypatch.setattr(topk, "_SCREEN", provider == "bct_fast_screen")
+        fn = lambda: cosine_topk(q, g, k, normalize=False)  # noqa: E731
+    measure(fn, "cpu", rounds=3, Q=Q, N=N, d=d, k=k, provider=provider, dtype="float32")
+
+
 def torch_chunked_topk(q, g, k, chunk=262_144):
     """The strongest simple GPU peer: mm per gallery chunk + topk, then merge."""
     best_s = best_i = None

@@ -12,6 +12,7 @@
 #ifdef BCT_FAST_WITH_CUDA
 #include "bct_fast/cosine_topk.h"
 #include "bct_fast/margin_epilogue.h"
+#include "bct_fast/topk_epilogue.h"
 #include "bct_fast/margin_softmax.h"
 #include "bct_fast/runtime_info.h"
 #endif
@@ -47,6 +48,7 @@ py::dict build_info() {
   sources["margin_softmax"] = BCT_FAST_HASH_MARGIN_SOFTMAX;
   sources["margin_epilogue"] = BCT_FAST_HASH_MARGIN_EPILOGUE;
   sources["cosine_topk"] = BCT_FAST_HASH_COSINE_TOPK;
+  sources["topk_epilogue"] = BCT_FAST_HASH_TOPK_EPILOGUE;
 #endif
   info["kernel_sources"] = sources;
   return info;
@@ -146,6 +148,20 @@ PYBIND11_MODULE(_C, m) {
             ptr<const int64_t>(labels), ptr<const float>(target_logit), c0, scale,
             ptr<const float>(lse), ptr<const float>(row_coef), ptr<void>(p_out), ptr<void>(pw_out),
             static_cast<bct_fast::DType>(out_dtype), ptr<void>(stream)));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  // Top-k epilogue provider: the caller's GEMM wrote the fp32 score block; see topk_epilogue.h.
+  m.attr("topk_epilogue_max_k") = bct_fast::kTopkEpilogueMaxK;
+  m.def(
+      "topk_epilogue_select",
+      [](std::uintptr_t scores, int64_t rows, int64_t cols, std::uintptr_t inv_nq,
+         std::uintptr_t inv_ng, int k, int64_t n0, bool exclude, int64_t self_col0,
+         std::uintptr_t run_s, std::uintptr_t run_i, std::uintptr_t nonfinite,
+         std::uintptr_t stream) {
+        raise_if_error(bct_fast::topk_epilogue_select(
+            ptr<const float>(scores), rows, cols, ptr<const float>(inv_nq),
+            ptr<const float>(inv_ng), k, n0, exclude, self_col0, ptr<float>(run_s),
+            ptr<int64_t>(run_i), ptr<int>(nonfinite), ptr<void>(stream)));
       },
       py::call_guard<py::gil_scoped_release>());
   m.attr("topk_max_k") = bct_fast::kTopkMaxK;

@@ -35,6 +35,10 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "cosine_topk": ("csrc/bindings.cpp", "csrc/include/bct_fast/common.h",
                     "csrc/include/bct_fast/cosine_topk.h", "csrc/cuda/tile_common*",
                     "csrc/cuda/launch_common*", "csrc/cuda/cosine_topk*"),
+    # The top-k epilogue provider (cuBLAS GEMMs via torch.mm + the selection kernel).
+    "topk_epilogue": ("csrc/bindings.cpp", "csrc/include/bct_fast/common.h",
+                      "csrc/include/bct_fast/topk_epilogue.h", "csrc/cuda/tile_common*",
+                      "csrc/cuda/launch_common*", "csrc/cuda/topk_epilogue*"),
 }
 _VERIFIED_RECORD = Path(__file__).with_name("gpu_verified.json")
 # Where each family's kernel bodies run on the CPU under the emulator shim (csrc/emulator/): the
@@ -43,6 +47,7 @@ _VERIFIED_RECORD = Path(__file__).with_name("gpu_verified.json")
 # makes a family the default: only a recorded GPU run does.
 EMULATED_BY = {family: "tests/ops/test_kernels_emulated.py" for family in KERNEL_SOURCES}
 EMULATED_BY["margin_epilogue"] = "tests/ops/test_epilogue_emulated.py"
+EMULATED_BY["topk_epilogue"] = "tests/ops/test_topk_epilogue_emulated.py"
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,7 +15,8 @@ provider module gives:
 
 Margin softmax has a third provider, ``epilogue`` (``margin_softmax_epilogue``): cuBLAS GEMMs
 through ``torch.mm`` on class chunks and our kernels for everything after each GEMM (kernel
-family ``margin_epilogue``, its own entry in ``gpu_verified.json``).
+family ``margin_epilogue``, its own entry in ``gpu_verified.json``); so does cosine top-k
+(``topk_epilogue``: ``torch.mm`` score blocks and our selection kernel, family ``topk_epilogue``).
 
 :func:`choose` is the only place that decides. ``backend="auto"`` runs a family's CUDA kernels
 only when the installed build's sources passed a recorded GPU run (``gpu_verified.json``) or
@@ -42,7 +43,7 @@ from bct_fast._core.extension import cuda_kernels_compiled, kernel_verification
 
 BACKENDS = ("auto", "torch", "cuda", "epilogue")
 # Family of the epilogue provider of an op family that has one.
-EPILOGUE_FAMILIES = {"margin_softmax": "margin_epilogue"}
+EPILOGUE_FAMILIES = {"margin_softmax": "margin_epilogue", "cosine_topk": "topk_epilogue"}
 UNVERIFIED_ENV = "BCT_FAST_UNVERIFIED_KERNELS"
 
 

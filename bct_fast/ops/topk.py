@@ -26,9 +26,9 @@ from torch import Tensor
 
 from bct_fast._core.arrays import host_tensor
 from bct_fast._core.checks import check_matrix, nonfinite_error
-from bct_fast.ops import topk_cuda, topk_select
+from bct_fast.ops import topk_cuda, topk_epilogue, topk_screen, topk_select
 from bct_fast.ops.cpu_gemm import mm_nt
-from bct_fast.ops.providers import check_backend, choose, note_fallback
+from bct_fast.ops.providers import Unsupported, check_backend, choose, note_fallback
 from bct_fast.ops.rows import inv_row_norms, normalize_rows
 from bct_fast.ops.topk_select import NonFiniteScores, RunningTopk
 
@@ -162,15 +162,15 @@ def _gallery_chunks(g, chunk: int, device: torch.device, dtype: torch.dtype | No
         yield n0, on_dev.to(dtype or on_dev.dtype)
 
 
-def _score_block(qb: Tensor, gb: Tensor, inv_ng: Tensor | None, q0: int, n0: int, exclude_self: bool) -> Tensor:
-    """Scores of one query block against one gallery chunk (own rows at -inf with exclude_self)."""
+def _block_product(qb: Tensor, gb: Tensor) -> tuple[Tensor, Tensor]:
+    """The exact fp32 product of a block: ``(scores [Q, chunk], the tensor holding them)``.
+    The screened path (:mod:`bct_fast.ops.topk_screen`) checks its rescoring against this."""
     if qb.device.type == "cpu" and qb.shape[0] >= _ROW_MAJOR_QUERIES:
         # Many queries: a row-major [Q, chunk] product; its GEMM and the selector's vectorized
         # per-query scan both beat the transposed layout from 64 queries on (benchmarks/NOTES.md).
-        st = s = mm_nt(qb, gb)
-        if inv_ng is not None:
-            s *= inv_ng
-    elif qb.device.type == "cpu":
+        s = mm_nt(qb, gb)
+        return s, s
+    if qb.device.type == "cpu":
         # Few queries: the gallery chunk is the left operand, MKL streams it ~2x faster than
         # through its GEMV path (one query is padded to two columns). Reductions run on the
         # contiguous [chunk, Q] product; the caller gets its transposed view.
@@ -178,13 +178,19 @@ def _score_block(qb: Tensor, gb: Tensor, inv_ng: Tensor | None, q0: int, n0: int
             st = gb @ (qb.repeat(2, 1) if qb.shape[0] == 1 else qb).T
         else:
             st = mm_nt(gb, qb)
-        if inv_ng is not None:
-            st *= inv_ng[:, None]
-        s = st.T[:qb.shape[0]]
-    else:
-        st = s = qb @ gb.T
-        if inv_ng is not None:
+        return st.T[:qb.shape[0]], st
+    s = qb @ gb.T
+    return s, s
+
+
+def _score_block(qb: Tensor, gb: Tensor, inv_ng: Tensor | None, q0: int, n0: int, exclude_self: bool) -> Tensor:
+    """Scores of one query block against one gallery chunk (own rows at -inf with exclude_self)."""
+    s, st = _block_product(qb, gb)
+    if inv_ng is not None:
+        if st is s:
             s *= inv_ng
+        else:
+            st *= inv_ng[:, None]
     # One cheap reduction instead of an isfinite pass: min/max propagate NaN and expose +-inf.
     lo, hi = torch.aminmax(st)
     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
@@ -217,7 +223,9 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
         progress: show a tqdm bar over gallery chunks.
         backend: ``"auto"`` (the CUDA kernel for CUDA tensors once it passed a recorded GPU run,
             or with ``BCT_FAST_UNVERIFIED_KERNELS=1``; else the chunked PyTorch path),
-            ``"cuda"`` (the kernel, or an error saying why it cannot serve the call) or
+            ``"cuda"`` (the kernel, or an error saying why it cannot serve the call),
+            ``"epilogue"`` (cuBLAS score blocks + the top-k selection kernel, k <= 4096; on CPU
+            tensors the same loop with its PyTorch twin: :mod:`bct_fast.ops.topk_epilogue`) or
             ``"torch"`` (:mod:`bct_fast.ops.providers`).
 
     Returns:
@@ -262,17 +270,24 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
         raise nonfinite_error({"queries": q})
     chunk, q_block = block_shape(Q, N, q.shape[1], k, q.device.type, chunk_size)
     g_dtype = _torch_dtype(g)
-    choice = choose("cosine_topk", q.device, backend, lambda: topk_cuda.unsupported(q.dtype, g_dtype, k))
+    choice = choose("cosine_topk", q.device, backend, lambda: topk_cuda.unsupported(q.dtype, g_dtype, k),
+                    lambda: _epilogue_unsupported(g, g_dtype, q.dtype, k, streamed))
     note_fallback("cosine_topk", choice)
+    if choice.provider == "epilogue":  # library GEMMs + the selection kernel (or its twin on a CPU)
+        return topk_epilogue.cosine_topk_epilogue(q, g, k, normalize, exclude_self, chunk_size)
     use_kernel = choice.provider == "cuda"
+
+    plan = None if use_kernel else _screen_plan(qn, g, k, chunk, q_block, normalize, exclude_self)
+    if plan is not None:
+        try:
+            return _screened_search(plan, qn, g, chunk, q_block, normalize, progress)
+        except NonFiniteScores:
+            pass  # the exact path names the non-finite input (or copes with a bound it broke)
 
     out_s = torch.empty(Q, k, dtype=acc, device=q.device)
     out_i = torch.empty(Q, k, dtype=torch.int64, device=q.device)
     # Gallery-chunk-major order: the gallery is read (and streamed) once, the queries stay put.
-    chunks = _gallery_chunks(g, chunk, q.device, None if use_kernel else acc)
-    if progress:
-        from tqdm.auto import tqdm
-        chunks = tqdm(chunks, total=math.ceil(N / chunk), desc="cosine_topk", unit="chunk")
+    chunks = _progress(_gallery_chunks(g, chunk, q.device, None if use_kernel else acc), N, chunk, progress)
     native_select = (q.device.type == "cpu" and not use_kernel and acc == torch.float32
                      and topk_select.cpu_select_available())
     running = [topk_select.CpuRunningTopk(min(q_block, Q - q0), k) if native_select else RunningTopk(k)
@@ -294,6 +309,94 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
     for b, q0 in enumerate(range(0, Q, q_block)):
         out_s[q0:q0 + q_block], out_i[q0:q0 + q_block] = running[b].flush()
     return out_s.to(torch.float32), out_i
+
+
+def _epilogue_unsupported(g, g_dtype: torch.dtype, q_dtype: torch.dtype, k: int, streamed: bool):
+    """Why the epilogue provider (:mod:`bct_fast.ops.topk_epilogue`) cannot serve this call."""
+    if isinstance(g, np.ndarray) or streamed:
+        return Unsupported("a numpy or host-streamed gallery (the epilogue provider takes the gallery "
+                           "as a tensor on the queries' device)")
+    return topk_epilogue.unsupported(q_dtype, g_dtype, k)
+
+
+def _progress(chunks: Iterator[tuple[int, Tensor]], N: int, chunk: int, progress: bool) -> Iterator[tuple[int, Tensor]]:
+    if not progress:
+        return chunks
+    from tqdm.auto import tqdm
+    return tqdm(chunks, total=math.ceil(N / chunk), desc="cosine_topk", unit="chunk")
+
+
+# ---- bf16 screening (issue 16; bct_fast/ops/topk_screen.py) ------------------------------------
+# None: BCT_FAST_SCREEN (default "auto": where _screen_pays); True / False force it on / off
+# wherever it can apply (tests compare both on the same inputs).
+_SCREEN: bool | None = None
+_SCREEN_MAX_KEPT = 1 << 25  # screened (score, index) pairs kept at once (~400 MB)
+_last_screen_stats: dict = {}  # the last screened call's query / candidate counts (tests, benchmarks)
+
+
+def _screen_pays(Q: int, N: int, d: int, k: int) -> bool:
+    """Where the screened search measured faster than the exact one (fp32 CPU, 2-core AVX512-BF16
+    EPYC, benchmarks/results/cpu_search_screen_2026-11-25.md): GEMM-bound searches. It halves
+    the GEMM but adds O(N d) conversion passes (paid back from ~1000 queries), per-query
+    candidate windows that grow with k (k = 10 won, k = 100 tied or lost: the cut at 32 is
+    between the measured points; k = 1000: ~1500 rescored rows per query, 2-3x slower) and,
+    at d <= 128, a GEMM too small to matter next to the selection."""
+    return Q >= 1000 and d >= 256 and k <= 32 and N >= 100_000
+
+
+def _screen_plan(qn: Tensor, g, k: int, chunk: int, q_block: int, normalize: bool,
+                 exclude_self: bool) -> topk_screen.ScreenedSearch | None:
+    """A screened search for this call, or None where it is off, would not pay, or cannot
+    reproduce the exact path's bits (no checked rescoring product for a block shape)."""
+    mode = topk_screen.screen_mode() if _SCREEN is None else ("on" if _SCREEN else "off")
+    (Q, d), N = qn.shape, g.shape[0]
+    if mode == "off" or qn.device.type != "cpu" or qn.dtype != torch.float32:
+        return None
+    if mode == "auto" and not _screen_pays(Q, N, d, k):
+        return None
+    rankable = N - 1 if exclude_self else N  # own rows score -inf: never selected
+    k_screen = topk_screen.default_k_screen(k, rankable)
+    if Q * k_screen > _SCREEN_MAX_KEPT or not topk_screen.bf16_product_is_fp32_accumulated(qn.device):
+        return None
+    rows = {min(q_block, Q - q0) for q0 in (0, (Q - 1) // q_block * q_block)}
+    cols = {min(chunk, N - n0) for n0 in (0, (N - 1) // chunk * chunk)}
+    product = topk_screen.rescore_product(lambda a, b: _block_product(a, b)[0], {(r, c) for r in rows for c in cols},
+                                          d, qn.device)
+    if product is None:
+        return None
+    plan = topk_screen.ScreenedSearch(k, k_screen, N, rankable, normalize, exclude_self)
+    for q0 in range(0, Q, q_block):
+        plan.add_block(q0, qn[q0:q0 + q_block], product)
+    return plan
+
+
+def _screened_search(plan: topk_screen.ScreenedSearch, qn: Tensor, g, chunk: int, q_block: int, normalize: bool,
+                     progress: bool) -> tuple[Tensor, Tensor]:
+    """The screened pass over the gallery, the rescoring of the candidates, and the exact pass
+    for the queries whose candidate window overflowed (rare; bounded memory)."""
+    N, d = g.shape
+    # bf16 conversion and bound reductions over super-chunks of up to 64 MB: fewer parallel
+    # regions (each one a barrier for the OpenMP workers); products and norms stay per chunk.
+    big = chunk * max(1, min(16, (1 << 24) // (chunk * d)))
+    for n0, gb in _progress(_gallery_chunks(g, big, qn.device, qn.dtype), N, big, progress):
+        inv = torch.cat([inv_row_norms(gb[j:j + chunk]) for j in range(0, gb.shape[0], chunk)]) if normalize else None
+        plan.add_chunk(gb, inv, n0, chunk)
+    plan.finish()
+    plan.rescore(lambda idx: _gather_rows(g, idx, qn.device, qn.dtype))
+    if plan.needs_exact_pass:
+        for n0, gb in _gallery_chunks(g, chunk, qn.device, qn.dtype):
+            plan.exact_chunk(gb, n0)
+    parts = plan.results()
+    _last_screen_stats.clear()
+    _last_screen_stats.update(plan.stats)
+    return torch.cat([p[1] for p in parts]).to(torch.float32), torch.cat([p[2] for p in parts])
+
+
+def _gather_rows(g, idx: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Gallery rows ``idx`` converted like a chunk (same values as the exact path's rows)."""
+    if isinstance(g, np.ndarray):
+        return host_tensor(g[idx.cpu().numpy()]).to(device=device, dtype=dtype)
+    return g[idx.to(g.device)].to(device=device, dtype=dtype)
 
 
 def _rows(g, n0: int, rows: int) -> Tensor:

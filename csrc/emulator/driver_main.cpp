@@ -3,7 +3,7 @@
 //
 //   bct_emu_driver DIR
 // DIR/request.txt holds "key value" lines: op (stats | grad_weight | epi_stats | epi_grads | topk |
-// convert | selftest), the sizes and
+// topk_select | convert | selftest), the sizes and
 // scalars of that op, and seeds (comma-separated; each seed reruns the launch with another
 // thread order and must give bit-identical outputs). Arrays are raw little-endian files
 // DIR/<name>.bin; outputs are written to DIR/<name>.out.bin.
@@ -22,12 +22,14 @@
 #include "bct_fast/cosine_topk.h"
 #include "bct_fast/margin_epilogue.h"
 #include "bct_fast/margin_softmax.h"
+#include "bct_fast/topk_epilogue.h"
 #include "cuda_shim.h"  // cudaGetErrorString
 #include "emu_host.h"
 
 void bct_emu_register_margin_softmax();
 void bct_emu_register_margin_epilogue();
 void bct_emu_register_cosine_topk();
+void bct_emu_register_topk_epilogue();
 int bct_emu_selftest(const std::string& name, int* out);
 
 namespace {
@@ -112,6 +114,7 @@ int main(int argc, char** argv) {
   bct_emu_register_margin_softmax();
   bct_emu_register_margin_epilogue();
   bct_emu_register_cosine_topk();
+  bct_emu_register_topk_epilogue();
 
   const std::string op = req("op");
   std::vector<Output> outs;
@@ -203,6 +206,23 @@ int main(int argc, char** argv) {
       return bct_fast::cosine_topk_partial(
           q, g, inv_nq, inv_ng, Q, N, d, static_cast<bct_fast::DType>(qdt),
           static_cast<bct_fast::DType>(gdt), k, S, exclude, offset,
+          static_cast<float*>(outs[0].buf), static_cast<int64_t*>(outs[1].buf),
+          static_cast<int*>(outs[2].buf), nullptr);
+    };
+  } else if (op == "topk_select") {  // topk_epilogue.h, one score block into the running lists
+    const int64_t rows = req_int("rows"), cols = req_int("cols"), n0 = req_int("n0");
+    const int k = static_cast<int>(req_int("k"));
+    const bool exclude = req_int("exclude") != 0;
+    const int64_t self_col0 = req_int("self_col0");
+    auto scores = static_cast<const float*>(input("scores", rows * cols * 4));
+    auto inv_nq = static_cast<const float*>(input("inv_nq", rows * 4, true));
+    auto inv_ng = static_cast<const float*>(input("inv_ng", cols * 4, true));
+    outs.push_back(inout("run_s", rows * k * 4));
+    outs.push_back(inout("run_i", rows * k * 8));
+    outs.push_back(inout("nonfinite", 4));
+    call = [=, &outs] {
+      return bct_fast::topk_epilogue_select(
+          scores, rows, cols, inv_nq, inv_ng, k, n0, exclude, self_col0,
           static_cast<float*>(outs[0].buf), static_cast<int64_t*>(outs[1].buf),
           static_cast<int*>(outs[2].buf), nullptr);
     };
