@@ -4,9 +4,13 @@ Axes: provider x (Q, N, k) at d = 512, fp32 on CPU. Every provider gets the same
 vectors (IndexFlatIP's contract); ``bct_fast`` is ``cosine_topk(normalize=False)`` (what
 ``GalleryIndex`` runs: rows are normalized once when added), ``bct_fast_cosine`` also
 normalizes on the fly. ``torch`` is the plain q @ g.T + topk (a Q x N matrix) where it fits in
-memory. On CUDA: ``bct_fast_cuda`` (the fused kernel, ``backend="cuda"``), ``bct_fast_torch``
-(the chunked path, ``backend="torch"``: the default until the kernel passes a recorded GPU run)
-and torch mm + topk in gallery chunks.
+memory. On CUDA (``test_cuda_search_fp32``, the issue's shapes): ``bct_fast_cuda`` (the SIMT
+fused kernel, ``backend="cuda"``), ``bct_fast_epilogue`` (cuBLAS fp32 blocks + the selection
+kernel, its fp32 exact mode), ``bct_fast_epilogue_screen`` (its screened mode: bf16 tensor-core
+screen, float64 rescoring), ``torch`` (mm + topk in gallery chunks) and ``faiss`` (GpuIndexFlatIP,
+where faiss with GPU support imports), time and peak memory (torch.cuda.max_memory_allocated;
+faiss's own allocations are not counted); ``test_cuda_search`` adds bf16 galleries and
+``bct_fast_torch`` (the chunked path, ``backend="torch"``).
 Cases: ``CPU_QUICK`` by default, ``CPU_FULL`` with ``--full`` (benchmarks/conftest.py, ``grid``).
 Run: pytest benchmarks/bench_search.py --benchmark-only [--full]
 """
@@ -26,6 +30,16 @@ CPU_FULL = [(1, 1_000_000, 100), (16, 1_000_000, 100), (100, 1_000_000, 100),
 CPU_QUICK = [(1, 1_000_000, 100), (16, 1_000_000, 100), (1000, 100_000, 10), (1000, 100_000, 1000)]
 CUDA_CASES = [(1, 10_000_000, 100), (1000, 1_000_000, 100), (10_000, 1_000_000, 100),
               (1000, 1_000_000, 4096)]
+# The issue's grid, fp32, d = 512 (Q 1 / 1k / 10k, N 1M / 10M, k 10 / 100 / 1000 / 4096), trimmed to
+# ~2-3 minutes on an H100 (estimates per call: fp32 GEMM ~50 TFLOP/s, bf16 ~600; each case runs
+# rounds + 2 calls, five providers): 10k x 10M only at k = 100 (~40 s: torch / SIMT / epilogue fp32
+# ~2-3 s a call, the screen ~0.3 s), 10k x 1M at every k (~16 s), 1k x 10M at k = 10 and 1000
+# (~15 s), 1k x 1M at every k (~4 s), Q = 1 x 10M at every k (~10 s, latency-bound), 1 x 1M (~1 s).
+CUDA_FP32_CASES = ([(10_000, 10_000_000, 100)] + [(10_000, 1_000_000, k) for k in (10, 100, 1000, 4096)]
+                   + [(1000, 10_000_000, 10), (1000, 10_000_000, 1000)]
+                   + [(1000, 1_000_000, k) for k in (10, 100, 1000, 4096)]
+                   + [(1, 10_000_000, k) for k in (10, 100, 1000, 4096)] + [(1, 1_000_000, 100)])
+CUDA_PROVIDERS = ["bct_fast_cuda", "bct_fast_epilogue", "bct_fast_epilogue_screen", "torch", "faiss"]
 
 _data: dict = {}
 
@@ -176,15 +190,63 @@ def torch_chunked_topk(q, g, k, chunk=262_144):
     return best_s, best_i
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("provider", ["bct_fast_cuda", "bct_fast_torch", "torch"])
-@pytest.mark.parametrize("Q,N,k", CUDA_CASES, ids=[f"Q{q}-N{n}-k{k}" for q, n, k in CUDA_CASES])
-def test_cuda_search(measure, provider, dtype, Q, N, k):
-    q, g = unit_rows(Q, 1, "cuda", dtype), unit_rows(N, 2, "cuda", dtype)
+def cuda_rows(n, seed, dtype):
+    """Unit rows on the GPU, one gallery and one query set cached (a 10M gallery is 20 GB: the
+    previous one is freed first; normalized in place, so the peak is the gallery itself)."""
+    key = (n, seed, dtype)
+    if key not in _data:
+        for old in [k for k in _data if isinstance(k, tuple) and len(k) == 3 and k[1] == seed]:
+            del _data[old]
+        torch.cuda.empty_cache()
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(n, D, generator=gen, device="cuda")
+        x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True))
+        _data[key] = x.to(dtype)
+    return _data[key]
+
+
+def faiss_gpu_search(g, k):
+    """faiss GpuIndexFlatIP over the same rows (skipped where faiss has no GPU support)."""
+    faiss = pytest.importorskip("faiss")
+    if not hasattr(faiss, "StandardGpuResources"):
+        pytest.skip("faiss without GPU support")
+    if k > 2048:
+        pytest.skip("faiss GPU search takes k <= 2048")
+    res = faiss.StandardGpuResources()
+    index = faiss.GpuIndexFlatIP(res, D)
+    index.add(g.cpu().numpy())
+    return lambda qn: index.search(qn, k)
+
+
+def cuda_search_fn(provider, q, g, k):
+    if provider == "bct_fast_epilogue_screen":
+        from bct_fast.ops.topk_epilogue import cosine_topk_epilogue
+
+        return lambda: cosine_topk_epilogue(q, g, k, normalize=False, screen=True)
+    if provider == "faiss":
+        search, qn = faiss_gpu_search(g, k), q.cpu().numpy()
+        return lambda: search(qn)
     if provider.startswith("bct_fast"):
         backend = provider.rsplit("_", 1)[1]
-        fn = lambda: cosine_topk(q, g, k, normalize=False, backend=backend)  # noqa: E731
-    else:
-        fn = lambda: torch_chunked_topk(q, g, k)  # noqa: E731
-    measure(fn, "cuda", rounds=5, Q=Q, N=N, d=D, k=k, provider=provider, dtype=str(dtype))
+        return lambda: cosine_topk(q, g, k, normalize=False, backend=backend)
+    return lambda: torch_chunked_topk(q, g, k)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("provider", CUDA_PROVIDERS)
+@pytest.mark.parametrize("Q,N,k", CUDA_FP32_CASES, ids=[f"Q{q}-N{n}-k{k}" for q, n, k in CUDA_FP32_CASES])
+def test_cuda_search_fp32(measure, provider, Q, N, k):
+    q, g = cuda_rows(Q, 1, torch.float32), cuda_rows(N, 2, torch.float32)
+    rounds = 3 if Q * N >= 10**10 else 5  # the 10k x 10M case: ~2-3 s a call for the fp32 GEMMs
+    measure(cuda_search_fn(provider, q, g, k), "cuda", rounds=rounds, Q=Q, N=N, d=D, k=k, provider=provider,
+            dtype="float32")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("provider", ["bct_fast_cuda", "bct_fast_epilogue", "bct_fast_torch", "torch"])
+@pytest.mark.parametrize("Q,N,k", CUDA_CASES, ids=[f"Q{q}-N{n}-k{k}" for q, n, k in CUDA_CASES])
+def test_cuda_search(measure, provider, Q, N, k):
+    """bf16 galleries and queries (the fp32 ones: test_cuda_search_fp32)."""
+    q, g = cuda_rows(Q, 1, torch.bfloat16), cuda_rows(N, 2, torch.bfloat16)
+    measure(cuda_search_fn(provider, q, g, k), "cuda", rounds=5, Q=Q, N=N, d=D, k=k, provider=provider,
+            dtype=str(torch.bfloat16))

@@ -56,7 +56,7 @@ def bench_rows(path: str) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--bench", default="")
+    ap.add_argument("--bench", nargs="*", default=[], help="pytest-benchmark JSON files (missing ones skipped)")
     ap.add_argument("--tests", default="")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--rc", nargs="*", default=[], help="name=exit_code pairs")
@@ -71,7 +71,7 @@ def main() -> None:
     doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "commit": a.commit, "exit_codes": dict(kv.split("=", 1) for kv in a.rc), "steps": steps,
            "machine": machine(), "tests": tests_summary(a.tests), **attached,
-           "benchmarks": bench_rows(a.bench)}
+           "benchmarks": [row for path in a.bench for row in bench_rows(path)]}
     # Atomic write: a partial JSON never lands under the final name.
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(a.out)), suffix=".tmp")
     with os.fdopen(fd, "w") as f:

@@ -9,6 +9,9 @@
 #       right before the first GPU call (build, import check, test collection, tests/build)
 #   BCT_FAST_GPU_STEPS=tests,sanitizer bash benchmarks/gpu_session.sh   # a subset, when one device
 #       command (10 minutes) cannot hold them all; the build is reused from build/gpu when warm
+#   BCT_FAST_GPU_STEPS=bench BCT_FAST_GPU_BENCH=benchmarks/bench_search.py bash ...   # the bench
+#       step on some files only (default: bench_margin_ce.py then bench_search.py, each under its
+#       own timeout BCT_FAST_GPU_BENCH_TIMEOUT, 270 s), e.g. the search grid (~3 min) alone
 #
 # Output: $OUT (device tool) or benchmarks/results/: gpu_<stamp>.json plus logs. Commit the JSON.
 # Every step's verdict lands in the JSON; the exit code is non-zero when any step failed.
@@ -117,18 +120,27 @@ want sanitizer && for TOOL in memcheck racecheck; do
 done
 
 # ---- 6. CUDA benchmarks ----------------------------------------------------------------------
+# One pytest run (and JSON) per file, each under its own timeout: pytest-benchmark writes its JSON
+# only at the end, so a file that runs out of time loses its own figures, not the others'.
+BENCH_RC=0
+BENCH_JSONS=()
 if want bench; then
-  echo "== CUDA benchmarks"
-  timeout 540 $PY -m pytest benchmarks -q -p no:cacheprovider -m cuda --benchmark-only \
-    --benchmark-json="$RESULTS/bench_raw.json" >"$RESULTS/bench.log" 2>&1
-  BENCH_RC=$?
-  tail -5 "$RESULTS/bench.log"
-  step bench "$BENCH_RC"
+  for F in ${BCT_FAST_GPU_BENCH:-benchmarks/bench_margin_ce.py benchmarks/bench_search.py}; do
+    NAME="$(basename "$F" .py)"
+    echo "== CUDA benchmarks: $F"
+    timeout "${BCT_FAST_GPU_BENCH_TIMEOUT:-270}" $PY -m pytest "$F" -q -p no:cacheprovider -m cuda --benchmark-only \
+      --benchmark-json="$RESULTS/raw_$NAME.json" >"$RESULTS/$NAME.log" 2>&1
+    RC=$?
+    tail -5 "$RESULTS/$NAME.log"
+    step "bench_$NAME" "$RC"
+    BENCH_JSONS+=("$RESULTS/raw_$NAME.json")
+    [ "$RC" -ne 0 ] && BENCH_RC=$RC
+  done
 fi
 
-$PY benchmarks/collect_results.py --out "$RESULTS/gpu_${STAMP}.json" --bench "$RESULTS/bench_raw.json" \
+$PY benchmarks/collect_results.py --out "$RESULTS/gpu_${STAMP}.json" --bench "${BENCH_JSONS[@]}" \
   --tests "$RESULTS/tests.xml" --commit "${BCT_FAST_COMMIT:-unknown}" --steps "$STATUS" \
   --attach "$RESULTS/cuda_tests.json" "$RESULTS/sanitizer_memcheck.json" "$RESULTS/sanitizer_racecheck.json" \
   "$RESULTS/installed.json"
-rm -f "$RESULTS/bench_raw.json"
+rm -f "${BENCH_JSONS[@]}"
 exit $(( TEST_RC || CUDA_RC || BENCH_RC ))

@@ -114,20 +114,22 @@ def test_bf16_operands_exact_topk_of_bf16_scores():
     assert (s[:, :-1] >= s[:, 1:]).all()
 
 
+@pytest.mark.parametrize("screen", [False, True])
 @pytest.mark.parametrize("where", ["queries", "gallery"])
-def test_nan_is_detected_not_ranked(where):
+def test_nan_is_detected_not_ranked(where, screen):
     gen = torch.Generator().manual_seed(1)
     q, g = torch.randn(4, 8, generator=gen), torch.randn(90, 8, generator=gen)
     (q if where == "queries" else g)[2, 3] = math.nan
     for normalize in (True, False):
         with pytest.raises(ValueError, match=where):
-            tke.cosine_topk_epilogue(q, g, 5, normalize=normalize, chunk_size=32)
+            tke.cosine_topk_epilogue(q, g, 5, normalize=normalize, chunk_size=32, screen=screen)
 
 
-def test_overflowing_scores_are_detected():
+@pytest.mark.parametrize("screen", [False, True])
+def test_overflowing_scores_are_detected(screen):
     g = torch.full((10, 4), 3e38)
     with pytest.raises(ValueError, match="not finite"):
-        tke.cosine_topk_epilogue(torch.full((2, 4), 3e38), g, 3, normalize=False)
+        tke.cosine_topk_epilogue(torch.full((2, 4), 3e38), g, 3, normalize=False, screen=screen)
 
 
 @pytest.mark.parametrize("kwargs,match", [
