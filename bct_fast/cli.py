@@ -15,16 +15,23 @@ def _fail(cmd: str, msg: str) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from bct_fast.demo import default_config, format_table, quick_config, run_demo
+    from bct_fast.demo import ALL_METHODS, default_config, format_table, quick_config, run_demo
 
     if args.device == "cuda" and not torch.cuda.is_available():
         return _fail("demo", "--device cuda, but no CUDA GPU is visible to PyTorch")
     cfg = quick_config(args.dataset) if args.quick else default_config(args.dataset)
     cfg.device, cfg.seed, cfg.protocol = args.device, args.seed, args.protocol
+    if args.methods:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        cfg.methods = ALL_METHODS if methods == ("all",) else methods
+    if args.new_embed_dim is not None:
+        cfg.new_embed_dim = args.new_embed_dim
     print(f"bct-fast demo: dataset={cfg.dataset}; old model on {cfg.old_classes} classes, new models on "
           f"{cfg.train_classes}, retrieval on the held-out rest; device={cfg.device}")
     try:
         results = run_demo(cfg, out_dir=args.out, progress=not args.no_progress)
+    except ValueError as e:  # e.g. an unknown method: the message names the option
+        return _fail("demo", str(e))
     except FileNotFoundError as e:
         return _fail("demo", str(e))
     print(format_table(results))
@@ -90,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--protocol", choices=["fonts", "families"], default="fonts",
                       help="families: training, query and gallery font families disjoint (out of domain; glyphs)")
+    demo.add_argument("--methods", help="comma-separated new-model methods, or 'all' (default: the five of the "
+                      "2020 paper's table; more: hoc, hoc_class_means, fct, bct_class_means_projection)")
+    demo.add_argument("--new-embed-dim", type=int, help="embedding width of the new models (default: the old one's)")
     demo.add_argument("--quick", action="store_true", help="smaller run (CI smoke test)")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     demo.set_defaults(func=_demo)

@@ -13,6 +13,18 @@ is wider and sees more classes, so it should be better; it is trained five ways:
 - ``bct_class_means``: + influence loss through the old model's class-mean embeddings for every
   class instead of its learned classifier rows (BT-2's and MixBCT's BCT baseline).
 
+Methods beyond the 2020 recipe (``DemoConfig.methods``, ``bct-fast demo --methods ...``; the
+out-of-domain comparison in ``benchmarks/compat_methods_ood.py`` runs them all):
+
+- ``hoc``: + a new-to-old contrastive term over each batch (HOC, CVPR 2024);
+- ``hoc_class_means``: ``hoc`` + the class-mean influence term;
+- ``fct``: the independent new model, and the OLD gallery upgraded by a learned transformation of
+  its stored embeddings (FCT, CVPR 2022; no image is re-embedded), see
+  :mod:`bct_fast.transformation`;
+- ``bct_class_means_projection``: class-mean BCT whose cross term goes through a learned linear
+  projection instead of the first d_old entries (differs from ``bct_class_means`` only when
+  ``new_embed_dim`` > ``embed_dim``).
+
 Printed: the paper's table (old/old, new/new, new/old top-1 and mAP, compatibility verdict),
 then a ``bct-fast compat`` command that reproduces one method's cross-test from the saved files.
 Saved: ``results.json`` (every number, and that command), ``compatibility.png`` (heatmap) and
@@ -32,12 +44,17 @@ from torch import nn
 
 from bct_fast import data as datasets
 from bct_fast import train
+from bct_fast import transformation as fct
 from bct_fast._core.io import atomic_write
 from bct_fast.compat_monitor import CompatibilityValidator
-from bct_fast.evaluate import CompatibilityMatrix, cross_test, pyplot, save_png
+from bct_fast.evaluate import CompatibilityMatrix, CrossTestResult, pyplot, save_png
+from bct_fast.losses import match_dim
+from bct_fast.metrics import evaluate_retrieval
 
 DATASETS = ("glyphs", "cjk", "digits", "synthetic")
 EXAMPLE_METHOD = "bct_class_means"  # the method whose `bct-fast compat` command is printed
+DEFAULT_METHODS = ("independent", "l2", "bct_old_classes_only", "bct", "bct_class_means")
+ALL_METHODS = DEFAULT_METHODS + ("hoc", "hoc_class_means", "fct", "bct_class_means_projection")
 
 
 @dataclass
@@ -47,7 +64,8 @@ class DemoConfig:
     augment: int = 1            # jittered training copies per (class, font)
     old_classes: int = 40
     train_classes: int = 90     # the rest is held out for retrieval
-    embed_dim: int = 64
+    embed_dim: int = 64           # the old model's embedding width
+    new_embed_dim: int | None = None  # the new models' (None: embed_dim)
     old_width: int = 8          # the old model is narrower and sees fewer classes
     new_width: int = 32
     old_epochs: int = 10
@@ -65,6 +83,10 @@ class DemoConfig:
     # "families" (glyphs): train, query and gallery font families disjoint (out of domain),
     # rotated by seed. See load_data.
     protocol: str = "fonts"
+    methods: tuple = DEFAULT_METHODS  # which new models to train (ALL_METHODS)
+    contrastive_weight: float = 1.0   # hoc*: weight of the new-to-old InfoNCE
+    temperature: float = 0.05         # hoc*: its temperature
+    transformation_epochs: int = 30   # fct: passes over the training embeddings
 
 
 class ConvEmbedder(nn.Module):
@@ -114,10 +136,10 @@ def load_data(cfg: DemoConfig, progress: bool = False) -> DemoData:
       fourth sample, never trained on), leave-one-out: the protocol of the paper's ImageNet
       runs (validation images of the training classes).
 
-    ``protocol="families"`` (glyphs; out of domain): matplotlib's 16 fonts are 4 families of 4
+    ``protocol="families"`` (out of domain): matplotlib's 16 fonts are 4 families of 4
     styles. One family renders the queries, another the gallery, the other two the training
     images (families rotated by seed), so no model ever sees a style of the query or gallery
-    family: ``closed_set`` = the training classes, ``open_set`` = the held-out classes, both
+    family (cjk: the distinct designs are dealt into 4 groups the same way): ``closed_set`` = the training classes, ``open_set`` = the held-out classes, both
     queried across the two unseen families.
     """
     if cfg.dataset not in DATASETS:
@@ -129,7 +151,7 @@ def load_data(cfg: DemoConfig, progress: bool = False) -> DemoData:
         kw = {} if cfg.dataset == "glyphs" else {"max_classes": cfg.cjk_max_classes}
         x, y, font, names = load(cfg.image_size, augment=cfg.augment, seed=cfg.seed, progress=progress, **kw)
         clean = torch.arange(len(y)) % (cfg.augment + 1) == 0  # first of each group is clean
-        factory = lambda w: ConvEmbedder(w, cfg.embed_dim)  # noqa: E731
+        factory = lambda w, dim: ConvEmbedder(w, dim)  # noqa: E731
         held_out_image = font % 4 == 3  # one style per family (glyphs), every 4th design (CJK)
         if cfg.dataset == "glyphs":    # fonts sorted by file name: 4 styles per family; Serif = queries
             query_font = (font // 4) == 2
@@ -137,9 +159,9 @@ def load_data(cfg: DemoConfig, progress: bool = False) -> DemoData:
             query_font = font % 4 == 2
         is_query = query_font if cfg.split_by_font else None
         if cfg.protocol == "families":
-            if cfg.dataset != "glyphs":
-                raise ValueError("protocol: 'families' needs the glyphs dataset (4 font families)")
-            family = font // 4
+            # glyphs: matplotlib's 4 families of 4 styles; cjk: the distinct designs dealt into
+            # 4 groups by index (no two groups share a design; designs are already distinct).
+            family = font // 4 if cfg.dataset == "glyphs" else font % 4
             q_family, g_family = (2 + cfg.seed) % 4, (3 + cfg.seed) % 4
             held_out_image = (family == q_family) | (family == g_family)  # never trained on
             is_query = family == q_family
@@ -152,8 +174,13 @@ def load_data(cfg: DemoConfig, progress: bool = False) -> DemoData:
         held_out_image = torch.arange(len(y)) % 4 == 3
         is_query = None
         in_dim = x[0].numel()
-        factory = lambda w: MLPEmbedder(w, cfg.embed_dim, in_dim)  # noqa: E731
+        factory = lambda w, dim: MLPEmbedder(w, dim, in_dim)  # noqa: E731
     n_classes = len(names)
+    unknown = [m for m in cfg.methods if m not in ALL_METHODS]
+    if unknown or not cfg.methods:
+        raise ValueError(f"methods: expected a non-empty subset of {list(ALL_METHODS)}, got {list(cfg.methods)!r}")
+    if cfg.new_embed_dim is not None and cfg.new_embed_dim < 1:
+        raise ValueError(f"new_embed_dim: expected a positive integer or None, got {cfg.new_embed_dim!r}")
     if not 0 < cfg.old_classes <= cfg.train_classes < n_classes:
         raise ValueError(f"old_classes/train_classes: need 0 < old ({cfg.old_classes}) <= train "
                          f"({cfg.train_classes}) < number of classes ({n_classes})")
@@ -184,39 +211,99 @@ def _loader(x, y, batch_size, shuffle):
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle)
 
 
+@dataclass
+class Upgrade:
+    """A trained new model and how it meets the OLD gallery: ``query_map`` takes its embeddings
+    to the space compared with the old gallery (identity, a slice, a learned projection);
+    ``gallery_map`` rewrites the stored old embeddings (identity, or FCT's transformation)."""
+    model: nn.Module
+    query_map: object
+    gallery_map: object
+    info: dict
+
+
+def _query_map(objective: nn.Module, old_dim: int):
+    """How an objective's new embeddings are compared with old ones (no grad)."""
+    to_old = getattr(objective, "to_old_space", None) or getattr(getattr(objective, "influence_loss", None),
+                                                                 "to_old_space", None)
+    if to_old is None:
+        return lambda e: match_dim(e, old_dim)
+
+    def mapped(e: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return to_old(e).float()
+    return mapped
+
+
+def _same(e: torch.Tensor) -> torch.Tensor:
+    return e
+
+
 def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Train the old model and five new ones; evaluate self/cross retrieval on the open-set and
-    closed-set evaluation sets (see :func:`load_data`). Returns every number."""
+    """Train the old model and the new ones of ``cfg.methods``; evaluate self/cross retrieval on
+    the open-set and closed-set evaluation sets (see :func:`load_data`). Returns every number."""
     torch.manual_seed(cfg.seed)
     d = load_data(cfg, progress)
     xt, yt, factory = d.train_x, d.train_y, d.factory
+    new_dim = cfg.new_embed_dim or cfg.embed_dim
     old_mask = yt < cfg.old_classes
     fit_kw = dict(lr=cfg.lr, device=cfg.device, seed=cfg.seed, progress=progress)
     old_loader = _loader(xt[old_mask], yt[old_mask], cfg.batch_size, True)
     new_loader = _loader(xt, yt, cfg.batch_size, True)
 
-    old, old_loss = train.train_independent(factory(cfg.old_width), old_loader, cfg.old_classes, cfg.embed_dim,
-                                            cfg.old_epochs, scale=cfg.scale, desc="old model", **fit_kw)
+    old, old_loss = train.train_independent(factory(cfg.old_width, cfg.embed_dim), old_loader, cfg.old_classes,
+                                            cfg.embed_dim, cfg.old_epochs, scale=cfg.scale, desc="old model",
+                                            **fit_kw)
     old_w = old_loss.weight.detach()
     geometry = old_classifier_geometry(old, old_w, _loader(xt[old_mask], yt[old_mask], 512, False), cfg.device)
 
     def new_model():
         torch.manual_seed(cfg.seed + 1)  # every method starts from the same initialization
-        return factory(cfg.new_width)
+        return factory(cfg.new_width, new_dim)
 
-    common = (new_loader, cfg.train_classes, cfg.embed_dim, cfg.new_epochs)
-    methods = {
-        "independent": lambda: train.train_independent(new_model(), *common, scale=cfg.scale, desc="independent", **fit_kw),
-        "l2": lambda: train.train_l2(new_model(), old, *common, l2_weight=cfg.l2_weight, scale=cfg.scale,
-                                     desc="l2", **fit_kw),
-        "bct_old_classes_only": lambda: train.train_bct(new_model(), old, old_w, *common, synthesize=False,
-                                                        influence_weight=cfg.influence_weight, scale=cfg.scale,
-                                                        desc="bct (old classes)", **fit_kw),
-        "bct": lambda: train.train_bct(new_model(), old, old_w, *common, synthesize=True,
-                                       influence_weight=cfg.influence_weight, scale=cfg.scale, desc="bct", **fit_kw),
-        "bct_class_means": lambda: train.train_bct(new_model(), old, None, *common, class_means=True,
-                                                   influence_weight=cfg.influence_weight, scale=cfg.scale,
-                                                   desc="bct (class means)", validate=curves, **fit_kw),
+    common = (new_loader, cfg.train_classes, new_dim, cfg.new_epochs)
+    bct_kw = dict(influence_weight=cfg.influence_weight, scale=cfg.scale)
+    hoc_kw = dict(contrastive_weight=cfg.contrastive_weight, temperature=cfg.temperature, scale=cfg.scale)
+    trained: dict = {}
+
+    def independent():
+        if "independent" not in trained:
+            trained["independent"] = train.train_independent(new_model(), *common, scale=cfg.scale,
+                                                             desc="independent", **fit_kw)
+        return trained["independent"]
+
+    def upgrade(pair, **info) -> Upgrade:
+        model, objective = pair
+        return Upgrade(model, _query_map(objective, cfg.embed_dim), _same, info)
+
+    def fct_upgrade() -> Upgrade:
+        model, loss = independent()
+        h = fct.EmbeddingTransformation(cfg.embed_dim, new_dim)
+        fct.train_transformation(h, old, model, loss.weight, _loader(xt, yt, 512, False), cfg.transformation_epochs,
+                                 scale=cfg.scale, lr=cfg.lr, device=cfg.device, seed=cfg.seed, progress=progress)
+        cost = fct.transformation_cost(h, model, xt[:1])
+        return Upgrade(model, _same, lambda e: fct.upgrade_gallery(h, e), {"cost_per_item": cost})
+
+    runners = {
+        "independent": lambda: upgrade(independent()),
+        "l2": lambda: upgrade(train.train_l2(new_model(), old, *common, l2_weight=cfg.l2_weight, scale=cfg.scale,
+                                             desc="l2", **fit_kw)),
+        "bct_old_classes_only": lambda: upgrade(train.train_bct(new_model(), old, old_w, *common, synthesize=False,
+                                                                desc="bct (old classes)", **bct_kw, **fit_kw)),
+        "bct": lambda: upgrade(train.train_bct(new_model(), old, old_w, *common, synthesize=True, desc="bct",
+                                               **bct_kw, **fit_kw)),
+        "bct_class_means": lambda: upgrade(train.train_bct(new_model(), old, None, *common, class_means=True,
+                                                           desc="bct (class means)",
+                                                           validate=curves if new_dim == cfg.embed_dim else None,
+                                                           **bct_kw, **fit_kw)),
+        "bct_class_means_projection": lambda: upgrade(train.train_bct(
+            new_model(), old, None, *common, class_means=True, projection="learned",
+            desc="bct (class means, projection)", **bct_kw, **fit_kw)),
+        "hoc": lambda: upgrade(train.train_contrastive(new_model(), old, *common, desc="hoc", **hoc_kw, **fit_kw)),
+        "hoc_class_means": lambda: upgrade(train.train_contrastive(
+            new_model(), old, *common, influence_weight=cfg.influence_weight, desc="hoc (class means)",
+            **hoc_kw, **fit_kw)),
+        "fct": fct_upgrade,
     }
     results: dict = {"config": asdict(cfg), "train_images": int(len(yt)), "old_classifier_geometry": geometry}
     old_emb = {}
@@ -227,34 +314,49 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool 
         results[set_name] = {"images": int(len(ye)), "classes": int(ye.unique().numel()),
                              "queries": int(len(ye) if is_query is None else is_query.sum()), "methods": {}}
     curves = _curve_recorder(d.eval_sets["closed_set"], old_emb["closed_set"], cfg)
-    for name, run in methods.items():
-        model, _ = run()
+    for name in cfg.methods:
+        up = runners[name]()
         for set_name, (xe, ye, is_query) in d.eval_sets.items():
-            new_e, _ = train.embed(model, _loader(xe, ye, 512, False), device=cfg.device)
+            new_e, _ = train.embed(up.model, _loader(xe, ye, 512, False), device=cfg.device)
             embeddings[set_name][name] = new_e
-            old_e = old_emb[set_name]
-            if is_query is None:
-                r = cross_test(old_e, new_e, ye, k="all")
-            else:
-                g = ~is_query
-                r = cross_test(old_e[is_query], new_e[is_query], ye[is_query], old_gallery=old_e[g],
-                               new_gallery=new_e[g], gallery_labels=ye[g], k="all")
+            r = _cross_test(old_emb[set_name], new_e, ye, is_query, up)
             res = results[set_name]
             res["old/old"] = r.old_old
             res["methods"][name] = {"new/new": r.new_new, "new/old": r.new_old, "compatible": r.compatible,
                                     "compatible_map": r.new_old["mean_average_precision"] > r.old_old["mean_average_precision"],
-                                    "update_gain": r.update_gain}
-    results["training_curves"] = {EXAMPLE_METHOD: {"set": "closed_set", "metric": curves.metric,
-                                                   "epochs": curves.history}}
+                                    "update_gain": r.update_gain, **up.info}
+    if curves.history:
+        results["training_curves"] = {EXAMPLE_METHOD: {"set": "closed_set", "metric": curves.metric,
+                                                       "epochs": curves.history}}
     if out_dir is not None:
-        curves.plot(Path(out_dir) / f"curves_{EXAMPLE_METHOD}.png")
+        if curves.history:
+            curves.plot(Path(out_dir) / f"curves_{EXAMPLE_METHOD}.png")
         files = save_embeddings(embeddings, d.eval_sets, out_dir)
         results["embeddings"] = files
-        results["compat_commands"] = {s: compat_command(f, EXAMPLE_METHOD, Path(out_dir) / f"compat_{s}")
-                                      for s, f in files.items()}
+        if EXAMPLE_METHOD in cfg.methods and new_dim == cfg.embed_dim:
+            results["compat_commands"] = {s: compat_command(f, EXAMPLE_METHOD, Path(out_dir) / f"compat_{s}")
+                                          for s, f in files.items()}
         save_results(results, out_dir)
         _plot(results, Path(out_dir) / "compatibility.png")
     return results
+
+
+def _cross_test(old_e: torch.Tensor, new_e: torch.Tensor, labels: torch.Tensor, is_query, up: Upgrade
+                ) -> CrossTestResult:
+    """Old/old and new/new (each model against its own gallery), and new/old: the mapped new
+    queries against the (mapped) old gallery, as :func:`bct_fast.evaluate.cross_test` does when
+    both maps are the identity. Leave-one-out when there is no query mask."""
+    if is_query is None:
+        old_q, new_q, ql, old_g, new_g, gl, loo = old_e, new_e, labels, old_e, new_e, labels, True
+    else:
+        gm = ~is_query
+        old_q, new_q, ql = old_e[is_query], new_e[is_query], labels[is_query]
+        old_g, new_g, gl, loo = old_e[gm], new_e[gm], labels[gm], False
+    kw = dict(k="all", exclude_self=loo)
+    return CrossTestResult(evaluate_retrieval(old_q, ql, old_g, gl, **kw),
+                           evaluate_retrieval(new_q, ql, new_g, gl, **kw),
+                           evaluate_retrieval(up.query_map(new_q), ql, up.gallery_map(old_g), gl, **kw),
+                           "precision_at_1")
 
 
 def _curve_recorder(eval_set, old_e: torch.Tensor, cfg: DemoConfig) -> CompatibilityValidator:
@@ -321,11 +423,11 @@ def format_table(results: dict) -> str:
         res = results[set_name]
         oo = res["old/old"]
         lines += [f"{titles[set_name]} ({res['images']} images, {res['classes']} classes)",
-                  f"{'method':22s} {'old/old':>16s} {'new/new':>16s} {'new/old':>16s}  compatible? (top-1, mAP)",
-                  f"{'':22s} {'top-1    mAP':>16s} {'top-1    mAP':>16s} {'top-1    mAP':>16s}"]
+                  f"{'method':28s} {'old/old':>16s} {'new/new':>16s} {'new/old':>16s}  compatible? (top-1, mAP)",
+                  f"{'':28s} {'top-1    mAP':>16s} {'top-1    mAP':>16s} {'top-1    mAP':>16s}"]
         for name, r in res["methods"].items():
             verdict = f"{'yes' if r['compatible'] else 'no':>3s}, {'yes' if r['compatible_map'] else 'no'}"
-            lines.append(f"{name:22s} {fmt(oo):>16s} {fmt(r['new/new']):>16s} {fmt(r['new/old']):>16s}  {verdict}")
+            lines.append(f"{name:28s} {fmt(oo):>16s} {fmt(r['new/new']):>16s} {fmt(r['new/old']):>16s}  {verdict}")
         lines.append("")
     geo = results.get("old_classifier_geometry")
     if geo:

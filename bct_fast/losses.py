@@ -35,7 +35,8 @@ from bct_fast.ops import check_loss_options, cosine_margin_cross_entropy, normal
 
 __all__ = [
     "CosineClassifierLoss", "NormSoftmaxLoss", "CosFaceLoss", "ArcFaceLoss", "InfluenceLoss",
-    "BCTLoss", "L2CompatibilityLoss", "synthesize_classifier", "class_mean_classifier", "match_dim",
+    "BCTLoss", "L2CompatibilityLoss", "OldFeatureContrastiveLoss", "synthesize_classifier",
+    "class_mean_classifier", "match_dim",
 ]
 
 
@@ -217,15 +218,33 @@ class InfluenceLoss(nn.Module):
             (openBCT's behaviour without a synthesized classifier); ``"raise"`` treats them as
             an error.
 
-    New embeddings wider than ``d_old`` use their first ``d_old`` entries; narrower ones are
-    zero-padded (:func:`match_dim`).
+    New embeddings of another width reach the old space through ``projection``:
+
+    - ``"slice"`` (default; openBCT): the first ``d_old`` entries, zero-padded when narrower
+      (:func:`match_dim`). The old gallery is then searched with that slice of the new query.
+    - ``"learned"``: a trainable linear map ``d_new -> d_old`` (initialized as the slice), trained
+      with the new model by the influence term only: the new embedding keeps all of its width
+      for new/new, and only the cross term is constrained (the learned cross-model projection
+      the BCT paper's appendix and BT-2 discuss). Queries against the old gallery use
+      :meth:`to_old_space`. Needs ``new_dim``.
     """
 
     def __init__(self, old_weight: Tensor, *, scale: float = 30.0, margin_type: str = "none",
                  margin: MarginValue = 0.0, arcface_grad: str = "exact",
-                 label_smoothing: float = 0.0, unknown_labels: str = "ignore") -> None:
+                 label_smoothing: float = 0.0, unknown_labels: str = "ignore",
+                 projection: str = "slice", new_dim: int | None = None) -> None:
         super().__init__()
         check_matrix(old_weight, "old_weight")
+        if projection not in ("slice", "learned"):
+            raise ValueError(f"projection: expected 'slice' or 'learned', got {projection!r}")
+        self.projection: nn.Linear | None = None
+        if projection == "learned":
+            if new_dim is None:
+                raise ValueError("new_dim: required with projection='learned' (the new embedding width)")
+            new_dim = check_int(new_dim, "new_dim", 1)
+            self.projection = nn.Linear(new_dim, old_weight.shape[1], bias=False)
+            with torch.no_grad():  # start from the slice: the paper's recipe is the first step
+                self.projection.weight.copy_(torch.eye(old_weight.shape[1], new_dim))
         if unknown_labels not in ("ignore", "raise"):
             raise ValueError(f"unknown_labels: expected 'ignore' or 'raise', got {unknown_labels!r}")
         check_loss_options(scale=scale, margin_type=margin_type, margin=margin,
@@ -235,10 +254,20 @@ class InfluenceLoss(nn.Module):
         self.kwargs = dict(scale=float(scale), margin_type=margin_type, margin=margin,
                            arcface_grad=arcface_grad, label_smoothing=label_smoothing)
 
+    def to_old_space(self, embeddings: Tensor) -> Tensor:
+        """The new embeddings as the old classifier (and an old gallery) sees them."""
+        check_matrix(embeddings, "embeddings")
+        if self.projection is None:
+            return match_dim(embeddings, self.old_weight.shape[1])
+        if embeddings.shape[1] != self.projection.in_features:
+            raise ValueError(f"embeddings: dim {embeddings.shape[1]}, but the learned projection takes "
+                             f"{self.projection.in_features}")
+        return self.projection(embeddings.to(self.projection.weight.dtype))
+
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_matrix(embeddings, "embeddings")
         check_labels(labels, "labels", embeddings.shape[0], embeddings.device)
-        x = match_dim(embeddings, self.old_weight.shape[1])
+        x = self.to_old_space(embeddings)
         ignore = -100
         labels = labels.long()  # uint8 / int32 labels: -100 must be representable
         if self.unknown_labels == "ignore":
@@ -297,6 +326,50 @@ class L2CompatibilityLoss(nn.Module):
         if self.normalize:
             new, old = normalize_rows(new), normalize_rows(old)
         return (new - old).pow(2).sum(1).mean()
+
+
+class OldFeatureContrastiveLoss(nn.Module):
+    """New-to-old InfoNCE (the compatibility term of HOC, Biondi et al., CVPR 2024, as in
+    miccunifi/iamcl2r; Hot-Refresh's ``contra`` loss is the same idea without the mask).
+
+    For a batch, row i's logits are ``cos(new_i, old_j) / temperature`` over the OLD model's
+    embeddings ``old_j`` of the same batch; the positive is ``old_i`` (the same image), the
+    negatives are the old embeddings of OTHER classes; other images of class ``y_i`` are masked
+    out (they are neither positive nor negative). Unlike regression onto ``old_i`` (the L2
+    baseline), it only asks that ``new_i`` be closer to its own old embedding than to other
+    classes' ones, which is what retrieval in the old gallery rewards; unlike the influence
+    loss with class means, it sees how the old model embeds each individual image.
+
+    The term is a B x B cross-entropy (B = batch size): the class-sized terms stay on the fused
+    op; this one is small enough for plain PyTorch. New embeddings of another width are sliced
+    or padded (:func:`match_dim`), or pass them through a projection first.
+    """
+
+    def __init__(self, temperature: float = 0.05) -> None:
+        super().__init__()
+        if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real)
+                                                 and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+
+    def forward(self, new_embeddings: Tensor, old_embeddings: Tensor, labels: Tensor) -> Tensor:
+        check_matrix(new_embeddings, "new_embeddings")
+        check_matrix(old_embeddings, "old_embeddings")
+        n = new_embeddings.shape[0]
+        if old_embeddings.shape[0] != n:
+            raise ValueError(f"old_embeddings: expected {n} rows (one per new embedding), got "
+                             f"{old_embeddings.shape[0]}")
+        check_labels(labels, "labels", n, new_embeddings.device)
+        for name, t in (("new_embeddings", new_embeddings), ("old_embeddings", old_embeddings)):
+            if not bool(torch.isfinite(t.detach()).all()):
+                raise nonfinite_error({name: t.detach()})
+        new = normalize_rows(match_dim(new_embeddings, old_embeddings.shape[1]).float())
+        old = normalize_rows(old_embeddings.detach().float())
+        logits = new @ old.T / self.temperature
+        same_class = labels[:, None] == labels[None, :]
+        own = torch.eye(n, dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(same_class & ~own, float("-inf"))
+        return nn.functional.cross_entropy(logits, torch.arange(n, device=logits.device))
 
 
 @torch.no_grad()

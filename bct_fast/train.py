@@ -5,8 +5,12 @@
   ``(seed, epoch)``, so a run resumed from a checkpoint reproduces an uninterrupted one.
 - :func:`embed`: batched, no-grad embeddings + labels.
 - :func:`train_bct`: BCT (new classifier loss + influence loss through the old classifier, with
-  synthesized rows for new classes, or through the old model's class means for every class);
-  :func:`train_independent` and :func:`train_l2` are the paper's baselines.
+  synthesized rows for new classes, or through the old model's class means for every class;
+  new embeddings of another width reach the old space by a slice or a learned projection);
+  :func:`train_contrastive`: + a new-to-old contrastive term (HOC, CVPR 2024);
+  :func:`train_independent` and :func:`train_l2` are the paper's baselines. The gallery-side
+  alternative, a learned transformation of stored old embeddings (FCT), is
+  :mod:`bct_fast.transformation`.
 
 A "loader" is any re-iterable of ``(inputs, labels)`` batches (a torch ``DataLoader``, a list).
 """
@@ -29,8 +33,9 @@ from bct_fast import losses
 from bct_fast._core.checks import check_device, embedding_output
 from bct_fast._core.io import atomic_write, remove_stale_temps
 
-__all__ = ["fit", "embed", "train_bct", "train_independent", "train_l2", "L2RegressionObjective",
-           "save_checkpoint", "load_checkpoint", "CheckpointError"]
+__all__ = ["fit", "embed", "train_bct", "train_contrastive", "train_independent", "train_l2",
+           "L2RegressionObjective", "ContrastiveObjective", "save_checkpoint", "load_checkpoint",
+           "CheckpointError"]
 
 _CKPT_MAGIC = b"BCTCKPT\0"
 _CKPT_VERSION = 1
@@ -254,6 +259,52 @@ class L2RegressionObjective(nn.Module):
         return cls + self.weight * reg
 
 
+class ContrastiveObjective(nn.Module):
+    """``new_loss(x, y) + contrastive_weight * InfoNCE(new, old; y)`` (+ ``influence_weight *
+    influence(x, y)`` when an influence loss is given): the HOC objective (Biondi et al., CVPR
+    2024) with the classification loss of your choice, optionally on top of BCT's influence term.
+    The old model embeds each batch (frozen, no grad). :attr:`last_terms` holds the detached
+    terms. Queries against the old gallery use :meth:`to_old_space` (the influence loss's
+    slice or projection; without an influence loss, embeddings must already be as wide as the
+    old ones)."""
+
+    needs_inputs = True
+
+    def __init__(self, new_loss: nn.Module, old_model: nn.Module, contrastive: nn.Module,
+                 contrastive_weight: float = 1.0, influence: nn.Module | None = None,
+                 influence_weight: float = 1.0):
+        super().__init__()
+        for name, w in (("contrastive_weight", contrastive_weight), ("influence_weight", influence_weight)):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not (w >= 0 and w < float("inf")):
+                raise ValueError(f"{name}: expected a finite number >= 0, got {w!r}")
+        self.new_loss, self.contrastive, self.influence = new_loss, contrastive, influence
+        self.contrastive_weight, self.influence_weight = float(contrastive_weight), float(influence_weight)
+        self._old = (old_model.eval(),)  # a tuple: the frozen old model is not a submodule
+        for p in old_model.parameters():
+            p.requires_grad_(False)
+        self.last_terms: dict[str, float] = {}
+
+    def to_old_space(self, embeddings: Tensor) -> Tensor:
+        if self.influence is not None and hasattr(self.influence, "to_old_space"):
+            return self.influence.to_old_space(embeddings)
+        return embeddings
+
+    def forward(self, embeddings: Tensor, labels: Tensor, *, inputs: Tensor) -> Tensor:
+        old_model = self._old[0]
+        old_model.eval()  # fit() calls .train() on the new model only, but be sure (BatchNorm)
+        with torch.no_grad():
+            old = embedding_output(old_model(inputs), "old_model")
+        cls = self.new_loss(embeddings, labels)
+        con = self.contrastive(self.to_old_space(embeddings), old, labels)
+        total = cls + self.contrastive_weight * con
+        self.last_terms = {"classification": float(cls.detach()), "contrastive": float(con.detach())}
+        if self.influence is not None and self.influence_weight > 0:
+            inf = self.influence(embeddings, labels)
+            total = total + self.influence_weight * inf
+            self.last_terms["influence"] = float(inf.detach())
+        return total
+
+
 def _default_loss(num_classes: int, dim: int, scale: float) -> nn.Module:
     return losses.NormSoftmaxLoss(num_classes, dim, scale=scale)
 
@@ -273,11 +324,30 @@ def train_l2(new_model: nn.Module, old_model: nn.Module, loader: Iterable, num_c
     return fit(new_model, objective, loader, epochs, desc=fit_kwargs.pop("desc", "l2"), **fit_kwargs), objective
 
 
+def _influence_classifier(old_model: nn.Module, old_classifier: Tensor | None, loader: Iterable, num_classes: int,
+                          synthesize: bool, class_means: bool, device: torch.device | str, progress: bool) -> Tensor:
+    """The frozen old-space classifier of the influence loss (see :func:`train_bct`)."""
+    if class_means:
+        if old_classifier is not None:
+            raise ValueError("old_classifier: must be None with class_means=True (the class means "
+                             "replace the learned rows)")
+        return losses.class_mean_classifier(old_model.to(device), loader, num_classes, device=device,
+                                            progress=progress)
+    if old_classifier is None:
+        raise ValueError("old_classifier: required unless class_means=True")
+    old_w = old_classifier.detach().to(device)
+    if synthesize and old_w.shape[0] < num_classes:
+        old_w = losses.synthesize_classifier(old_model.to(device), loader, old_w, num_classes, device=device,
+                                             progress=progress)
+    return old_w
+
+
 def train_bct(new_model: nn.Module, old_model: nn.Module, old_classifier: Tensor | None, loader: Iterable,
               num_classes: int, embedding_size: int, epochs: int, *, influence_weight: float = 1.0,
               synthesize: bool = True, class_means: bool = False, scale: float = 30.0,
-              influence_scale: float | None = None, new_loss: nn.Module | None = None,
-              device: str | torch.device = "cpu", **fit_kwargs) -> tuple[nn.Module, nn.Module]:
+              influence_scale: float | None = None, projection: str = "slice",
+              new_loss: nn.Module | None = None, device: str | torch.device = "cpu",
+              **fit_kwargs) -> tuple[nn.Module, nn.Module]:
     """Backward-compatible training (Shen et al., CVPR 2020).
 
     The influence loss scores the new embeddings with a frozen classifier in the old space:
@@ -293,23 +363,45 @@ def train_bct(new_model: nn.Module, old_model: nn.Module, old_classifier: Tensor
       embeddings, which is what cross-model retrieval rewards; on the demo it is the variant
       that meets the compatibility criterion (see the README).
 
+    ``projection`` (new embeddings wider than the old): ``"slice"`` (the first d_old entries,
+    openBCT) or ``"learned"`` (a trained linear map for the cross term only; search the old
+    gallery with ``objective.influence_loss.to_old_space(new_embeddings)``); see
+    :class:`bct_fast.losses.InfluenceLoss`.
+
     Returns (model, the BCTLoss used)."""
     progress = fit_kwargs.get("progress", True)
-    if class_means:
-        if old_classifier is not None:
-            raise ValueError("old_classifier: must be None with class_means=True (the class means "
-                             "replace the learned rows)")
-        old_w = losses.class_mean_classifier(old_model.to(device), loader, num_classes, device=device,
-                                             progress=progress)
-    else:
-        if old_classifier is None:
-            raise ValueError("old_classifier: required unless class_means=True")
-        old_w = old_classifier.detach().to(device)
-        if synthesize and old_w.shape[0] < num_classes:
-            old_w = losses.synthesize_classifier(old_model.to(device), loader, old_w, num_classes, device=device,
-                                                 progress=progress)
-    influence = losses.InfluenceLoss(old_w, scale=influence_scale or scale)
+    old_w = _influence_classifier(old_model, old_classifier, loader, num_classes, synthesize, class_means,
+                                  device, progress)
+    influence = losses.InfluenceLoss(old_w, scale=influence_scale or scale, projection=projection,
+                                     new_dim=embedding_size)
     objective = losses.BCTLoss(new_loss or _default_loss(num_classes, embedding_size, scale), influence,
                                influence_weight)
     return fit(new_model, objective, loader, epochs, device=device, desc=fit_kwargs.pop("desc", "bct"),
+               **fit_kwargs), objective
+
+
+def train_contrastive(new_model: nn.Module, old_model: nn.Module, loader: Iterable, num_classes: int,
+                      embedding_size: int, epochs: int, *, contrastive_weight: float = 1.0,
+                      temperature: float = 0.05, influence_weight: float = 0.0, scale: float = 30.0,
+                      projection: str = "slice", new_loss: nn.Module | None = None,
+                      device: str | torch.device = "cpu", **fit_kwargs) -> tuple[nn.Module, nn.Module]:
+    """HOC-style compatible training (Biondi et al., CVPR 2024): the classification loss plus
+    ``contrastive_weight`` x a new-to-old InfoNCE over each batch
+    (:class:`bct_fast.losses.OldFeatureContrastiveLoss`: positive = the old model's embedding of
+    the same image, negatives = old embeddings of other classes). With ``influence_weight > 0``
+    BCT's influence term through the old model's class means is added (the two pull toward the
+    old space at the sample and at the class level). HOC also fixes every model's classifier to a
+    d-simplex; here the old model is given, so only its compatibility term is used.
+
+    Returns (model, the :class:`ContrastiveObjective` used)."""
+    progress = fit_kwargs.get("progress", True)
+    old_model.to(device)
+    # Built even with influence_weight 0: its to_old_space (slice or learned projection) is how
+    # the contrastive term and the old gallery see the new embeddings.
+    old_w = _influence_classifier(old_model, None, loader, num_classes, False, True, device, progress)
+    influence = losses.InfluenceLoss(old_w, scale=scale, projection=projection, new_dim=embedding_size)
+    objective = ContrastiveObjective(new_loss or _default_loss(num_classes, embedding_size, scale), old_model,
+                                     losses.OldFeatureContrastiveLoss(temperature), contrastive_weight,
+                                     influence, influence_weight)
+    return fit(new_model, objective, loader, epochs, device=device, desc=fit_kwargs.pop("desc", "contrastive"),
                **fit_kwargs), objective
