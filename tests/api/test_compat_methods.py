@@ -11,7 +11,7 @@ from bct_fast import cli, losses, train, transformation
 from bct_fast.demo import ALL_METHODS, DemoConfig, Upgrade, _cross_test, _same, quick_config, run_demo
 from bct_fast.evaluate import cross_test
 
-from tests.api.test_train import mlp, tiny_data
+from test_train import mlp, tiny_data
 
 
 def _info_nce_reference(new, old, labels, temperature):
