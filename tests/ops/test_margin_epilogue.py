@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bct_fast.ops import cosine_margin_cross_entropy, cosine_topk, providers
+from bct_fast.ops import cosine_margin_cross_entropy, providers
 from bct_fast.ops import margin_softmax_epilogue as epi
 from bct_fast.ops import margin_softmax_torch
 from bct_fast.ops.reference import cosine_margin_cross_entropy_ref, margin_target_ref
@@ -163,8 +163,6 @@ def test_epilogue_backend_on_cpu_runs_the_twin_loop():
     assert c.provider == "epilogue" and "twin" in c.reason
     with pytest.raises(ValueError, match="backend: 'epilogue' is not available for cosine_topk"):
         providers.choose("cosine_topk", torch.device("cpu"), "epilogue", lambda: None)
-    with pytest.raises(ValueError, match="backend"):
-        cosine_topk(torch.randn(2, 3), torch.randn(4, 3), 1, backend="epilogue")
 
 
 @pytest.mark.parametrize("dtype,why", [(torch.float16, "float32 or bfloat16"), (torch.float64, "float64")])
