@@ -79,6 +79,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("runtime_info", &runtime_info, "Run-time facts: driver version, visible CUDA devices");
 
   // CPU running top-k (built with or without CUDA): fp32 score blocks by address and strides.
+  m.def("cpu_scan_kernel", &bct_fast::cpu_scan_kernel,
+        "the CPU selector's row scan: avx512, avx2 or portable (BCT_FAST_CPU_SCAN narrows it)");
   py::class_<bct_fast::TopkSelector>(m, "TopkSelector")
       .def(py::init<int64_t, int64_t>(), py::arg("queries"), py::arg("k"))
       .def(

@@ -149,8 +149,8 @@ def cpu_select_available() -> bool:
 
 class CpuRunningTopk:
     """Exact running top-k of Q queries over fp32 CPU score blocks, in C++: one pass over each
-    block, candidates above a per-query threshold kept in a buffer that is compacted with
-    nth_element (amortized O(1) per candidate). Same contract as :class:`RunningTopk`."""
+    block, candidates above a per-query threshold kept in a buffer that is compacted with a
+    radix select of the k-th key (amortized O(1) per candidate). Same contract as :class:`RunningTopk`."""
 
     def __init__(self, queries: int, k: int):
         self.k = k

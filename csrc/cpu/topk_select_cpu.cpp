@@ -1,19 +1,79 @@
 #include "bct_fast/topk_select_cpu.h"
 
 #include <algorithm>
-#include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <string>
 #include <thread>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define BCT_FAST_X86_SCANS 1
+#endif
 
 namespace bct_fast {
 
 namespace {
 
-// Higher score first; equal scores go to the lower gallery index.
-template <typename E>
-bool better(const E& a, const E& b) {
-  return a.score > b.score || (a.score == b.score && a.index < b.index);
+// Rank key of a score: a smaller key is a better score (order-preserving float bits, inverted).
+// -0.0 is keyed as +0.0: the two compare equal, so they tie and the lower index wins.
+inline uint32_t rank_key(float s) {
+  s += 0.0f;  // -0.0 -> +0.0 (kept without -ffast-math)
+  uint32_t u;
+  std::memcpy(&u, &s, sizeof u);
+  return ~(u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u));
+}
+
+// The score with rank key r (the inverse of rank_key; -0.0 comes back as +0.0, an equal score).
+inline float key_score(uint32_t r) {
+  uint32_t a = ~r;
+  uint32_t u = (a & 0x80000000u) ? (a ^ 0x80000000u) : ~a;
+  float s;
+  std::memcpy(&s, &u, sizeof s);
+  return s;
+}
+
+// The k-th smallest of the rank keys r[0..c), 1 <= k <= c: a radix select. Each round makes a
+// 256-bin histogram of the keys' range (min to max; a query's candidates share their top bits,
+// so the range is what narrows), keeps the bin that holds the k-th key and repeats on its keys;
+// a few dozen keys left are finished with nth_element. Linear and branch-light, unlike an
+// introselect over 2k + 64 keys.
+uint32_t kth_key(const uint32_t* r, int64_t c, int64_t k, std::vector<uint32_t>& tmp) {
+  if (static_cast<int64_t>(tmp.size()) < c) tmp.resize(static_cast<size_t>(c));
+  const uint32_t* src = r;
+  uint32_t lo = ~0u, hi = 0;
+  for (int64_t i = 0; i < c; ++i) {
+    lo = std::min(lo, r[i]);
+    hi = std::max(hi, r[i]);
+  }
+  uint32_t hist[256];
+  while (c > 32 && lo != hi) {
+    const uint32_t span = hi - lo;
+    const int shift = std::max(0, 32 - __builtin_clz(span) - 8);  // (span >> shift) < 256
+    std::memset(hist, 0, sizeof hist);
+    for (int64_t i = 0; i < c; ++i) ++hist[(src[i] - lo) >> shift];
+    uint32_t b = 0;
+    int64_t before = 0;
+    while (before + hist[b] < k) before += hist[b++];
+    int64_t w = 0;  // the keys of bin b, in tmp (in place when src is tmp: w <= i)
+    for (int64_t i = 0; i < c; ++i) {
+      const uint32_t v = src[i];
+      tmp[w] = v;
+      w += ((v - lo) >> shift) == b;
+    }
+    src = tmp.data();
+    c = w;
+    k -= before;
+    const uint32_t bin_lo = lo + (b << shift);
+    hi = std::min<uint64_t>(hi, uint64_t{bin_lo} + ((uint64_t{1} << shift) - 1));
+    lo = bin_lo;
+  }
+  if (lo == hi) return lo;
+  if (src != tmp.data()) std::copy(src, src + c, tmp.data());
+  std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.begin() + c);
+  return tmp[k - 1];
 }
 
 // Run fn(q0, q1) over `threads` contiguous query ranges (inline when one thread suffices).
@@ -34,11 +94,135 @@ void parallel_rows(int64_t rows, int threads, F fn) {
   for (auto& th : pool) th.join();
 }
 
+// ---- positions of the scores above a threshold ------------------------------------------------
+// collect(s, n, t, pos): the j < n with s[j] > t, ascending, written to pos (room for n + 16);
+// returns their count. The package is built for baseline x86-64, so the vector versions are
+// compiled with target attributes and picked once at load time (cpuid).
+constexpr int64_t kSpan = 64;  // scores tested at once before any position is written
+
+using CollectFn = int64_t (*)(const float*, int64_t, float, int32_t*);
+
+// Written as an int OR of `>` so that GCC vectorizes it (a bool OR of `!(s <= t)` stays scalar).
+inline bool any_above(const float* s, float t) {
+  int any = 0;
+  for (int64_t i = 0; i < kSpan; ++i) any |= s[i] > t;
+  return any != 0;
+}
+
+int64_t collect_portable(const float* s, int64_t n, float t, int32_t* pos) {
+  int64_t c = 0, j0 = 0;
+  for (; j0 + kSpan <= n; j0 += kSpan) {
+    if (!any_above(s + j0, t)) continue;
+    for (int64_t j = j0; j < j0 + kSpan; ++j) {  // branch-free: write every position, keep the hits
+      pos[c] = static_cast<int32_t>(j);
+      c += s[j] > t;
+    }
+  }
+  for (int64_t j = j0; j < n; ++j) {
+    pos[c] = static_cast<int32_t>(j);
+    c += s[j] > t;
+  }
+  return c;
+}
+
+#ifdef BCT_FAST_X86_SCANS
+__attribute__((target("avx2,bmi,popcnt"))) int64_t collect_avx2(const float* s, int64_t n, float t, int32_t* pos) {
+  const __m256 tv = _mm256_set1_ps(t);
+  int64_t c = 0, j0 = 0;
+  for (; j0 + 32 <= n; j0 += 32) {
+    uint32_t m = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + j0), tv, _CMP_GT_OQ)));
+    m |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + j0 + 8), tv, _CMP_GT_OQ))) << 8;
+    m |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + j0 + 16), tv, _CMP_GT_OQ))) << 16;
+    m |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + j0 + 24), tv, _CMP_GT_OQ))) << 24;
+    for (; m != 0; m &= m - 1) pos[c++] = static_cast<int32_t>(j0 + __builtin_ctz(m));
+  }
+  for (int64_t j = j0; j < n; ++j) {
+    pos[c] = static_cast<int32_t>(j);
+    c += s[j] > t;
+  }
+  return c;
+}
+
+// AVX-512: four compares per 64 scores; the hits' positions are compressed in registers (the
+// memory form of vpcompressd is microcoded on AMD Zen 4) and stored 16 at a time.
+__attribute__((target("avx512f,popcnt"))) int64_t collect_avx512(const float* s, int64_t n, float t, int32_t* pos) {
+  const __m512 tv = _mm512_set1_ps(t);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t c = 0, j0 = 0;
+  for (; j0 + kSpan <= n; j0 += kSpan) {
+    __mmask16 m0 = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j0), tv, _CMP_GT_OQ);
+    __mmask16 m1 = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j0 + 16), tv, _CMP_GT_OQ);
+    __mmask16 m2 = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j0 + 32), tv, _CMP_GT_OQ);
+    __mmask16 m3 = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j0 + 48), tv, _CMP_GT_OQ);
+    if ((m0 | m1 | m2 | m3) == 0) continue;
+    __m512i base = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(j0)));
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    _mm512_storeu_si512(pos + c, _mm512_maskz_compress_epi32(m0, base));
+    c += __builtin_popcount(m0);
+    base = _mm512_add_epi32(base, sixteen);
+    _mm512_storeu_si512(pos + c, _mm512_maskz_compress_epi32(m1, base));
+    c += __builtin_popcount(m1);
+    base = _mm512_add_epi32(base, sixteen);
+    _mm512_storeu_si512(pos + c, _mm512_maskz_compress_epi32(m2, base));
+    c += __builtin_popcount(m2);
+    base = _mm512_add_epi32(base, sixteen);
+    _mm512_storeu_si512(pos + c, _mm512_maskz_compress_epi32(m3, base));
+    c += __builtin_popcount(m3);
+  }
+  for (; j0 < n; j0 += 16) {  // the last 1-63 scores, 16 at a time (masked loads at the end)
+    const __mmask16 in = n - j0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j0)) - 1);
+    const __mmask16 m = _mm512_mask_cmp_ps_mask(in, _mm512_maskz_loadu_ps(in, s + j0), tv, _CMP_GT_OQ);
+    const __m512i base = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(j0)));
+    _mm512_storeu_si512(pos + c, _mm512_maskz_compress_epi32(m, base));
+    c += __builtin_popcount(m);
+  }
+  return c;
+}
+#endif
+
+// BCT_FAST_CPU_SCAN=avx2|portable (read once, at load) forces a narrower scan than the CPU
+// supports, so that tests run every version on one machine; unknown values are ignored.
+const char* forced_scan() {
+  const char* v = std::getenv("BCT_FAST_CPU_SCAN");
+  return v ? v : "";
+}
+
+struct PickedScan {
+  CollectFn fn;
+  const char* name;
+};
+
+PickedScan pick_collect() {
+  const std::string force = forced_scan();
+#ifdef BCT_FAST_X86_SCANS
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("popcnt");
+  if (force != "avx2" && force != "portable" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt"))
+    return {collect_avx512, "avx512"};
+  if (force != "portable" && avx2) return {collect_avx2, "avx2"};
+#endif
+  return {collect_portable, "portable"};
+}
+
+const PickedScan picked = pick_collect();
+const CollectFn collect = picked.fn;
+
+// Transposed blocks: "does any of 16 queries' scores beat its own threshold" (vectorized by GCC
+// when built with -O3; kept scalar-safe for any target).
+constexpr int64_t kColSpan = 16;
+
+inline bool any_above_each(const float* s, const float* t) {
+  int any = 0;
+  for (int64_t i = 0; i < kColSpan; ++i) any |= s[i] > t[i];
+  return any != 0;
+}
+
 }  // namespace
 
 TopkSelector::TopkSelector(int64_t queries, int64_t k)
     : queries_(queries), k_(k), cap_(2 * k + 64) {
   if (queries < 1 || k < 1) throw std::invalid_argument("TopkSelector: queries and k must be >= 1");
+  if (cap_ > std::numeric_limits<int32_t>::max()) throw std::invalid_argument("TopkSelector: k is too large");
   entries_.resize(static_cast<size_t>(queries * cap_));
   count_.assign(static_cast<size_t>(queries), 0);
   // -inf until a query holds k candidates: every finite score enters. (-inf scores, the
@@ -46,61 +230,78 @@ TopkSelector::TopkSelector(int64_t queries, int64_t k)
   threshold_.assign(static_cast<size_t>(queries), -std::numeric_limits<float>::infinity());
 }
 
+// Keep the k best of a query's buffer (count > k), in buffer order (= gallery-index order): the
+// k-th best rank key by radix select, then one stable, branch-free filter pass that keeps the
+// keys below it and the first (lowest-index) of those equal to it.
 void TopkSelector::compact(int64_t q) {
   Entry* e = entries_.data() + q * cap_;
-  std::nth_element(e, e + (k_ - 1), e + count_[q], better<Entry>);
-  count_[q] = k_;
-  threshold_[q] = e[k_ - 1].score;  // the k-th best: everything kept is at least this good
+  const int64_t c = count_[q];
+  thread_local std::vector<uint32_t> rk, tmp;
+  if (static_cast<int64_t>(rk.size()) < c) rk.resize(static_cast<size_t>(c));
+  for (int64_t i = 0; i < c; ++i) rk[i] = rank_key(e[i].score);
+  const uint32_t kth = kth_key(rk.data(), c, k_, tmp);
+  int64_t less = 0;
+  for (int64_t i = 0; i < c; ++i) less += rk[i] < kth;
+  const int64_t ties = k_ - less;  // entries equal to the k-th key that are kept
+  int64_t w = 0, seen = 0;
+  for (int64_t i = 0; i < c; ++i) {
+    const Entry x = e[i];
+    const uint32_t v = rk[i];
+    e[w] = x;
+    w += (v < kth) | ((v == kth) & (seen < ties));
+    seen += v == kth;
+  }
+  count_[q] = w;                  // == k
+  threshold_[q] = key_score(kth);  // the k-th best: all kept are at least this good
 }
 
-// Branch-free "does any score beat its threshold" tests, which the compiler vectorizes: the
-// common case (nothing enters) then costs one read of the scores. Fixed lengths keep them
-// vectorized; a short tail goes through the scalar loop.
-// The scans are compiled for AVX-512 and AVX2 too and picked at run time (GCC/Clang function
-// multiversioning): the package is built for baseline x86-64, where they would run 4 wide.
+// Cloned for AVX-512 / AVX2 (GCC function multiversioning) for the transposed-block test.
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define BCT_FAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define BCT_FAST_SIMD_CLONES
 #endif
 
-constexpr int64_t kRowSpan = 64;  // scores of one query (row-major blocks)
-constexpr int64_t kColSpan = 16;  // queries of one gallery row (transposed blocks)
-
-// Written as an int OR of `>` so that GCC vectorizes them (a bool OR of `!(s <= t)` stays
-// scalar: checked with -fopt-info-vec).
-static inline bool any_above_one(const float* s, float t) {
-  int any = 0;
-  for (int64_t i = 0; i < kRowSpan; ++i) any |= s[i] > t;
-  return any != 0;
-}
-
-static inline bool any_above_each(const float* s, const float* t) {
-  int any = 0;
-  for (int64_t i = 0; i < kColSpan; ++i) any |= s[i] > t[i];
-  return any != 0;
-}
-
 BCT_FAST_SIMD_CLONES void TopkSelector::add_rows(const float* scores, int64_t q0, int64_t q1, int64_t n,
                             int64_t q_stride, int64_t col_stride, int64_t n0) {
   // A score enters when it beats the query's threshold (-inf until the query holds k).
+  // A full buffer is compacted first (any layout may leave it full), which may raise the threshold.
   auto push = [&](int64_t q, float s, int64_t j) {
-    int64_t& c = count_[q];
-    entries_[q * cap_ + c] = Entry{s, n0 + j};
-    if (++c == cap_) compact(q);
+    if (count_[q] == cap_) {
+      compact(q);
+      if (!(s > threshold_[q])) return;
+    }
+    entries_[q * cap_ + count_[q]++] = Entry{s, n0 + j};
   };
-  if (col_stride == 1) {  // row-major block: one query's scores are contiguous
+  if (col_stride == 1 && n <= std::numeric_limits<int32_t>::max() - kSpan) {
+    // Row-major block: the positions above the threshold are found with vector compares, then
+    // pushed without branches on the scores; a full buffer is compacted (raising the threshold),
+    // and the remaining positions are tested against the raised threshold.
+    thread_local std::vector<int32_t> pos;
+    if (static_cast<int64_t>(pos.size()) < n + 16) pos.resize(static_cast<size_t>(n + 16));
     for (int64_t q = q0; q < q1; ++q) {
       const float* row = scores + q * q_stride;
-      for (int64_t j0 = 0; j0 < n; j0 += kRowSpan) {
-        int64_t j1 = std::min(n, j0 + kRowSpan);
-        if (j1 - j0 == kRowSpan && !any_above_one(row + j0, threshold_[q])) continue;
-        for (int64_t j = j0; j < j1; ++j) {
-          if (row[j] > threshold_[q]) push(q, row[j], j);
+      const int64_t hits = collect(row, n, threshold_[q], pos.data());
+      if (hits == 0) continue;
+      Entry* e = entries_.data() + q * cap_;
+      float t = threshold_[q];
+      int64_t c = count_[q];
+      for (int64_t i = 0; i < hits; ++i) {
+        if (c == cap_) {
+          count_[q] = c;
+          compact(q);
+          c = count_[q];
+          t = threshold_[q];
         }
+        const int32_t j = pos[i];
+        const float s = row[j];
+        e[c] = Entry{s, n0 + j};
+        c += s > t;
       }
+      count_[q] = c;
     }
-  } else if (q_stride == 1) {  // transposed block ([n, queries] storage): walk it in storage order
+  } else if (q_stride == 1 && col_stride != 1) {
+    // Transposed block ([n, queries] storage): walk it in storage order.
     for (int64_t j = 0; j < n; ++j) {
       const float* col = scores + j * col_stride;
       for (int64_t g0 = q0; g0 < q1; g0 += kColSpan) {
@@ -138,17 +339,34 @@ void TopkSelector::finish(float* out_scores, int64_t* out_index, int threads) co
     if (count_[q] < k_) throw std::invalid_argument("TopkSelector: fewer than k candidates");
   }
   parallel_rows(queries_, threads, [&](int64_t q0, int64_t q1) {
-    std::vector<Entry> tmp;
+    std::vector<uint32_t> rk(static_cast<size_t>(cap_)), tmp;
+    std::vector<uint64_t> keys(static_cast<size_t>(cap_));
     for (int64_t q = q0; q < q1; ++q) {
       const Entry* e = entries_.data() + q * cap_;
-      tmp.assign(e, e + count_[q]);
-      std::partial_sort(tmp.begin(), tmp.begin() + k_, tmp.end(), better<Entry>);
+      const int64_t c = count_[q];
+      for (int64_t i = 0; i < c; ++i) rk[i] = rank_key(e[i].score);
+      // The k best as (rank key, buffer position) keys; the position breaks ties (index order).
+      const uint32_t kth = c > k_ ? kth_key(rk.data(), c, k_, tmp) : ~0u;
+      int64_t less = 0;
+      for (int64_t i = 0; i < c; ++i) less += rk[i] < kth;
+      const int64_t ties = k_ - less;
+      int64_t w = 0, seen = 0;
+      for (int64_t i = 0; i < c; ++i) {
+        const uint32_t v = rk[i];
+        keys[w] = (static_cast<uint64_t>(v) << 32) | static_cast<uint32_t>(i);
+        w += (v < kth) | ((v == kth) & (seen < ties));
+        seen += v == kth;
+      }
+      std::sort(keys.begin(), keys.begin() + k_);
       for (int64_t r = 0; r < k_; ++r) {
-        out_scores[q * k_ + r] = tmp[r].score;
-        out_index[q * k_ + r] = tmp[r].index;
+        const Entry& x = e[static_cast<uint32_t>(keys[r])];
+        out_scores[q * k_ + r] = x.score;
+        out_index[q * k_ + r] = x.index;
       }
     }
   });
 }
+
+const char* cpu_scan_kernel() { return picked.name; }
 
 }  // namespace bct_fast

@@ -8,8 +8,9 @@ namespace bct_fast {
 
 // Per query, a buffer of candidates (score, gallery index) and a threshold: once the buffer has
 // been compacted to the k best, only scores strictly above the k-th best can still enter (blocks
-// arrive in increasing gallery index, so an equal score loses its tie). A full buffer (2k + 64
-// entries) is compacted with nth_element: amortized O(1) per candidate, one pass over the scores.
+// arrive in increasing gallery index, so an equal score loses its tie). Buffers stay in gallery
+// order; a full buffer (2k + 64 entries) is compacted by a radix select of the k-th best integer
+// sort key and one stable filter: amortized O(1) per candidate, one pass over the scores.
 class TopkSelector {
  public:
   TopkSelector(int64_t queries, int64_t k);
@@ -38,7 +39,11 @@ class TopkSelector {
   int64_t queries_, k_, cap_, seen_ = 0;
   std::vector<Entry> entries_;   // [queries, cap]
   std::vector<int64_t> count_;   // entries held per query
-  std::vector<float> threshold_; // NaN until the first compaction (accept everything)
+  std::vector<float> threshold_; // -inf until the first compaction (accept everything)
 };
+
+// Which row scan the selector uses ("avx512", "avx2" or "portable"): the widest the CPU supports,
+// unless BCT_FAST_CPU_SCAN=avx2|portable narrowed it when the library was loaded (tests).
+const char* cpu_scan_kernel();
 
 }  // namespace bct_fast
