@@ -227,6 +227,7 @@ _SCAN_CHECK = """
 import torch
 from bct_fast._core.extension import native
 from bct_fast.ops import topk_select
+assert native() is not None, "the compiled extension did not load"
 print(native().cpu_scan_kernel())
 g = torch.Generator().manual_seed(0)
 for Q, N, k, chunk in [(1, 700, 1, 97), (70, 1000, 64, 129), (5, 2000, 300, 1000), (66, 64, 64, 16),
@@ -247,7 +248,7 @@ print("ok")
 
 
 @pytest.mark.parametrize("scan", ["avx512", "avx2", "portable"])
-def test_every_cpu_row_scan_is_exact(scan):
+def test_every_cpu_row_scan_is_exact(scan, tmp_path):
     """The selector's row scan exists in AVX-512, AVX2 and portable versions, picked at load time;
     BCT_FAST_CPU_SCAN narrows the pick so that each version runs here, in a fresh process, against
     a stable sort (ties, +-0.0, row tails of 1..63 scores)."""
@@ -262,8 +263,10 @@ def test_every_cpu_row_scan_is_exact(scan):
     cap = torch.backends.cpu.get_cpu_capability()
     supported = {"portable"} | ({"avx2"} if cap in ("AVX2", "AVX512") else set()) | ({"avx512"} if cap == "AVX512" else set())
     expected = scan if scan in supported else ("avx2" if "avx2" in supported and scan == "avx512" else "portable")
-    env = {**os.environ, "BCT_FAST_CPU_SCAN": "" if scan == "avx512" else scan}
-    r = subprocess.run([sys.executable, "-c", _SCAN_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    # PYTHONSAFEPATH and a neutral cwd: the child imports the installed package, never a source tree
+    env = {**os.environ, "BCT_FAST_CPU_SCAN": "" if scan == "avx512" else scan, "PYTHONSAFEPATH": "1"}
+    r = subprocess.run([sys.executable, "-c", _SCAN_CHECK], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     picked, verdict = r.stdout.split()[:2]
     assert picked == expected and verdict == "ok"
