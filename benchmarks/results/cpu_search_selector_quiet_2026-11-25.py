@@ -1,4 +1,4 @@
-import time, torch, numpy as np, faiss, sys
+import time, torch, numpy as np, faiss
 from bct_fast.ops import cosine_topk
 torch.manual_seed(0)
 rows=[(10000,10000,64,100),(2000,200000,64,10),(2000,200000,128,10),(256,200000,256,1000),(16,1000000,128,100),(2000,1000000,64,1000)]
