@@ -14,16 +14,21 @@ import torch
 from torch import Tensor
 
 
+def target_cells(labels: Tensor, c0: int, cols: int) -> tuple[Tensor, Tensor]:
+    """(rows, local columns) of the rows whose target column lies in this chunk."""
+    local = labels - c0
+    rows = ((labels >= 0) & (local >= 0) & (local < cols)).nonzero()[:, 0]
+    return rows, local[rows]
+
+
 def chunk_logits(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
                  target_logit: Tensor, c0: int, scale: float) -> Tensor:
     """z = scale * S * inv_nx * inv_nw (that order) with each row's target column in this chunk
     (``labels - c0`` in [0, cols)) replaced by its margin logit. A new fp32 tensor."""
     z = scores.mul(scale).mul_(inv_nx[:, None]).mul_(inv_nw[None, :])
-    local = labels - c0
-    hit = (labels >= 0) & (local >= 0) & (local < scores.shape[1])
-    rows = hit.nonzero()[:, 0]
+    rows, cols = target_cells(labels, c0, scores.shape[1])
     if rows.numel():
-        z[rows, local[rows]] = target_logit[rows]
+        z[rows, cols] = target_logit[rows]
     return z
 
 
@@ -31,7 +36,8 @@ def stats_epilogue(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tenso
                    target_logit: Tensor, c0: int, scale: float, m: Tensor, l: Tensor,
                    e_out: Tensor | None = None, alpha_out: Tensor | None = None) -> None:
     """Merge one score block into the running (m, l) in place; with ``e_out`` also write
-    e = exp(z - m_new) * inv_nw (in e_out's dtype) and ``alpha_out`` = exp(m_old - m_new)."""
+    e = exp(z - m_new) * inv_nw (in e_out's dtype; 0 in each row's target column) and
+    ``alpha_out`` = exp(m_old - m_new)."""
     z = chunk_logits(scores, inv_nx, inv_nw, labels, target_logit, c0, scale)
     m_new = torch.maximum(m, z.amax(1))
     none_yet = m_new == float("-inf")  # every logit so far -inf: contribute 0, not NaN
@@ -41,7 +47,10 @@ def stats_epilogue(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tenso
     l.mul_(alpha).add_(e.sum(1))
     m.copy_(m_new)
     if e_out is not None:
-        e_out.copy_(e.mul_(inv_nw[None, :]))
+        e.mul_(inv_nw[None, :])
+        rows, cols = target_cells(labels, c0, scores.shape[1])
+        e[rows, cols] = 0.0
+        e_out.copy_(e)
         alpha_out.copy_(alpha)
 
 
@@ -49,10 +58,12 @@ def grads_epilogue(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tenso
                    target_logit: Tensor, c0: int, scale: float, lse: Tensor, row_coef: Tensor,
                    p_out: Tensor | None = None, pw_out: Tensor | None = None) -> None:
     """p = row_coef * exp(z - lse) and pw = exp(z - lse) * inv_nw (each in its output's dtype);
-    rows with row_coef == 0 get zeros in both."""
+    0 in each row's target column, and rows with row_coef == 0 get zeros in both."""
     z = chunk_logits(scores, inv_nx, inv_nw, labels, target_logit, c0, scale)
     dead = (row_coef == 0)[:, None]
     e = z.sub_(lse[:, None]).exp_()
+    rows, cols = target_cells(labels, c0, scores.shape[1])
+    e[rows, cols] = 0.0
     if p_out is not None:
         p_out.copy_((row_coef[:, None] * e).masked_fill_(dead, 0.0))
     if pw_out is not None:

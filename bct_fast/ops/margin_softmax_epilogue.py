@@ -11,6 +11,12 @@ and accumulation), and everything after the GEMM is one kernel (csrc/cuda/margin
 - backward: ``p = row_coef * exp(z - lse)`` for ``gw_c = p.T @ x_hat`` and
   ``pw = exp(z - lse) * inv_nw`` for ``gx += pw @ w_c`` (3 GEMMs per chunk, one recompute).
 
+The target column of each row is left out of the blocks (the kernels write 0 there) and its
+term is added after the loop in fp32 (:func:`_target_terms`). The caller subtracts about 1 from
+that coefficient; a bf16 ``p_y`` (error up to 2^-9) would leave the gradient of a row whose loss
+is below ~1e-2 mostly rounding error, where plain bf16 PyTorch, which forms ``p - 1`` in fp32,
+keeps it.
+
 Why the inverse norms are applied in the epilogue and not to the operands: the GEMMs read the
 caller's x and w as they are (for bf16 parameters: no normalized, re-rounded copy of each class
 chunk, whose read + write would cost about as much HBM traffic as the GEMM's own read of w), and
@@ -134,6 +140,17 @@ def _prepare(x, w, inv_nx, inv_nw, labels, target_logit):
 
 # ---- the provider (the chunk loop) -------------------------------------------------------------
 
+def _target_terms(w: Tensor, inv_nw: Tensor, labels: Tensor, target_logit: Tensor,
+                  ref: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For the rows with a target (labels >= 0): their indices, exp(target_logit - ref) (0 where
+    ref = -inf) and the fp32 w_hat of their target class; the blocks leave this column out."""
+    rows = (labels >= 0).nonzero()[:, 0]
+    y = labels[rows]
+    r = ref[rows]
+    t = torch.where(r == float("-inf"), 0.0, torch.exp(target_logit[rows] - r))
+    return rows, t, normalized_rows(w[y], inv_nw[y])
+
+
 def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
                   target_logit: Tensor, scale: float, with_pws: bool, chunk: int = 0,
                   epilogue: Epilogue | None = None) -> tuple[Tensor, Tensor]:
@@ -157,6 +174,9 @@ def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
                  alpha)
         if acc is not None:
             acc.mul_(alpha[:, None]).add_(mm_f32(e, wc))
+    if acc is not None:  # the target column, in fp32 and in the same units exp(z - m) as acc
+        rows, t, wyh = _target_terms(w, inv_nw, labels, target_logit, m)
+        acc.index_add_(0, rows, t[:, None] * wyh)
     lse = m + torch.log(l)
     pws = acc / l[:, None] if acc is not None else x.new_empty((0,), dtype=torch.float32)
     return lse, pws
@@ -180,7 +200,8 @@ def softmax_grads(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
     gw = torch.empty(C, d, **f) if need_w else torch.empty(0, **f)
     if not (need_x or need_w):
         return gx, gw
-    xh = normalized_rows(x, inv_nx).to(x.dtype) if need_w else None  # B x d: small
+    xh32 = normalized_rows(x, inv_nx) if need_w else None  # B x d: small
+    xh = xh32.to(x.dtype) if need_w else None
     for c0 in range(0, C, chunk):
         wc = w[c0:c0 + chunk]
         scores = mm_f32(x, wc.T)
@@ -192,6 +213,13 @@ def softmax_grads(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
             gx.add_(mm_f32(pw, wc))
         if need_w:
             gw[c0:c0 + chunk] = mm_f32(p.T, xh)
+    # The target column, in fp32 (the blocks hold 0 there); rows with row_coef 0 add nothing.
+    rows, t, wyh = _target_terms(w, inv_nw, labels, target_logit, lse)
+    t = torch.where(row_coef[rows] == 0, 0.0, t)
+    if need_x:
+        gx.index_add_(0, rows, t[:, None] * wyh)
+    if need_w:
+        gw.index_add_(0, labels[rows], (row_coef[rows] * t)[:, None] * xh32[rows])
     if need_x:
         gx.mul_(row_coef[:, None])  # the per-row factor, once (see the module docstring)
     return gx, gw

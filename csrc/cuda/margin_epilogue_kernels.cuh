@@ -42,6 +42,10 @@ __device__ __forceinline__ float block_reduce(float v, float* red) {
 
 }  // namespace epi
 
+// The coefficient blocks (e, p, pw) hold 0 in the target column: the chunk loop adds that
+// column's term in fp32. Rounded to bf16 there, p_y ~ 1 would carry an error of 2^-9, which the
+// caller's target correction (~ -1) turns into the whole gradient of a well-classified row.
+
 // Block = one row. With kWriteE also writes e = exp(z - m_new) * inv_nw (TE) and alpha.
 template <typename TE, bool kWriteE>
 __global__ void __launch_bounds__(epi::kThreads)
@@ -74,7 +78,7 @@ __global__ void __launch_bounds__(epi::kThreads)
     const float z = epi::logit(s[j], scale, inx, inw, j, target_col, target);
     const float e = none_yet ? 0.f : expf(z - m_new);
     tsum += e;
-    if (kWriteE) epi::store(e_out + row * cols + j, e * inw);
+    if (kWriteE) epi::store(e_out + row * cols + j, j == target_col ? 0.f : e * inw);
   }
   tsum = epi::block_reduce<false>(tsum, red_sum);
   if (threadIdx.x == 0) {
@@ -113,7 +117,8 @@ __global__ void __launch_bounds__(epi::kThreads)
 #pragma unroll 4
   for (int64_t j = threadIdx.x; j < cols; j += epi::kThreads) {
     const float inw = inv_nw[j];
-    const float e = expf(epi::logit(s[j], scale, inx, inw, j, target_col, target) - lse_r);
+    const float e = j == target_col ? 0.f
+                                    : expf(epi::logit(s[j], scale, inx, inw, j, target_col, target) - lse_r);
     if (p) epi::store(p + j, rc * e);
     if (pw) epi::store(pw + j, e * inw);
   }

@@ -50,14 +50,27 @@ def block_inputs(rng, B, cols, c0, scale=16.0, d=24):
     return dict(scores=scores, inv_nx=inv_nx, inv_nw=inv_nw, labels=labels, target_logit=target)
 
 
+def target_cells(a, c0, cols):
+    """(rows, columns) of the block's target cells."""
+    local = a["labels"] - c0
+    rows = np.nonzero((a["labels"] >= 0) & (local >= 0) & (local < cols))[0]
+    return rows, local[rows]
+
+
 def ref_z(a, c0, scale):
     """float64 logits of the block."""
     z = scale * a["scores"].astype(np.float64) * a["inv_nx"].astype(np.float64)[:, None] \
         * a["inv_nw"].astype(np.float64)[None, :]
-    local = a["labels"] - c0
-    rows = np.nonzero((a["labels"] >= 0) & (local >= 0) & (local < z.shape[1]))[0]
-    z[rows, local[rows]] = a["target_logit"][rows]
+    rows, cols = target_cells(a, c0, z.shape[1])
+    z[rows, cols] = a["target_logit"][rows]
     return z
+
+
+def without_targets(block, a, c0):
+    """The coefficient blocks hold 0 in the target cells (the chunk loop adds that term)."""
+    block = block.copy()
+    block[target_cells(a, c0, block.shape[1])] = 0.0
+    return block
 
 
 def tensors(a):
@@ -122,7 +135,8 @@ def test_stats_epilogue(B, cols, c0, e_dtype):
     assert scaled_err(l, l_ref) < 1e-5
     if e_dtype is not None:
         assert scaled_err(alpha, alpha_ref) < 1e-6 and scaled_err(alpha, ta.numpy()) < 1e-6
-        e_ref = e_ref * a["inv_nw"].astype(np.float64)[None, :]
+        e_ref = without_targets(e_ref * a["inv_nw"].astype(np.float64)[None, :], a, c0)
+        assert (e[target_cells(a, c0, cols)] == 0).all(), "e: target cells must hold 0"
         for name, ref, rel in (("twin", te.float().numpy(), 1e-6), ("float64", e_ref, 1e-5)):
             rel += 2.0 ** -8 if e_dtype == torch.bfloat16 else 0.0  # one bf16 rounding
             err = np.abs(e - ref) / np.maximum(np.abs(ref), 1e-30)
@@ -172,7 +186,8 @@ def test_grads_epilogue(B, cols, c0, out_dtype, need):
     live = row_coef != 0
     e = np.zeros_like(z)
     e[live] = np.exp(z[live] - lse[live, None].astype(np.float64))
-    refs = {"p": row_coef[:, None] * e, "pw": e * a["inv_nw"].astype(np.float64)[None, :]}
+    refs = {"p": without_targets(row_coef[:, None] * e, a, c0),
+            "pw": without_targets(e * a["inv_nw"].astype(np.float64)[None, :], a, c0)}
     # vs the twin (the same fp32 z): expf ulps; vs float64 also z's fp32 rounding (|z| <= 16:
     # a few 1e-6 relative after exp); bf16 outputs: one bf16 rounding more.
     bf16 = 2.0 ** -8 if out_dtype == torch.bfloat16 else 0.0
@@ -182,6 +197,7 @@ def test_grads_epilogue(B, cols, c0, out_dtype, need):
             continue
         got = decode(out[name], out_dtype, (B, cols))
         assert (got[~live] == 0).all(), f"{name}: rows with row_coef 0 must be 0"
+        assert (got[target_cells(a, c0, cols)] == 0).all(), f"{name}: target cells must hold 0"
         for ref_name, ref, rel in (("twin", tw.float().numpy(), 1e-6), ("float64", refs[name], 1e-5)):
             err = np.abs(got - ref) / np.maximum(np.abs(ref), 1e-30)
             assert err.max() <= rel + bf16, f"{name} vs {ref_name}: {err.max():.3g}"
