@@ -81,6 +81,8 @@ PYBIND11_MODULE(_C, m) {
   // CPU running top-k (built with or without CUDA): fp32 score blocks by address and strides.
   m.def("cpu_scan_kernel", &bct_fast::cpu_scan_kernel,
         "the CPU selector's row scan: avx512, avx2 or portable (BCT_FAST_CPU_SCAN narrows it)");
+  m.def("cpu_thread_pool", &bct_fast::cpu_thread_pool,
+        "where the CPU selector's threads come from: openmp (torch's pool) or std::thread");
   py::class_<bct_fast::TopkSelector>(m, "TopkSelector")
       .def(py::init<int64_t, int64_t>(), py::arg("queries"), py::arg("k"))
       .def(

@@ -1,4 +1,6 @@
 """cosine_topk: exact against a float64 reference and faiss-cpu, ties, k = N, errors."""
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -270,3 +272,49 @@ def test_every_cpu_row_scan_is_exact(scan, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     picked, verdict = r.stdout.split()[:2]
     assert picked == expected and verdict == "ok"
+
+
+_POOL_CHECK = """
+import re
+import torch
+from bct_fast._core.extension import native
+from bct_fast.ops import topk_select
+assert native() is not None, "the compiled extension did not load"
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+full = torch.randn(1000, 3000, generator=g)
+sel = topk_select.CpuRunningTopk(1000, 50)  # 1000 queries: the selector splits them over threads
+for n0 in range(0, 3000, 700):
+    sel.add(full[:, n0:n0 + 700].contiguous(), n0)
+s, i = sel.flush()
+ri = torch.sort(full, dim=1, descending=True, stable=True).indices[:, :50]
+assert torch.equal(i, ri) and torch.equal(s, full.gather(1, ri))
+runtimes = set()
+for line in open("/proc/self/maps"):
+    m = re.search(r"/(lib(?:gomp|iomp5|omp)[^/]*\\.so[^/\\s]*)$", line.strip())
+    if m:
+        runtimes.add(line.split()[-1])
+print(native().cpu_thread_pool(), len(runtimes))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_selector_threads_come_from_torchs_openmp_pool(tmp_path):
+    """With OpenMP the selector's threads are torch's own pool: one OpenMP runtime in the process
+    (a second pool would spin beside torch's and take the cores from it), and a search split
+    over 2 threads still equals a stable sort. Runs in a fresh process so the maps are clean."""
+    import os
+    import subprocess
+
+    from bct_fast.ops import topk_select
+
+    if not topk_select.cpu_select_available():
+        pytest.fail("the extension's TopkSelector is missing")
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    r = subprocess.run([sys.executable, "-c", _POOL_CHECK], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    pool, runtimes = r.stdout.split()[-2:]
+    assert pool in ("openmp", "std::thread")
+    if pool == "openmp":
+        assert runtimes == "1", f"{runtimes} OpenMP runtimes loaded: the selector does not share torch's pool"

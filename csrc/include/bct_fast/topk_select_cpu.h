@@ -16,7 +16,8 @@ class TopkSelector {
   TopkSelector(int64_t queries, int64_t k);
 
   // scores(q, j) = scores[q * q_stride + j * col_stride], q < queries, j < n; gallery index n0 + j.
-  // Scores must not be NaN (the caller checks). Splits queries over `threads` std::threads.
+  // Scores must not be NaN (the caller checks). Splits queries over `threads` threads of the
+  // OpenMP pool (std::threads in a build without OpenMP).
   void add_block(const float* scores, int64_t n, int64_t q_stride, int64_t col_stride, int64_t n0,
                  int threads);
 
@@ -45,5 +46,9 @@ class TopkSelector {
 // Which row scan the selector uses ("avx512", "avx2" or "portable"): the widest the CPU supports,
 // unless BCT_FAST_CPU_SCAN=avx2|portable narrowed it when the library was loaded (tests).
 const char* cpu_scan_kernel();
+
+// Where the selector's threads come from: "openmp" (the process's pool, torch's when torch is
+// loaded) or "std::thread" (a build without OpenMP).
+const char* cpu_thread_pool();
 
 }  // namespace bct_fast
