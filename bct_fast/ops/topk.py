@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import mmap
 import numbers
+import os
 import warnings
 from typing import Iterator
 
@@ -39,6 +40,9 @@ _DEFAULT_CHUNK = 8192   # gallery rows per chunk
 _MIN_CHUNK = 1024       # below this the per-call GEMM / selection overheads dominate
 _NUMPY_FLOATS = (np.float16, np.float32, np.float64)
 _ROW_MAJOR_QUERIES = 64  # from this many queries per block the CPU product is [Q, chunk]
+# fp32 bytes of one CPU gallery chunk at most: the upcast copy of an fp16 / bf16 chunk, or the
+# pages of a memory-mapped one held until they are released.
+_CPU_CHUNK_BYTES = 32 << 20
 
 
 def block_shape(Q: int, N: int, d: int, k: int, device_type: str, chunk_size: int | None = None) -> tuple[int, int]:
@@ -47,12 +51,15 @@ def block_shape(Q: int, N: int, d: int, k: int, device_type: str, chunk_size: in
     On a CPU a block is written by the GEMM and read back by the selection: at small d the
     product is bound by those writes, so the block is kept near the caches (~2M scores at
     d = 128, growing with d, at most 16M); at Q = 2000, d = 128 that halves the GEMM time
-    (benchmarks/NOTES.md). A user's ``chunk_size`` is kept as given."""
+    (benchmarks/NOTES.md). With few queries the chunk grows to fill that target, within 32 MiB
+    of fp32 rows. A user's ``chunk_size`` is kept as given."""
     cache_sized = device_type == "cpu" and not chunk_size
     target = min(_BLOCK_ELEMS, max(1 << 20, (1 << 21) * d // 128)) if cache_sized else _BLOCK_ELEMS
     chunk = chunk_size or min(N, _DEFAULT_CHUNK)
     if cache_sized:
-        chunk = min(chunk, max(_MIN_CHUNK, target // max(Q, 1)))
+        # Few queries: a chunk wider than the default (up to the score target and 32 MiB of
+        # rows) saves per-chunk calls; Q = 1, N = 1M, d = 64 went from 18 to 11 ms.
+        chunk = min(N, _CPU_CHUNK_BYTES // (4 * d), max(_MIN_CHUNK, target // max(Q, 1)))
     chunk = max(k, chunk)
     return chunk, max(1, min(Q, target // chunk))
 
@@ -84,21 +91,34 @@ def _torch_dtype(g) -> torch.dtype:
         if isinstance(g, np.ndarray) else g.dtype
 
 
+def _keep_mapped_limit() -> int:
+    """Bytes of a memory-mapped gallery up to which its pages stay mapped after a search: 1/8 of
+    physical memory (0 where that cannot be read: every gallery is then released)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 class _PageRelease:
-    """Drops, after use, the pages of a read-only numpy memmap that a gallery chunk read.
+    """Drops, after use, the pages of a large read-only numpy memmap that a gallery chunk read.
 
     Without it the pages read stay mapped, so after one pass over a memory-mapped gallery the
     whole file counted in the process's resident memory (1.5 GiB for two 0.5 GiB galleries in
     ``bct-fast compat``). Only the chunk's own page range is advised (advising the whole map per
     chunk made a 5M-row search 25% slower). For a read-only mapping MADV_DONTNEED drops clean
     pages only (a later read faults them back from the file); copy-on-write or writable maps are
-    left alone, since dropping their pages would discard changes."""
+    left alone, since dropping their pages would discard changes.
+
+    A gallery of at most 1/8 of physical memory (:func:`_keep_mapped_limit`) is left mapped:
+    faulting its pages back costs every later search about as much as reading it (5M x 64 fp32,
+    1.3 GB: 150-160 ms released, 65 ms kept mapped, on the 2-core test machine), and it fits."""
 
     def __init__(self, g) -> None:
         self.mm = None
         advice = getattr(mmap, "MADV_DONTNEED", None)
         mm = getattr(g, "_mmap", None) if isinstance(g, np.memmap) and g.mode == "r" else None
-        if mm is None or advice is None or not hasattr(mm, "madvise"):
+        if mm is None or advice is None or not hasattr(mm, "madvise") or len(mm) <= _keep_mapped_limit():
             return
         try:
             view = np.frombuffer(mm, dtype=np.uint8, count=1)
