@@ -45,21 +45,25 @@ _ROW_MAJOR_QUERIES = 64  # from this many queries per block the CPU product is [
 _CPU_CHUNK_BYTES = 32 << 20
 
 
-def block_shape(Q: int, N: int, d: int, k: int, device_type: str, chunk_size: int | None = None) -> tuple[int, int]:
+def block_shape(Q: int, N: int, d: int, k: int, device_type: str, chunk_size: int | None = None,
+                in_place: bool = True) -> tuple[int, int]:
     """(gallery rows per chunk, queries per block) of one score block.
 
     On a CPU a block is written by the GEMM and read back by the selection: at small d the
     product is bound by those writes, so the block is kept near the caches (~2M scores at
     d = 128, growing with d, at most 16M); at Q = 2000, d = 128 that halves the GEMM time
     (benchmarks/NOTES.md). With few queries the chunk grows to fill that target, within 32 MiB
-    of fp32 rows. A user's ``chunk_size`` is kept as given."""
+    of rows, when the gallery is read ``in_place``; a gallery converted chunk by chunk (fp16 /
+    bf16 rows upcast) keeps 8192-row chunks, whose copy stays in the caches (a 65536-row fp16
+    chunk at Q = 16, d = 128 took 2.4x longer). A user's ``chunk_size`` is kept as given."""
     cache_sized = device_type == "cpu" and not chunk_size
     target = min(_BLOCK_ELEMS, max(1 << 20, (1 << 21) * d // 128)) if cache_sized else _BLOCK_ELEMS
     chunk = chunk_size or min(N, _DEFAULT_CHUNK)
     if cache_sized:
         # Few queries: a chunk wider than the default (up to the score target and 32 MiB of
         # rows) saves per-chunk calls; Q = 1, N = 1M, d = 64 went from 18 to 11 ms.
-        chunk = min(N, _CPU_CHUNK_BYTES // (4 * d), max(_MIN_CHUNK, target // max(Q, 1)))
+        rows_cap = _CPU_CHUNK_BYTES // (4 * d) if in_place else _DEFAULT_CHUNK
+        chunk = min(N, rows_cap, max(_MIN_CHUNK, target // max(Q, 1)))
     chunk = max(k, chunk)
     return chunk, max(1, min(Q, target // chunk))
 
@@ -288,8 +292,8 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
         qn = normalize_rows(qn)
     if not bool(torch.isfinite(qn).all()):
         raise nonfinite_error({"queries": q})
-    chunk, q_block = block_shape(Q, N, q.shape[1], k, q.device.type, chunk_size)
     g_dtype = _torch_dtype(g)
+    chunk, q_block = block_shape(Q, N, q.shape[1], k, q.device.type, chunk_size, in_place=g_dtype == acc)
     choice = choose("cosine_topk", q.device, backend, lambda: topk_cuda.unsupported(q.dtype, g_dtype, k),
                     lambda: _epilogue_unsupported(g, g_dtype, q.dtype, k, streamed))
     note_fallback("cosine_topk", choice)

@@ -1,4 +1,5 @@
 """cosine_topk: exact against a float64 reference and faiss-cpu, ties, k = N, errors."""
+import math
 import sys
 
 import numpy as np
@@ -239,6 +240,33 @@ def test_native_selector_tie_heavy_blocks(seed, layout):
         ri = torch.sort(full, dim=1, descending=True, stable=True).indices[:, :k]
         assert torch.equal(i, ri), (Q, N, k, chunk)
         assert torch.equal(s, full.gather(1, ri)), (Q, N, k, chunk)
+
+
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_native_selector_first_block_sample_threshold(seed, k):
+    """A query's first wide block (n >= 2 (2k + 64)) starts from the k-th best of a strided sample:
+    ties at that value sitting between the sampled columns (lower indices than sampled ones) must
+    still win, -inf (exclude_self) must stay out, and the result must equal a stable sort."""
+    from bct_fast.ops import topk_select
+
+    g = torch.Generator().manual_seed(seed)
+    Q, n = 6, 8 * (2 * k + 64) + 5
+    full = torch.randint(-2, 3, (Q, n), generator=g).float() / 2  # 5 values: ties everywhere
+    full[1] = 0.5                      # one value in the whole row
+    full[2, ::7] = -math.inf           # own rows, as exclude_self writes them
+    full[3] = torch.randn(n, generator=g)
+    full[4, : n // 2] = 1.0            # the best values only before the sample's later columns
+    full[5, 1::2] = 1.0                # the best values only between even (sampled) columns
+    for chunks in ([n], [n - 300, 300]):  # the sample comes from the first block only
+        sel = topk_select.CpuRunningTopk(Q, k)
+        n0 = 0
+        for c in chunks:
+            sel.add(full[:, n0:n0 + c].contiguous(), n0)
+            n0 += c
+        s, i = sel.flush()
+        ri = torch.sort(full, dim=1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(i, ri), (k, chunks)
+        assert torch.equal(s, full.gather(1, ri)), (k, chunks)
 
 
 _SCAN_CHECK = """

@@ -36,11 +36,13 @@ class TopkSelector {
   void add_rows(const float* scores, int64_t q0, int64_t q1, int64_t n, int64_t q_stride,
                 int64_t col_stride, int64_t n0);
   void compact(int64_t q);
+  void first_threshold(int64_t q, const float* row, int64_t n, std::vector<uint32_t>& keys,
+                       std::vector<uint32_t>& tmp);
 
   int64_t queries_, k_, cap_, seen_ = 0;
   std::vector<Entry> entries_;   // [queries, cap]
   std::vector<int64_t> count_;   // entries held per query
-  std::vector<float> threshold_; // -inf until the first compaction (accept everything)
+  std::vector<float> threshold_; // -inf, or a sample's k-th best, until the first compaction
 };
 
 // Which row scan the selector uses ("avx512", "avx2" or "portable"): the widest the CPU supports,
