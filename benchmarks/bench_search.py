@@ -163,6 +163,42 @@ def test_cpu_search_holdout(measure, tmp_path_factory, provider, Q, N, d, k, sto
     _search_shape(measure, tmp_path_factory, provider, Q, N, d, k, storage)
 
 
+# Not timed: the answer of every grid and holdout row against float64 (run with --full and
+# without --benchmark-only: pytest benchmarks/bench_search.py -k exact --full).
+@pytest.mark.grid("Q,N,d,k,storage", SHAPES_QUICK, SHAPES_FULL + SHAPES_HOLDOUT)
+def test_cpu_search_rows_are_exact(tmp_path_factory, Q, N, d, k, storage):
+    """The first 16 queries' top-k from the benchmarked call (normalize=False, as timed) against
+    float64 scores of the stored gallery values: every returned score within 1e-5 of the float64
+    score of its rank, its index holding that score, no index twice, and the index itself equal
+    wherever the float64 order is decided by more than 1e-5 (fp32 accumulation may swap closer
+    neighbours; the exact tests check the tie rule on constructed data)."""
+    q, g, g32 = shape_data(Q, N, d, storage, tmp_path_factory.getbasetemp())
+    s, i = cosine_topk(q, g, k, normalize=False)
+    m = min(Q, 16)
+    qs = q[:m].double()
+    top_s, top_i = [], []
+    for n0 in range(0, N, 262_144):  # running float64 top-(k+1) over gallery chunks
+        sc = qs @ g32[n0:n0 + 262_144].double().T  # g32: the stored values (fp16 / bf16 upcast)
+        v, j = sc.topk(min(k + 1, sc.shape[1]), dim=1)
+        top_s.append(v)
+        top_i.append(j + n0)
+    v, j = torch.cat(top_s, 1), torch.cat(top_i, 1)
+    order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k + 1]
+    ref_s, ref_i = v.gather(1, order), j.gather(1, order)
+    got_s, got_i = s[:m].double(), i[:m]
+    atol = 1e-5
+    assert torch.allclose(got_s, ref_s[:, :k], atol=atol), "scores differ from the float64 top-k"
+    held = torch.stack([g32[r].double() @ qs[a] for a, r in enumerate(got_i)])
+    assert torch.allclose(held, ref_s[:, :k], atol=atol), "a returned index does not hold its rank's score"
+    assert all(len(set(row)) == k for row in got_i.tolist()), "an index is returned twice"
+    gap = ref_s[:, :-1] - ref_s[:, 1:]
+    decided = torch.ones(m, k, dtype=torch.bool)
+    decided[:, 1:] &= gap[:, :k - 1] > atol  # apart from the rank above
+    nxt = min(k, gap.shape[1])               # ranks that have a rank below (k + 1 listed unless N = k)
+    decided[:, :nxt] &= gap[:, :nxt] > atol
+    assert torch.equal(got_i[decided], ref_i[:, :k][decided]), "a clearly ordered neighbour is misplaced"
+
+
 def _search_shape(measure, tmp_path_factory, provider, Q, N, d, k, storage):
     q, g, g32 = shape_data(Q, N, d, storage, tmp_path_factory.getbasetemp())
     if provider == "bct_fast":

@@ -43,6 +43,7 @@ _ROW_MAJOR_QUERIES = 64  # from this many queries per block the CPU product is [
 # fp32 bytes of one CPU gallery chunk at most: the upcast copy of an fp16 / bf16 chunk, or the
 # pages of a memory-mapped one held until they are released.
 _CPU_CHUNK_BYTES = 32 << 20
+_CPU_CONVERTED_BYTES = 8 << 20  # fp32 bytes of a converted (upcast) CPU chunk: L3-resident
 
 
 def block_shape(Q: int, N: int, d: int, k: int, device_type: str, chunk_size: int | None = None,
@@ -54,15 +55,16 @@ def block_shape(Q: int, N: int, d: int, k: int, device_type: str, chunk_size: in
     d = 128, growing with d, at most 16M); at Q = 2000, d = 128 that halves the GEMM time
     (benchmarks/NOTES.md). With few queries the chunk grows to fill that target, within 32 MiB
     of rows, when the gallery is read ``in_place``; a gallery converted chunk by chunk (fp16 /
-    bf16 rows upcast) keeps 8192-row chunks, whose copy stays in the caches (a 65536-row fp16
-    chunk at Q = 16, d = 128 took 2.4x longer). A user's ``chunk_size`` is kept as given."""
+    bf16 rows upcast into one reused buffer) keeps chunks of about 8 MiB of fp32 rows, which the
+    product then reads from the cache (a 65536-row fp16 chunk at Q = 16, d = 128 took 2.4x
+    longer than 8192 rows). A user's ``chunk_size`` is kept as given."""
     cache_sized = device_type == "cpu" and not chunk_size
     target = min(_BLOCK_ELEMS, max(1 << 20, (1 << 21) * d // 128)) if cache_sized else _BLOCK_ELEMS
     chunk = chunk_size or min(N, _DEFAULT_CHUNK)
     if cache_sized:
         # Few queries: a chunk wider than the default (up to the score target and 32 MiB of
         # rows) saves per-chunk calls; Q = 1, N = 1M, d = 64 went from 18 to 11 ms.
-        rows_cap = _CPU_CHUNK_BYTES // (4 * d) if in_place else _DEFAULT_CHUNK
+        rows_cap = _CPU_CHUNK_BYTES // (4 * d) if in_place else max(_MIN_CHUNK, _CPU_CONVERTED_BYTES // (4 * d))
         chunk = min(N, rows_cap, max(_MIN_CHUNK, target // max(Q, 1)))
     chunk = max(k, chunk)
     return chunk, max(1, min(Q, target // chunk))
@@ -153,18 +155,29 @@ def _read_only_view(part: np.ndarray) -> Tensor:
         return torch.from_numpy(part)
 
 
-def _gallery_chunks(g, chunk: int, device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[int, Tensor]]:
+def _gallery_chunks(g, chunk: int, device: torch.device, dtype: torch.dtype | None,
+                    reuse: bool = False) -> Iterator[tuple[int, Tensor]]:
     """Yield ``(row0, chunk on device)``. Host galleries headed for CUDA go through two pinned
     staging buffers so the next copy overlaps the current chunk's search. Memory-mapped
-    galleries are read in place and their pages released after each chunk (_PageRelease)."""
+    galleries are read in place and their pages released after each chunk (_PageRelease).
+    With ``reuse``, CPU chunks that need a dtype conversion are converted into one buffer that
+    every chunk reuses (the consumer must be done with a chunk before asking for the next): a
+    fresh 50 MB tensor per chunk cost ~7x the conversion itself in page faults."""
     N = g.shape[0]
     host = isinstance(g, np.ndarray) or g.device.type == "cpu"
     release = _PageRelease(g)
     if not (host and device.type == "cuda"):
+        staging = None
         for n0 in range(0, N, chunk):
             part = g[n0:n0 + chunk]
             t = _read_only_view(part) if isinstance(part, np.ndarray) else part
-            yield n0, t.to(device=device, dtype=dtype or t.dtype)
+            want = dtype or t.dtype
+            if reuse and device.type == "cpu" and t.device.type == "cpu" and t.dtype != want:
+                if staging is None:
+                    staging = torch.empty(min(chunk, N), t.shape[1], dtype=want)
+                yield n0, staging[:t.shape[0]].copy_(t)
+            else:
+                yield n0, t.to(device=device, dtype=want)
             if isinstance(part, np.ndarray):
                 release(part)  # the consumer is done with this chunk
         return
@@ -311,7 +324,8 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
     out_s = torch.empty(Q, k, dtype=acc, device=q.device)
     out_i = torch.empty(Q, k, dtype=torch.int64, device=q.device)
     # Gallery-chunk-major order: the gallery is read (and streamed) once, the queries stay put.
-    chunks = _progress(_gallery_chunks(g, chunk, q.device, None if use_kernel else acc), N, chunk, progress)
+    chunks = _progress(_gallery_chunks(g, chunk, q.device, None if use_kernel else acc, reuse=True), N, chunk,
+                       progress)
     native_select = (q.device.type == "cpu" and not use_kernel and acc == torch.float32
                      and topk_select.cpu_select_available())
     running = [topk_select.CpuRunningTopk(min(q_block, Q - q0), k) if native_select else RunningTopk(k)

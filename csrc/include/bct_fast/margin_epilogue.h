@@ -23,6 +23,8 @@ namespace bct_fast {
 // softmax-weighted-sum GEMM, e_ij = exp(z_ij - m_new) * inv_nw_j, and alpha_out[i] = alpha_i,
 // so that acc <- acc * alpha + e @ w_chunk (raw w: inv_nw is folded into e). e_out and
 // alpha_out are both given or both null. A row whose logits are all -inf keeps m = -inf, l = 0.
+// e is 0 in each row's target column (l still counts it): the caller adds that column's term in
+// fp32, because its coefficient is about 1 and bf16 would round it by up to 2^-9.
 Status margin_epilogue_stats(const float* scores, int64_t B, int64_t cols, const float* inv_nx,
                              const float* inv_nw, const int64_t* labels,
                              const float* target_logit, int64_t c0, float scale, float* m,
@@ -34,7 +36,9 @@ Status margin_epilogue_stats(const float* scores, int64_t B, int64_t cols, const
 //   p_out[i, j]  = row_coef_i * exp(z_ij - lse_i)        (feeds gw_chunk = p^T @ x_hat)
 //   pw_out[i, j] = exp(z_ij - lse_i) * inv_nw_j           (feeds gx += pw @ w_chunk; the caller
 //                                                          scales gx by row_coef at the end)
-// Rows with row_coef_i == 0 get zeros in both (their lse is not read). Either output may be
+// Both are 0 in each row's target column (the caller adds that term in fp32, see
+// margin_epilogue_stats). Rows with row_coef_i == 0 get zeros in both (their lse is not read).
+// Either output may be
 // null (not needed), not both; both have out_dtype (fp32 or bf16), B x cols.
 Status margin_epilogue_grads(const float* scores, int64_t B, int64_t cols, const float* inv_nx,
                              const float* inv_nw, const int64_t* labels,
