@@ -47,9 +47,8 @@ from bct_fast import train
 from bct_fast import transformation as fct
 from bct_fast._core.io import atomic_write
 from bct_fast.compat_monitor import CompatibilityValidator
-from bct_fast.evaluate import CompatibilityMatrix, CrossTestResult, pyplot, save_png
+from bct_fast.evaluate import CompatibilityMatrix, CrossTestResult, cross_test, pyplot, save_png
 from bct_fast.losses import match_dim
-from bct_fast.metrics import evaluate_retrieval
 
 DATASETS = ("glyphs", "cjk", "digits", "synthetic")
 EXAMPLE_METHOD = "bct_class_means"  # the method whose `bct-fast compat` command is printed
@@ -343,20 +342,14 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool 
 
 def _cross_test(old_e: torch.Tensor, new_e: torch.Tensor, labels: torch.Tensor, is_query, up: Upgrade
                 ) -> CrossTestResult:
-    """Old/old and new/new (each model against its own gallery), and new/old: the mapped new
-    queries against the (mapped) old gallery, as :func:`bct_fast.evaluate.cross_test` does when
-    both maps are the identity. Leave-one-out when there is no query mask."""
+    """Old/old, new/new and new/old (the upgrade's maps applied) on one evaluation set:
+    leave-one-out when there is no query mask."""
     if is_query is None:
-        old_q, new_q, ql, old_g, new_g, gl, loo = old_e, new_e, labels, old_e, new_e, labels, True
-    else:
-        gm = ~is_query
-        old_q, new_q, ql = old_e[is_query], new_e[is_query], labels[is_query]
-        old_g, new_g, gl, loo = old_e[gm], new_e[gm], labels[gm], False
-    kw = dict(k="all", exclude_self=loo)
-    return CrossTestResult(evaluate_retrieval(old_q, ql, old_g, gl, **kw),
-                           evaluate_retrieval(new_q, ql, new_g, gl, **kw),
-                           evaluate_retrieval(up.query_map(new_q), ql, up.gallery_map(old_g), gl, **kw),
-                           "precision_at_1")
+        return cross_test(old_e, new_e, labels, k="all", query_map=up.query_map, gallery_map=up.gallery_map)
+    g = ~is_query
+    return cross_test(old_e[is_query], new_e[is_query], labels[is_query], old_gallery=old_e[g],
+                      new_gallery=new_e[g], gallery_labels=labels[g], k="all", query_map=up.query_map,
+                      gallery_map=up.gallery_map)
 
 
 def _curve_recorder(eval_set, old_e: torch.Tensor, cfg: DemoConfig) -> CompatibilityValidator:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from torch import Tensor
@@ -65,15 +65,22 @@ class CrossTestResult:
 def cross_test(old_query: Tensor, new_query: Tensor, query_labels: Tensor, *,
                old_gallery: Tensor | None = None, new_gallery: Tensor | None = None,
                gallery_labels: Tensor | None = None, metric: str = "precision_at_1",
-               k: int | str = "auto", **retrieval_kwargs) -> CrossTestResult:
+               k: int | str = "auto", query_map: Callable[[Tensor], Tensor] | None = None,
+               gallery_map: Callable[[Tensor], Tensor] | None = None,
+               **retrieval_kwargs) -> CrossTestResult:
     """Self-tests old/old and new/new and the cross-test new/old.
 
     Each model embeds the same query images (``old_query``, ``new_query``) and, if given, the
     same gallery images (``old_gallery``, ``new_gallery``). Without galleries the query set is
     its own gallery with leave-one-out: query i never retrieves image i, in any model pair. With
     galleries, ``exclude_self=True`` says that gallery row i is query i's image (in both models).
-    The new and old embeddings may differ in size only if the caller has matched them (see
-    :func:`bct_fast.losses.match_dim`). ``retrieval_kwargs`` go to :func:`evaluate_retrieval`."""
+
+    The cross-test compares ``query_map(new_query)`` with ``gallery_map(old gallery)`` (identity
+    when not given): how an upgrade meets the stored old embeddings, e.g. a slice or a learned
+    projection of a wider new model (``InfluenceLoss.to_old_space``), or FCT's transformation of
+    the old gallery (:mod:`bct_fast.transformation`). Without maps the new and old embeddings must
+    have the same size (see :func:`bct_fast.losses.match_dim`); with them, the mapped ones must.
+    ``retrieval_kwargs`` go to :func:`evaluate_retrieval`."""
     same = old_gallery is None and new_gallery is None
     if not same and (old_gallery is None or new_gallery is None or gallery_labels is None):
         raise ValueError("old_gallery, new_gallery, gallery_labels: give all three or none")
@@ -91,12 +98,24 @@ def cross_test(old_query: Tensor, new_query: Tensor, query_labels: Tensor, *,
     if old_query.shape[0] != new_query.shape[0]:
         raise ValueError(f"new_query: {new_query.shape[0]} rows, but old_query has {old_query.shape[0]} "
                          "(both models must embed the same query images)")
-    if old_query.shape[1] != new_query.shape[1]:
+    for name, f in (("query_map", query_map), ("gallery_map", gallery_map)):
+        if f is not None and not callable(f):
+            raise TypeError(f"{name}: expected a callable taking and returning an embedding matrix, got "
+                            f"{type(f).__name__}")
+    if query_map is None and gallery_map is None and old_query.shape[1] != new_query.shape[1]:
         raise ValueError(f"new_query: dim {new_query.shape[1]} != old dim {old_query.shape[1]}; "
-                         "match them first (bct_fast.losses.match_dim)")
+                         "match them first (bct_fast.losses.match_dim) or pass query_map / gallery_map")
     og = old_query if same else old_gallery
     ng = new_query if same else new_gallery
     gl = query_labels if same else gallery_labels
+    cross_q = new_query if query_map is None else query_map(new_query)
+    cross_g = og if gallery_map is None else gallery_map(og)
+    for name, t, rows in (("query_map", cross_q, new_query.shape[0]), ("gallery_map", cross_g, og.shape[0])):
+        if not (hasattr(t, "shape") and len(t.shape) == 2 and t.shape[0] == rows):
+            raise ValueError(f"{name}: must return a [{rows}, dim] matrix, got shape {getattr(t, 'shape', None)}")
+    if cross_q.shape[1] != cross_g.shape[1]:
+        raise ValueError(f"query_map, gallery_map: the mapped new queries have dim {cross_q.shape[1]} but the "
+                         f"(mapped) old gallery has dim {cross_g.shape[1]}")
     if not same and exclude_self and (og.shape[0] < old_query.shape[0] or ng.shape[0] < new_query.shape[0]):
         raise ValueError("exclude_self: query i must be gallery row i in both galleries, but a gallery "
                          "has fewer rows than there are queries")
@@ -104,7 +123,7 @@ def cross_test(old_query: Tensor, new_query: Tensor, query_labels: Tensor, *,
     result = CrossTestResult(
         old_old=evaluate_retrieval(old_query, query_labels, og, gl, **kw),
         new_new=evaluate_retrieval(new_query, query_labels, ng, gl, **kw),
-        new_old=evaluate_retrieval(new_query, query_labels, og, gl, **kw),
+        new_old=evaluate_retrieval(cross_q, query_labels, cross_g, gl, **kw),
         metric=metric)
     if metric not in result.old_old:
         raise ValueError(f"metric: {metric!r} was not computed (have {sorted(result.old_old)})")

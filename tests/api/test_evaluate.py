@@ -47,6 +47,35 @@ def test_cross_test_with_separate_gallery_and_errors(seed):
         cross_test(old, new, labels, metric="top1")
 
 
+def test_cross_test_maps_apply_to_the_cross_pair_only(seed):
+    """query_map / gallery_map change only new/old: a wider new model sliced to the old size, and
+    a rotated new space met by rotating the stored old gallery (FCT's case)."""
+    from bct_fast.metrics import evaluate_retrieval
+
+    centers, labels, old = clustered(noise=0.2)
+    wide = torch.cat([centers[labels] + 0.1 * torch.randn_like(old), torch.randn(len(labels), 8)], 1)
+    with pytest.raises(ValueError, match="new_query: dim 24 != old dim 16.*query_map"):
+        cross_test(old, wide, labels)
+    r = cross_test(old, wide, labels, query_map=lambda e: e[:, :16])
+    assert r.new_new == evaluate_retrieval(wide, labels, wide, labels, k="auto", exclude_self=True)
+    assert r.new_old == evaluate_retrieval(wide[:, :16], labels, old, labels, k="auto", exclude_self=True)
+    assert r.compatible
+
+    rot = torch.linalg.qr(torch.randn(16, 16)).Q
+    new = old @ rot
+    plain = cross_test(old, new, labels)
+    mapped = cross_test(old, new, labels, gallery_map=lambda g: g @ rot)
+    assert mapped.old_old == plain.old_old and mapped.new_new == plain.new_new
+    assert mapped.new_old["precision_at_1"] > plain.new_old["precision_at_1"] + 0.3
+
+    with pytest.raises(ValueError, match="query_map, gallery_map: the mapped new queries have dim 24"):
+        cross_test(old, wide, labels, gallery_map=lambda g: g)
+    with pytest.raises(ValueError, match=r"query_map: must return a \[120, dim\] matrix"):
+        cross_test(old, wide, labels, query_map=lambda e: e[:5, :16])
+    with pytest.raises(TypeError, match="gallery_map: expected a callable"):
+        cross_test(old, new, labels, gallery_map="rotate")
+
+
 def test_compatibility_matrix_ac_am_table_and_heatmap(seed, tmp_path):
     pytest.importorskip("matplotlib")
     centers, labels, m0 = clustered(n_classes=40, noise=0.4)
