@@ -4,7 +4,8 @@ F.cross_entropy), fwd and fwd+bwd, trainable and frozen (influence-loss) classif
 Axes: provider x mode (forward | full) x classifier (trainable | frozen). Providers: on CPU
 ``bct_fast`` (the chunked path) and ``torch`` (naive); on CUDA ``bct_fast_cuda`` (the kernels,
 ``backend="cuda"``), ``bct_fast_epilogue`` (cuBLAS GEMMs on class chunks + our epilogue kernels,
-``backend="epilogue"``), ``bct_fast_torch`` (the chunked path on cuBLAS, ``backend="torch"``, the
+``backend="epilogue"``), ``bct_fast_fused`` (tensor-core tiles with the forward statistics in
+registers, backward = the epilogue's; bf16 only, ``backend="fused"``), ``bct_fast_torch`` (the chunked path on cuBLAS, ``backend="torch"``, the
 default until the kernels pass a recorded GPU run) and ``torch``.
 Shapes on CPU: ``CPU_QUICK`` by default, ``CPU_FULL`` with ``--full`` (benchmarks/conftest.py).
 """
@@ -39,9 +40,10 @@ def ours(x, w, y, backend="auto"):
 PROVIDERS = {"bct_fast": ours, "torch": naive,
              "bct_fast_cuda": lambda x, w, y: ours(x, w, y, "cuda"),
              "bct_fast_epilogue": lambda x, w, y: ours(x, w, y, "epilogue"),
+             "bct_fast_fused": lambda x, w, y: ours(x, w, y, "fused"),
              "bct_fast_torch": lambda x, w, y: ours(x, w, y, "torch")}
 CPU_PROVIDERS = ["bct_fast", "torch"]
-CUDA_PROVIDERS = ["bct_fast_cuda", "bct_fast_epilogue", "bct_fast_torch", "torch"]
+CUDA_PROVIDERS = ["bct_fast_cuda", "bct_fast_epilogue", "bct_fast_fused", "bct_fast_torch", "torch"]
 
 
 def make_case(B, C, device, dtype, frozen):
@@ -66,6 +68,8 @@ def step_fn(provider, mode, x, w, y):
 
 
 def _bench(measure, device, dtype, B, C, provider, mode, classifier):
+    if provider == "bct_fast_fused" and dtype != torch.bfloat16:
+        pytest.skip("the fused provider takes bfloat16 operands only")
     x, w, y = make_case(B, C, device, dtype, classifier == "frozen")
     grad_w_mib = 0.0 if classifier == "frozen" or mode == "forward" else C * D * 4 / 2**20
     measure(step_fn(provider, mode, x, w, y), device, rounds=3, B=B, C=C, d=D, dtype=str(dtype),

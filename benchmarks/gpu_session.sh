@@ -111,7 +111,9 @@ want sanitizer && for TOOL in memcheck racecheck; do
   echo "== compute-sanitizer --tool $TOOL"
   timeout 480 compute-sanitizer --tool "$TOOL" --error-exitcode 1 \
     $PY -m pytest tests/ops/test_kernels_small_cuda.py \
-      "tests/ops/test_margin_epilogue.py::test_cuda_kernels_match_their_twin" -q -p no:cacheprovider \
+      "tests/ops/test_margin_epilogue.py::test_cuda_kernels_match_their_twin" \
+      "tests/ops/test_margin_fused.py::test_cuda_mma_tile_matches_a_host_matmul" \
+      "tests/ops/test_margin_fused.py::test_cuda_fused_lse_matches_float64" -q -p no:cacheprovider \
     >"$RESULTS/sanitizer_$TOOL.log" 2>&1
   RC=$?
   tail -3 "$RESULTS/sanitizer_$TOOL.log"

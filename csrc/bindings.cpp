@@ -12,6 +12,7 @@
 #ifdef BCT_FAST_WITH_CUDA
 #include "bct_fast/cosine_topk.h"
 #include "bct_fast/margin_epilogue.h"
+#include "bct_fast/margin_fused.h"
 #include "bct_fast/topk_epilogue.h"
 #include "bct_fast/margin_softmax.h"
 #include "bct_fast/runtime_info.h"
@@ -47,6 +48,7 @@ py::dict build_info() {
 #ifdef BCT_FAST_WITH_CUDA
   sources["margin_softmax"] = BCT_FAST_HASH_MARGIN_SOFTMAX;
   sources["margin_epilogue"] = BCT_FAST_HASH_MARGIN_EPILOGUE;
+  sources["margin_fused"] = BCT_FAST_HASH_MARGIN_FUSED;
   sources["cosine_topk"] = BCT_FAST_HASH_COSINE_TOPK;
   sources["topk_epilogue"] = BCT_FAST_HASH_TOPK_EPILOGUE;
 #endif
@@ -181,6 +183,30 @@ PYBIND11_MODULE(_C, m) {
             static_cast<bct_fast::DType>(g_dtype), k, splits, exclude, exclude_offset,
             ptr<float>(out_scores), ptr<int64_t>(out_idx), ptr<int>(nonfinite),
             ptr<void>(stream)));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  // Fused provider (tensor cores, forward statistics only); see margin_fused.h.
+  m.def(
+      "margin_fused_lse",
+      [](std::uintptr_t x, std::uintptr_t w, int dtype, int64_t B, int64_t C, int64_t d,
+         std::uintptr_t inv_nx, std::uintptr_t inv_nw, std::uintptr_t labels,
+         std::uintptr_t target_logit, float scale, int64_t splits, std::uintptr_t workspace,
+         int64_t workspace_floats, std::uintptr_t lse, std::uintptr_t stream) {
+        raise_if_error(bct_fast::margin_fused_lse(
+            ptr<const void>(x), ptr<const void>(w), static_cast<bct_fast::DType>(dtype), B, C, d,
+            ptr<const float>(inv_nx), ptr<const float>(inv_nw), ptr<const int64_t>(labels),
+            ptr<const float>(target_logit), scale, splits, ptr<float>(workspace), workspace_floats,
+            ptr<float>(lse), ptr<void>(stream)));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def("margin_fused_default_splits", &bct_fast::margin_fused_default_splits);
+  m.def("margin_fused_workspace_floats", &bct_fast::margin_fused_workspace_floats);
+  m.def(
+      "margin_fused_mma_tile_check",
+      [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t d, std::uintptr_t stream) {
+        raise_if_error(bct_fast::margin_fused_mma_tile_check(ptr<const void>(a), ptr<const void>(b),
+                                                             ptr<const float>(c), ptr<float>(d),
+                                                             ptr<void>(stream)));
       },
       py::call_guard<py::gil_scoped_release>());
 #endif

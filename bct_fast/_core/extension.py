@@ -32,6 +32,10 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     "margin_epilogue": ("csrc/bindings.cpp", "csrc/include/bct_fast/common.h",
                         "csrc/include/bct_fast/margin_epilogue.h", "csrc/cuda/tile_common*",
                         "csrc/cuda/launch_common*", "csrc/cuda/margin_epilogue*"),
+    # The fused provider (tensor-core GEMM tiles with the statistics in registers).
+    "margin_fused": ("csrc/bindings.cpp", "csrc/include/bct_fast/common.h",
+                     "csrc/include/bct_fast/margin_fused.h", "csrc/cuda/tile_common*",
+                     "csrc/cuda/launch_common*", "csrc/cuda/mma_common*", "csrc/cuda/margin_fused*"),
     "cosine_topk": ("csrc/bindings.cpp", "csrc/include/bct_fast/common.h",
                     "csrc/include/bct_fast/cosine_topk.h", "csrc/cuda/tile_common*",
                     "csrc/cuda/launch_common*", "csrc/cuda/cosine_topk*"),
@@ -48,6 +52,9 @@ _VERIFIED_RECORD = Path(__file__).with_name("gpu_verified.json")
 EMULATED_BY = {family: "tests/ops/test_kernels_emulated.py" for family in KERNEL_SOURCES}
 EMULATED_BY["margin_epilogue"] = "tests/ops/test_epilogue_emulated.py"
 EMULATED_BY["topk_epilogue"] = "tests/ops/test_topk_epilogue_emulated.py"
+# mma.sync / ldmatrix are emulated from the PTX ISA's documented fragment layouts (not checked
+# against hardware until a GPU run: margin_fused_mma_tile_check does that).
+EMULATED_BY["margin_fused"] = "tests/ops/test_fused_emulated.py"
 
 
 @functools.lru_cache(maxsize=None)

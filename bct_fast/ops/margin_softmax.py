@@ -25,6 +25,7 @@ from torch import Tensor
 from bct_fast._core.checks import check_choice, check_labels, check_matrix, check_same_device, nonfinite_error
 from bct_fast.ops import margin_softmax_cuda
 from bct_fast.ops import margin_softmax_epilogue
+from bct_fast.ops import margin_softmax_fused
 from bct_fast.ops import margin_softmax_torch
 from bct_fast.ops.margins import Margin, MarginValue, make_margin, target_function
 from bct_fast.ops.providers import check_backend, choose, note_fallback
@@ -68,14 +69,16 @@ def _grads_fake(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale
 
 def _provider(op: str, x: Tensor, w: Tensor, backend: str) -> str:
     choice = choose("margin_softmax", x.device, backend, lambda: margin_softmax_cuda.unsupported(x, w),
-                    lambda: margin_softmax_epilogue.unsupported(x, w))
+                    lambda: margin_softmax_epilogue.unsupported(x, w),
+                    lambda: margin_softmax_fused.unsupported(x, w))
     note_fallback(op, choice)
     return choice.provider
 
 
 @torch.library.register_kernel("bct_fast::softmax_stats", "cpu")
 def _stats_cpu(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size, backend="auto"):
-    if backend == "epilogue" and _provider("softmax_stats", x, w, backend) == "epilogue":
+    # "epilogue" runs the chunk loop with the kernels' PyTorch twin; "fused" raises (CUDA only).
+    if backend in ("epilogue", "fused") and _provider("softmax_stats", x, w, backend) == "epilogue":
         return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale,
                                                      with_pws, chunk_size)
     return margin_softmax_torch.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size)
@@ -84,7 +87,7 @@ def _stats_cpu(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chun
 @torch.library.register_kernel("bct_fast::softmax_grads", "cpu")
 def _grads_cpu(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x, need_w, chunk_size,
                backend="auto"):
-    if backend == "epilogue" and _provider("softmax_grads", x, w, backend) == "epilogue":
+    if backend in ("epilogue", "fused") and _provider("softmax_grads", x, w, backend) == "epilogue":
         return margin_softmax_epilogue.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse,
                                                      row_coef, scale, need_x, need_w, chunk_size)
     return margin_softmax_torch.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale,
@@ -96,6 +99,9 @@ def _stats_cuda(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chu
     provider = _provider("softmax_stats", x, w, backend)
     if provider == "cuda":
         return margin_softmax_cuda.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws)
+    if provider == "fused":
+        return margin_softmax_fused.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale,
+                                                  with_pws, chunk_size)
     if provider == "epilogue":
         return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale,
                                                      with_pws, chunk_size)
@@ -110,7 +116,7 @@ def _grads_cuda(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale
     if provider == "cuda":
         return margin_softmax_cuda.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef,
                                                  scale, need_x, need_w)
-    if provider == "epilogue":
+    if provider in ("epilogue", "fused"):  # the fused provider's backward is the epilogue's
         return margin_softmax_epilogue.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse,
                                                      row_coef, scale, need_x, need_w, chunk_size)
     return margin_softmax_torch.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale,

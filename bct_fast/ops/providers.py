@@ -26,7 +26,10 @@ the epilogue provider: on CUDA tensors its kernels (an error when they cannot se
 on CPU tensors the same chunk loop with the PyTorch twin of the kernels (a test and debugging
 route). Under ``"auto"`` the epilogue provider is picked only once its own family passed a
 recorded GPU run (then before the SIMT kernels); ``BCT_FAST_UNVERIFIED_KERNELS=1`` does not
-select it.
+select it. Margin softmax also has a ``fused`` provider (``margin_softmax_fused``, family
+``margin_fused``: tensor-core tiles with the forward statistics in registers; the sweeps it does
+not fuse go to the epilogue provider). ``backend="fused"`` requests it (CUDA bf16 tensors only, an
+error otherwise); under ``"auto"`` it comes first once its own family passed a recorded GPU run.
 """
 from __future__ import annotations
 
@@ -41,7 +44,9 @@ import torch
 from bct_fast._core.checks import check_choice
 from bct_fast._core.extension import cuda_kernels_compiled, kernel_verification
 
-BACKENDS = ("auto", "torch", "cuda", "epilogue")
+BACKENDS = ("auto", "torch", "cuda", "epilogue", "fused")
+# Family of the fused provider of an op family that has one.
+FUSED_FAMILIES = {"margin_softmax": "margin_fused"}
 # Family of the epilogue provider of an op family that has one.
 EPILOGUE_FAMILIES = {"margin_softmax": "margin_epilogue", "cosine_topk": "topk_epilogue"}
 UNVERIFIED_ENV = "BCT_FAST_UNVERIFIED_KERNELS"
@@ -58,7 +63,7 @@ class Unsupported:
 
 @dataclass(frozen=True)
 class Choice:
-    provider: str  # "torch" | "cuda" | "epilogue"
+    provider: str  # "torch" | "cuda" | "epilogue" | "fused"
     reason: str
     warn: bool = False  # CUDA tensors on the torch path for a reason the user may not expect
 
@@ -90,18 +95,37 @@ def _choose_epilogue(family: str, device: torch.device,
                               f"the PyTorch twin of the epilogue kernels")
 
 
+def _choose_fused(family: str, device: torch.device,
+                  fused_unsupported: Callable[[], Unsupported | None] | None) -> Choice:
+    """backend='fused': the fused provider, or a ValueError saying why it cannot serve."""
+    if fused_unsupported is None or family not in FUSED_FAMILIES:
+        raise ValueError(f"backend: 'fused' is not available for {family}")
+    if device.type != "cuda":
+        raise ValueError(f"backend: 'fused' needs CUDA tensors, got tensors on {device} (the fused "
+                         f"kernels have no CPU twin; backend='epilogue' has one)")
+    if not cuda_kernels_compiled():
+        raise ValueError("backend: 'fused' needs the CUDA kernels, and bct_fast was built without them")
+    why = fused_unsupported()
+    if why is not None:
+        raise ValueError(f"backend: the fused provider of {family} cannot serve this call: {why.reason}")
+    return Choice("fused", "backend='fused' requested")
+
+
 def choose(family: str, device: torch.device, backend: str,
            unsupported: Callable[[], Unsupported | None],
-           epilogue_unsupported: Callable[[], Unsupported | None] | None = None) -> Choice:
+           epilogue_unsupported: Callable[[], Unsupported | None] | None = None,
+           fused_unsupported: Callable[[], Unsupported | None] | None = None) -> Choice:
     """The provider of ``family`` (``"margin_softmax"`` | ``"cosine_topk"``) for tensors on
     ``device``; ``unsupported`` is asked only when the CUDA kernels are compiled.
-    ``epilogue_unsupported``: the same question for the family's epilogue provider (None: the
-    family has none)."""
+    ``epilogue_unsupported`` / ``fused_unsupported``: the same question for the family's
+    epilogue / fused provider (None: the family has none)."""
     check_backend(backend)
     if backend == "torch":
         return Choice("torch", "backend='torch' requested")
     if backend == "epilogue":
         return _choose_epilogue(family, device, epilogue_unsupported)
+    if backend == "fused":
+        return _choose_fused(family, device, fused_unsupported)
     if device.type != "cuda":
         if backend == "cuda":
             raise ValueError(f"backend: 'cuda' needs CUDA tensors, got tensors on {device}")
@@ -114,6 +138,9 @@ def choose(family: str, device: torch.device, backend: str,
         return Choice("torch", why.reason, warn=not why.expected)
     if backend == "cuda":
         return Choice("cuda", "backend='cuda' requested")
+    if (fused_unsupported is not None and family in FUSED_FAMILIES
+            and _verified(FUSED_FAMILIES[family]) and fused_unsupported() is None):
+        return Choice("fused", "its fused kernels passed a recorded GPU run")
     if (epilogue_unsupported is not None and family in EPILOGUE_FAMILIES
             and _verified(EPILOGUE_FAMILIES[family]) and epilogue_unsupported() is None):
         return Choice("epilogue", "its epilogue kernels passed a recorded GPU run")

@@ -3,7 +3,7 @@
 //
 //   bct_emu_driver DIR
 // DIR/request.txt holds "key value" lines: op (stats | grad_weight | epi_stats | epi_grads | topk |
-// topk_select | convert | selftest), the sizes and
+// topk_select | fused_stats | fused_mma_tile | convert | selftest), the sizes and
 // scalars of that op, and seeds (comma-separated; each seed reruns the launch with another
 // thread order and must give bit-identical outputs). Arrays are raw little-endian files
 // DIR/<name>.bin; outputs are written to DIR/<name>.out.bin.
@@ -21,6 +21,7 @@
 
 #include "bct_fast/cosine_topk.h"
 #include "bct_fast/margin_epilogue.h"
+#include "bct_fast/margin_fused.h"
 #include "bct_fast/margin_softmax.h"
 #include "bct_fast/topk_epilogue.h"
 #include "cuda_shim.h"  // cudaGetErrorString
@@ -30,6 +31,7 @@ void bct_emu_register_margin_softmax();
 void bct_emu_register_margin_epilogue();
 void bct_emu_register_cosine_topk();
 void bct_emu_register_topk_epilogue();
+void bct_emu_register_margin_fused();
 int bct_emu_selftest(const std::string& name, int* out);
 
 namespace {
@@ -115,6 +117,7 @@ int main(int argc, char** argv) {
   bct_emu_register_margin_epilogue();
   bct_emu_register_cosine_topk();
   bct_emu_register_topk_epilogue();
+  bct_emu_register_margin_fused();
 
   const std::string op = req("op");
   std::vector<Output> outs;
@@ -225,6 +228,41 @@ int main(int argc, char** argv) {
           scores, rows, cols, inv_nq, inv_ng, k, n0, exclude, self_col0,
           static_cast<float*>(outs[0].buf), static_cast<int64_t*>(outs[1].buf),
           static_cast<int*>(outs[2].buf), nullptr);
+    };
+  } else if (op == "fused_stats") {  // margin_fused.h: lse of bf16 x, w with the workspace
+    const int64_t B = req_int("B"), C = req_int("C"), d = req_int("d");
+    const int64_t S = req_int("splits");
+    const float scale = req_float("scale");
+    // Optional: the workspace size passed to the launcher, and one argument passed as nullptr.
+    const int64_t ws_floats = g_req.count("ws_floats") ? req_int("ws_floats")
+                                                       : bct_fast::margin_fused_workspace_floats(B, S);
+    const std::string null_arg = g_req.count("null") ? req("null") : "";
+    auto arg = [&](const std::string& name, size_t bytes) {
+      const void* p = input(name, bytes);
+      return name == null_arg ? nullptr : p;
+    };
+    const void* x = arg("x", B * d * 2);
+    const void* w = arg("w", C * d * 2);
+    auto inv_nx = static_cast<const float*>(arg("inv_nx", B * 4));
+    auto inv_nw = static_cast<const float*>(arg("inv_nw", C * 4));
+    auto labels = static_cast<const int64_t*>(arg("labels", B * 8));
+    auto target = static_cast<const float*>(arg("target_logit", B * 4));
+    outs.push_back(output("lse", B * 4, 0xff));
+    outs.push_back(output("ws", (ws_floats > 0 ? ws_floats : 0) * 4, 0xff));
+    call = [=, &outs] {
+      return bct_fast::margin_fused_lse(
+          x, w, bct_fast::DType::kBFloat16, B, C, d, inv_nx, inv_nw, labels, target, scale, S,
+          null_arg == "workspace" ? nullptr : static_cast<float*>(outs[1].buf), ws_floats,
+          null_arg == "lse" ? nullptr : static_cast<float*>(outs[0].buf), nullptr);
+    };
+  } else if (op == "fused_mma_tile") {  // margin_fused.h: d = c + a @ b^T, one 16 x 16 tile
+    const void* a = input("a", 16 * 16 * 2);
+    const void* b = input("b", 16 * 16 * 2);
+    auto c = static_cast<const float*>(input("c", 16 * 16 * 4));
+    outs.push_back(output("d", 16 * 16 * 4, 0xff));
+    call = [=, &outs] {
+      return bct_fast::margin_fused_mma_tile_check(a, b, c, static_cast<float*>(outs[0].buf),
+                                                   nullptr);
     };
   } else if (op == "convert") {  // the shim's fp32 -> fp16 / bf16 conversions
     const int64_t n = req_int("n");

@@ -33,7 +33,8 @@ FLAGS = ["-O1", "-g", "-std=c++17", "-DBCT_FAST_EMULATOR"]
 # -fno-ipa-reference: a kernel's `static` (= __shared__) arrays must be re-read after each
 # barrier call, as on the GPU; -fno-tree-loop-distribute-patterns: no uninstrumented memset.
 KERNEL_FLAGS = ["-fsanitize=thread", "-fno-ipa-reference", "-fno-tree-loop-distribute-patterns"]
-KERNEL_SOURCES = ["margin_softmax", "margin_epilogue", "cosine_topk", "topk_epilogue"]
+KERNEL_SOURCES = ["margin_softmax", "margin_epilogue", "cosine_topk", "topk_epilogue",
+                  "margin_fused"]
 KERNEL_OBJECTS = [f"{n}_emu" for n in KERNEL_SOURCES] + ["selftest_emu"]
 
 # Fault injection for the harness's self-test (hooks in csrc/cuda/tile_common.cuh).
@@ -42,6 +43,7 @@ BREAKS = {
     "missing_barrier": ["-DBCT_FAST_EMU_BREAK_MISSING_BARRIER"],
     "tail_off_by_one": ["-DBCT_FAST_EMU_BREAK_TAIL_OFF_BY_ONE"],
     "tie_order": ["-DBCT_FAST_EMU_BREAK_TIE_ORDER"],  # csrc/cuda/topk_epilogue_kernels.cuh
+    "mma_layout": ["-DBCT_FAST_EMU_BREAK_MMA_LAYOUT"],  # csrc/cuda/mma_common.cuh
 }
 
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}

@@ -1,0 +1,78 @@
+"""The "fused" provider of the margin-softmax sweeps: tensor-core tiles, statistics in registers.
+
+Same contract as :mod:`bct_fast.ops.margin_softmax_torch`. The forward statistics without
+``with_pws`` (the trainable classifier's forward) come from one fused kernel family
+(csrc/cuda/margin_fused*, contract in csrc/include/bct_fast/margin_fused.h): mma.sync bf16 tiles
+with fp32 accumulation, the scale / inverse norms / target column / online max-sum-exp applied to
+the accumulators, so the B x C score matrix is never written; class ranges are split over blocks
+and a second small kernel merges the per-split (m, l). The sweeps not fused yet (the forward with
+``with_pws`` for a frozen classifier, and the backward) are the epilogue provider's
+(:mod:`bct_fast.ops.margin_softmax_epilogue`), which has the same contract.
+
+bfloat16 operands on CUDA devices of compute capability 8.0 or newer only; there is no CPU twin.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bct_fast._core.extension import native
+from bct_fast.ops import margin_softmax_epilogue
+from bct_fast.ops.native_call import DTYPE_CODES, f32, stream_of
+from bct_fast.ops.providers import Unsupported
+
+softmax_grads = margin_softmax_epilogue.softmax_grads  # not fused yet: the epilogue provider's
+
+
+def unsupported(x: Tensor, w: Tensor) -> Unsupported | None:
+    """Why this provider cannot serve these tensors, or None."""
+    if x.device.type != "cuda":
+        return Unsupported(f"tensors on {x.device} (the fused kernels are CUDA only)")
+    if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+        return Unsupported(f"dtypes {x.dtype} / {w.dtype} (the fused kernels take bfloat16 for both)",
+                           expected=True)
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return Unsupported("a GPU older than compute capability 8.0 (bf16 mma.sync needs sm_80)")
+    return None
+
+
+def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
+                  target_logit: Tensor, scale: float, with_pws: bool, chunk: int = 0) -> tuple[Tensor, Tensor]:
+    """Per-row log-sum-exp of the logits (fp32); with ``with_pws`` the epilogue provider's sweep."""
+    why = unsupported(x, w)
+    if why is not None:
+        raise ValueError(f"x, w: the fused provider cannot serve them: {why.reason}")
+    if with_pws:
+        return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale,
+                                                     with_pws, chunk)
+    x, w = x.contiguous(), w.contiguous()
+    inv_nx, inv_nw, target_logit = f32(inv_nx), f32(inv_nw), f32(target_logit)
+    labels = labels.to(torch.int64).contiguous()
+    B, d = x.shape
+    C = w.shape[0]
+    mod = native()
+    splits = mod.margin_fused_default_splits(B, C)
+    floats = mod.margin_fused_workspace_floats(B, splits)
+    workspace = torch.empty(floats, device=x.device, dtype=torch.float32)
+    lse = torch.empty(B, device=x.device, dtype=torch.float32)
+    with torch.cuda.device(x.device):
+        mod.margin_fused_lse(x.data_ptr(), w.data_ptr(), DTYPE_CODES[x.dtype], B, C, d, inv_nx.data_ptr(),
+                             inv_nw.data_ptr(), labels.data_ptr(), target_logit.data_ptr(), float(scale),
+                             splits, workspace.data_ptr(), floats, lse.data_ptr(), stream_of(x))
+    return lse, x.new_empty((0,), dtype=torch.float32)
+
+
+def mma_tile_check(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """``c + a @ b.T`` for one 16 x 16 bf16 tile pair through the fused kernel's cp.async ->
+    ldmatrix -> mma.sync path (one warp): on a GPU, the check of the fragment layouts against
+    the hardware (csrc/include/bct_fast/margin_fused.h)."""
+    if a.shape != (16, 16) or b.shape != (16, 16) or c.shape != (16, 16):
+        raise ValueError("a, b, c: expected 16 x 16 tiles")
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or not a.is_cuda:
+        raise ValueError("a, b: expected bfloat16 CUDA tensors")
+    a, b, c = a.contiguous(), b.contiguous(), c.to(torch.float32).contiguous()
+    out = torch.empty(16, 16, device=a.device, dtype=torch.float32)
+    with torch.cuda.device(a.device):
+        native().margin_fused_mma_tile_check(a.data_ptr(), b.data_ptr(), c.data_ptr(), out.data_ptr(),
+                                             stream_of(a))
+    return out

@@ -1,0 +1,125 @@
+// Launchers of the fused tensor-core forward (contract: margin_fused.h; kernels:
+// margin_fused_kernels.cuh).
+#include <cstdint>
+#include <string>
+
+#include "bct_fast/margin_fused.h"
+#include "launch_common.cuh"
+#include "margin_fused_kernels.cuh"
+
+namespace bct_fast {
+namespace {
+
+using tile::check_launch;
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// bf16 mma and cp.async exist from sm_80 on (the emulator stands for an H100).
+Status check_device(const char* what) {
+#ifndef BCT_FAST_EMULATOR
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return check_launch(what);
+  if (major < 8) return Status::Error(std::string(what) + ": needs a GPU of compute capability 8.0 or newer");
+#else
+  (void)what;
+#endif
+  return Status::Ok();
+}
+
+template <bool kAsync>
+Status launch_partial(const uint16_t* x, const uint16_t* w, int B, int C, int d,
+                      const float* inv_nx, const float* inv_nw, const int64_t* labels,
+                      const float* target_logit, float scale, int64_t splits,
+                      int tiles_per_split, float* ws_m, float* ws_l, cudaStream_t stream) {
+  // grid.y = splits (the ones that have classes), each of tiles_per_split class tiles.
+  constexpr int smem = fused::kSmemBytes;
+  if (smem > tile::max_dynamic_smem(0))
+    return Status::Error("margin_fused_lse: needs " + std::to_string(smem) +
+                         " bytes of shared memory per block, more than this device allows");
+  if (cudaFuncSetAttribute(fused_lse_partial_kernel<kAsync>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
+    return check_launch("margin_fused_lse (shared-memory opt-in)");
+  const dim3 grid(static_cast<unsigned>((B + fused::kBM - 1) / fused::kBM),
+                  static_cast<unsigned>(splits));
+  fused_lse_partial_kernel<kAsync><<<grid, fused::kThreads, smem, stream>>>(
+      x, w, B, C, d, inv_nx, inv_nw, labels, target_logit, scale, tiles_per_split, ws_m, ws_l);
+  return check_launch("margin_fused_lse");
+}
+
+}  // namespace
+
+int64_t margin_fused_default_splits(int64_t B, int64_t C) {
+  if (B < 1 || C < 1) return 1;
+  constexpr int64_t kTargetBlocks = 512, kMinTilesPerSplit = 4;
+  const int64_t row_tiles = (B + fused::kBM - 1) / fused::kBM;
+  const int64_t n_tiles = (C + fused::kBN - 1) / fused::kBN;
+  int64_t s = (kTargetBlocks + row_tiles - 1) / row_tiles;
+  if (s > n_tiles / kMinTilesPerSplit) s = n_tiles / kMinTilesPerSplit;
+  return s < 1 ? 1 : s;
+}
+
+Status margin_fused_lse(const void* x, const void* w, DType dtype, int64_t B, int64_t C, int64_t d,
+                        const float* inv_nx, const float* inv_nw, const int64_t* labels,
+                        const float* target_logit, float scale, int64_t splits, float* workspace,
+                        int64_t workspace_floats, float* lse, void* stream) {
+  const char* what = "margin_fused_lse";
+  if (dtype != DType::kBFloat16) return Status::Error("margin_fused_lse: x and w must be bfloat16");
+  if (B < 1 || C < 1 || d < 1) return Status::Error("margin_fused_lse: B, C and d must be positive");
+  // The kernel indexes rows, classes and depth with int (global offsets in int64).
+  if (B > INT32_MAX - fused::kBM || C > INT32_MAX - fused::kBN || d > INT32_MAX - fused::kBK)
+    return Status::Error("margin_fused_lse: B, C and d must be below 2^31 - 128");
+  if (splits < 1) return Status::Error("margin_fused_lse: splits must be >= 1");
+  if (x == nullptr || w == nullptr || inv_nx == nullptr || inv_nw == nullptr ||
+      labels == nullptr || target_logit == nullptr || workspace == nullptr || lse == nullptr)
+    return Status::Error("margin_fused_lse: null pointer argument");
+  if (workspace_floats < margin_fused_workspace_floats(B, splits))
+    return Status::Error("margin_fused_lse: workspace has " + std::to_string(workspace_floats) +
+                         " floats, needs " + std::to_string(margin_fused_workspace_floats(B, splits)));
+  Status st = check_device(what);
+  if (!st.ok()) return st;
+
+  // Whole class tiles per split; trailing splits that would be empty are dropped.
+  const int64_t n_tiles = (C + fused::kBN - 1) / fused::kBN;
+  const int64_t tiles_per_split = (n_tiles + splits - 1) / (splits < n_tiles ? splits : n_tiles);
+  const int64_t used = (n_tiles + tiles_per_split - 1) / tiles_per_split;
+  if (used > 65535) return Status::Error("margin_fused_lse: more than 65535 class splits");
+  // A block's iterations (class tiles x depth slices) are counted in int.
+  if (tiles_per_split * ((d + fused::kBK - 1) / fused::kBK) > INT32_MAX)
+    return Status::Error("margin_fused_lse: too many classes x depth per split; use more splits");
+  float* ws_m = workspace;
+  float* ws_l = workspace + used * B;  // the merge kernel reads `used` rows of each
+
+  auto s = static_cast<cudaStream_t>(stream);
+  auto xb = static_cast<const uint16_t*>(x);
+  auto wb = static_cast<const uint16_t*>(w);
+  const int Bi = static_cast<int>(B), Ci = static_cast<int>(C), di = static_cast<int>(d);
+  const int tps = static_cast<int>(tiles_per_split);
+  st = d % 8 == 0 && aligned16(x) && aligned16(w)
+           ? launch_partial<true>(xb, wb, Bi, Ci, di, inv_nx, inv_nw, labels, target_logit, scale,
+                                  used, tps, ws_m, ws_l, s)
+           : launch_partial<false>(xb, wb, Bi, Ci, di, inv_nx, inv_nw, labels, target_logit, scale,
+                                   used, tps, ws_m, ws_l, s);
+  if (!st.ok()) return st;
+  const unsigned blocks = static_cast<unsigned>((B + fused::kMergeThreads - 1) / fused::kMergeThreads);
+  fused_lse_merge_kernel<<<blocks, fused::kMergeThreads, 0, s>>>(ws_m, ws_l, B,
+                                                                 static_cast<int>(used), lse);
+  return check_launch(what);
+}
+
+Status margin_fused_mma_tile_check(const void* a, const void* b, const float* c, float* d,
+                                   void* stream) {
+  const char* what = "margin_fused_mma_tile_check";
+  if (a == nullptr || b == nullptr || c == nullptr || d == nullptr)
+    return Status::Error("margin_fused_mma_tile_check: null pointer argument");
+  if (!aligned16(a) || !aligned16(b))
+    return Status::Error("margin_fused_mma_tile_check: a and b must be 16-byte aligned");
+  Status st = check_device(what);
+  if (!st.ok()) return st;
+  mma_tile_check_kernel<<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const uint16_t*>(a), static_cast<const uint16_t*>(b), c, d);
+  return check_launch(what);
+}
+
+}  // namespace bct_fast

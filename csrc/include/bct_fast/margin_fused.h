@@ -1,0 +1,47 @@
+// Launchers of the fused tensor-core forward of the margin-softmax loss (issue 15, part 4).
+//
+// For x [B, d] and w [C, d] (bf16, contiguous row-major) the logits are, as in margin_epilogue.h:
+//   z_ij = scale * S_ij * inv_nx_i * inv_nw_j      (S = x @ w^T accumulated in fp32; this order)
+// except in the target column j == labels_i, where z = target_logit_i (labels_i < 0: none), and
+//   lse_i = log(sum_j exp(z_ij))                    (online max / sum-exp in fp32).
+// One kernel computes S on tensor cores (mma.sync m16n8k16 bf16, fp32 accumulation; needs sm_80)
+// and turns it into running statistics in registers: the B x C score matrix is never written.
+//
+// Parallelism: grid = ceil(B / 128) row tiles x `splits` class ranges (of whole 128-class tiles).
+// Each block writes its partial (m, l) per row into `workspace`, and a second small kernel merges
+// the splits: workspace = [m: splits x B | l: splits x B] floats. The result does not depend on
+// the thread schedule (fixed reduction orders); it does depend on `splits` at the fp32-rounding
+// level. x and w take the cp.async fast path when d % 8 == 0 and both are 16-byte aligned, a
+// slower plain-load path otherwise (same results).
+//
+// All pointers are device pointers; per-row vectors have B entries, inv_nw has C.
+#pragma once
+#include <cstdint>
+
+#include "bct_fast/common.h"
+
+namespace bct_fast {
+
+// Writes lse[B]. `dtype` must be kBFloat16. 1 <= splits; splits beyond the number of 128-class
+// tiles are clamped (the workspace needs margin_fused_workspace_floats(B, splits) floats either
+// way). workspace_floats is the caller's workspace size, checked.
+Status margin_fused_lse(const void* x, const void* w, DType dtype, int64_t B, int64_t C, int64_t d,
+                        const float* inv_nx, const float* inv_nw, const int64_t* labels,
+                        const float* target_logit, float scale, int64_t splits, float* workspace,
+                        int64_t workspace_floats, float* lse, void* stream);
+
+// A split count that gives a few hundred blocks when B is small, without making a block's class
+// range shorter than 4 tiles (512 classes). A function of the shapes only (no device query), so
+// results are reproducible across GPUs. Not tuned on hardware yet.
+int64_t margin_fused_default_splits(int64_t B, int64_t C);
+
+inline int64_t margin_fused_workspace_floats(int64_t B, int64_t splits) { return 2 * splits * B; }
+
+// Fragment-layout check of the tensor-core path, one warp: d = c + a @ b^T with a, b 16 x 16 bf16
+// (b's rows are the "class" side, like w; both 16-byte aligned) and c, d 16 x 16 fp32, through
+// the same cp.async -> ldmatrix -> mma code as the fused kernel. Compare with a host matmul: on a
+// GPU this checks the layouts against the hardware, in the emulator against the PTX ISA text.
+Status margin_fused_mma_tile_check(const void* a, const void* b, const float* c, float* d,
+                                   void* stream);
+
+}  // namespace bct_fast

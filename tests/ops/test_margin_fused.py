@@ -1,0 +1,118 @@
+"""The fused provider (bct_fast.ops.margin_softmax_fused): how `choose` routes backend="fused",
+its refusals on CPU / non-bf16 tensors, and (marked cuda) the real kernels on a GPU: the mma tile
+check against a host matmul (the fragment layouts against the hardware), the lse against float64
+and the provider against the epilogue provider. The kernels' logic runs on the CPU emulator in
+test_fused_emulated.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bct_fast.ops import cosine_margin_cross_entropy, providers
+from bct_fast.ops import margin_softmax_epilogue as epi
+from bct_fast.ops import margin_softmax_fused as fused
+from bct_fast.ops.reference import cosine_margin_cross_entropy_ref
+from test_margin_ce import inputs, rel_err, run
+from test_margin_epilogue import plain_bf16, provider_args
+import test_providers
+
+CUDA = torch.device("cuda")  # only its type is read by choose: no GPU needed
+compiled = test_providers.compiled
+
+
+def ok():
+    return None
+
+
+def test_fused_backend_on_cpu_tensors_is_an_error():
+    x, w, y = inputs(3, 10, 8, "cpu", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="backend: 'fused' needs CUDA tensors"):
+        cosine_margin_cross_entropy(x, w, y, backend="fused")
+    with pytest.raises(ValueError, match="backend: 'fused' is not available for cosine_topk"):
+        providers.choose("cosine_topk", CUDA, "fused", ok)
+
+
+def test_fused_backend_names_what_it_cannot_serve(compiled):
+    fp32 = lambda: providers.Unsupported("dtypes torch.float32 / torch.float32")  # noqa: E731
+    with pytest.raises(ValueError, match="the fused provider of margin_softmax cannot serve.*float32"):
+        providers.choose("margin_softmax", CUDA, "fused", ok, ok, fp32)
+    assert providers.choose("margin_softmax", CUDA, "fused", ok, ok, ok).provider == "fused"
+
+
+def test_fused_backend_needs_compiled_kernels(monkeypatch):
+    monkeypatch.setattr(providers, "cuda_kernels_compiled", lambda: False)
+    with pytest.raises(ValueError, match="backend: 'fused' needs the CUDA kernels"):
+        providers.choose("margin_softmax", CUDA, "fused", ok, ok, ok)
+
+
+def test_auto_picks_fused_only_once_its_family_is_verified(compiled, monkeypatch):
+    assert providers.choose("margin_softmax", CUDA, "auto", ok, ok, ok).provider == "torch"
+    monkeypatch.setenv(providers.UNVERIFIED_ENV, "1")  # selects the SIMT kernels, never the fused ones
+    assert providers.choose("margin_softmax", CUDA, "auto", ok, ok, ok).provider == "cuda"
+    monkeypatch.delenv(providers.UNVERIFIED_ENV)
+    monkeypatch.setattr(providers, "_verified", lambda family: family in ("margin_fused", "margin_epilogue"))
+    c = providers.choose("margin_softmax", CUDA, "auto", ok, ok, ok)
+    assert c.provider == "fused" and not c.warn
+    fp32 = lambda: providers.Unsupported("fp32")  # noqa: E731
+    assert providers.choose("margin_softmax", CUDA, "auto", ok, ok, fp32).provider == "epilogue"
+
+
+def test_unsupported_says_why():
+    x = torch.zeros(2, 8, dtype=torch.bfloat16)
+    assert "CUDA only" in fused.unsupported(x, x).reason
+
+
+def test_the_fused_family_is_recorded_and_emulated():
+    from bct_fast._core import extension
+
+    assert "margin_fused" in extension.KERNEL_SOURCES
+    assert extension.EMULATED_BY["margin_fused"] == "tests/ops/test_fused_emulated.py"
+    assert "csrc/cuda/mma_common*" in extension.KERNEL_SOURCES["margin_fused"]
+
+
+# ---- on a GPU ------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+def test_cuda_mma_tile_matches_a_host_matmul(seed):
+    """One 16 x 16 x 16 tile through cp.async -> ldmatrix -> mma.sync: the fragment layouts the
+    kernel assumes, checked against the hardware (bf16 products are exact in fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(16, 16, generator=g).bfloat16()
+    b = torch.randn(16, 16, generator=g).bfloat16()
+    c = torch.randn(16, 16, generator=g)
+    got = fused.mma_tile_check(a.cuda(), b.cuda(), c.cuda()).cpu()
+    ref = (c.double() + a.double() @ b.double().T).float()
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-5), (got - ref).abs().max()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,C,d", [(1, 1, 16), (1, 5003, 64), (37, 20011, 40), (300, 2053, 512), (129, 1000, 129)])
+def test_cuda_fused_lse_matches_float64(seed, B, C, d):
+    """The fused forward statistics against float64 of the same bf16 values: lse within 1e-5
+    relative; the loss and both gradients (backward = the epilogue provider's) within 2x the plain
+    bf16 PyTorch error."""
+    x, w, inv_nx, inv_nw, labels, target = (t.cuda() for t in provider_args(B, C, d, torch.bfloat16, seed))
+    lse, pws = fused.softmax_stats(x, w, inv_nx, inv_nw, labels, target, 24.0, False)
+    z = 24.0 * (x.double() @ w.double().T) * inv_nx.double()[:, None] * inv_nw.double()[None, :]
+    rows = (labels >= 0).nonzero()[:, 0]
+    z[rows, labels[rows]] = target[rows].double()
+    ref = torch.logsumexp(z, dim=1).cpu()
+    assert pws.numel() == 0
+    assert torch.allclose(lse.cpu().double(), ref, rtol=1e-5, atol=1e-5), (lse.cpu() - ref).abs().max()
+
+    xs, ws, y = inputs(B, C, d, "cuda", dtype=torch.bfloat16)
+    kw = dict(scale=32.0, margin_type="arcface", margin=0.4, ignore_index=-1)
+    ours = run(cosine_margin_cross_entropy, xs, ws, y, False, backend="fused", **kw)
+    peer = run(plain_bf16, xs, ws, y, False, **kw)
+    want = run(cosine_margin_cross_entropy_ref, xs.double(), ws.double(), y, False, **kw)
+    for name, o, p, r in zip(("loss", "grad_embeddings", "grad_weight"), ours, peer, want):
+        assert rel_err(o, r) <= 2 * rel_err(p, r) + 1e-6, f"{name}: {rel_err(o, r):.2e} vs {rel_err(p, r):.2e}"
+
+
+@pytest.mark.cuda
+def test_cuda_fused_with_pws_is_the_epilogue_sweep(seed):
+    """with_pws (a frozen classifier's forward) is served by the epilogue provider, unchanged."""
+    args = tuple(t.cuda() for t in provider_args(50, 3001, 256, torch.bfloat16, seed))
+    a = fused.softmax_stats(*args, 20.0, True)
+    b = epi.softmax_stats(*args, 20.0, True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
