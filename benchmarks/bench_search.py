@@ -164,7 +164,7 @@ def test_cpu_search_holdout(measure, tmp_path_factory, provider, Q, N, d, k, sto
 
 
 # Not timed: the answer of every grid and holdout row against float64 (run with --full and
-# without --benchmark-only: pytest benchmarks/bench_search.py -k exact --full).
+# without --benchmark-only: pytest benchmarks/bench_search.py -k rows_are_exact --full).
 @pytest.mark.grid("Q,N,d,k,storage", SHAPES_QUICK, SHAPES_FULL + SHAPES_HOLDOUT)
 def test_cpu_search_rows_are_exact(tmp_path_factory, Q, N, d, k, storage):
     """The first 16 queries' top-k from the benchmarked call (normalize=False, as timed) against
