@@ -62,6 +62,14 @@ def test_unsupported_says_why():
     assert "CUDA only" in fused.unsupported(x, x).reason
 
 
+def test_mma_tile_check_refuses_bad_tiles():
+    t = torch.zeros(16, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="a, b, c: expected 16 x 16 tiles"):
+        fused.mma_tile_check(t[:8], t, t.float())
+    with pytest.raises(ValueError, match="a, b: expected bfloat16 CUDA tensors"):
+        fused.mma_tile_check(t, t, t.float())
+
+
 def test_the_fused_family_is_recorded_and_emulated():
     from bct_fast._core import extension
 
