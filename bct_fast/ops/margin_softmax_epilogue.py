@@ -216,10 +216,9 @@ def softmax_grads(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
     # The target column, in fp32 (the blocks hold 0 there); rows with row_coef 0 add nothing.
     rows, t, wyh = _target_terms(w, inv_nw, labels, target_logit, lse)
     t = torch.where(row_coef[rows] == 0, 0.0, t)
-    if need_x:
-        gx.index_add_(0, rows, t[:, None] * wyh)
     if need_w:
         gw.index_add_(0, labels[rows], (row_coef[rows] * t)[:, None] * xh32[rows])
     if need_x:
+        gx.index_add_(0, rows, t[:, None] * wyh)
         gx.mul_(row_coef[:, None])  # the per-row factor, once (see the module docstring)
     return gx, gw

@@ -40,8 +40,8 @@ _DEFAULT_CHUNK = 8192   # gallery rows per chunk
 _MIN_CHUNK = 1024       # below this the per-call GEMM / selection overheads dominate
 _NUMPY_FLOATS = (np.float16, np.float32, np.float64)
 _ROW_MAJOR_QUERIES = 64  # from this many queries per block the CPU product is [Q, chunk]
-# fp32 bytes of one CPU gallery chunk at most: the upcast copy of an fp16 / bf16 chunk, or the
-# pages of a memory-mapped one held until they are released.
+# fp32 bytes of one CPU gallery chunk read in place at most (a tensor view, or the pages of a
+# memory-mapped range held until they are released).
 _CPU_CHUNK_BYTES = 32 << 20
 _CPU_CONVERTED_BYTES = 8 << 20  # fp32 bytes of a converted (upcast) CPU chunk: L3-resident
 

@@ -9,10 +9,6 @@
 #include <string>
 #include <thread>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define BCT_FAST_X86_SCANS 1
@@ -275,9 +271,10 @@ void TopkSelector::compact(int64_t q) {
 // A query's first block: its threshold starts at the k-th best of a strided sample of 8k scores
 // (lowered by one ulp), not at -inf. The k-th best of any subset of the row is at most the row's
 // k-th best, so a score below it has k better ones and cannot be in the top-k; scores equal to it
-// still enter, so ties keep going to the lower index. It admits about n k / (8k) = n / 8 scores
-// fewer pushes than a threshold that only rises at compactions (10k x 1024 at k = 100: ~800 pushes
-// and 4 compactions per query before, ~350 and 1 after, in a simulation).
+// still enter, so ties keep going to the lower index. The sample's k-th best is about the row's
+// (n / 8)-th best, so the first scan admits ~n / 8 scores instead of everything up to the first
+// compaction and all that the lagging threshold lets through after it (an 8192-score block at
+// k = 100: ~800 pushes and 4 compactions per query before, ~350 and 1 after, in a simulation).
 void TopkSelector::first_threshold(int64_t q, const float* row, int64_t n, std::vector<uint32_t>& keys,
                                    std::vector<uint32_t>& tmp) {
   const int64_t m = std::min<int64_t>(n, 8 * k_);
