@@ -6,7 +6,13 @@ Axes: provider x mode (forward | full) x classifier (trainable | frozen). Provid
 ``backend="cuda"``), ``bct_fast_epilogue`` (cuBLAS GEMMs on class chunks + our epilogue kernels,
 ``backend="epilogue"``), ``bct_fast_fused`` (tensor-core tiles with the forward statistics in
 registers, backward = the epilogue's; bf16 only, ``backend="fused"``), ``bct_fast_torch`` (the chunked path on cuBLAS, ``backend="torch"``, the
-default until the kernels pass a recorded GPU run) and ``torch``.
+default until the kernels pass a recorded GPU run), ``torch``, and the fused linear cross-entropy
+peers where their wheels are installed (benchmarks/fetch_gpu_wheels.sh carries them to the offline
+GPU machine): ``liger`` (Liger-Kernel's ``liger_fused_linear_cross_entropy``) and ``cce`` (Cut
+Cross-Entropy's ``linear_cross_entropy``, its default gradient filter). The peers have no margin:
+they get ``scale * normalize(x)`` and ``normalize(w)`` (normalization inside the timed step, as
+ours does it), so they do the same two (forward) or four (fwd+bwd) GEMMs and softmax work, less
+the target-column margin, which costs O(B d).
 Shapes on CPU: ``CPU_QUICK`` by default, ``CPU_FULL`` with ``--full`` (benchmarks/conftest.py).
 """
 from __future__ import annotations
@@ -37,13 +43,25 @@ def ours(x, w, y, backend="auto"):
                                        backend=backend)
 
 
-PROVIDERS = {"bct_fast": ours, "torch": naive,
+def liger(x, w, y):
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    return liger_fused_linear_cross_entropy(SCALE * F.normalize(x, dim=1), F.normalize(w, dim=1), y)
+
+
+def cce(x, w, y):
+    from cut_cross_entropy import linear_cross_entropy
+    return linear_cross_entropy(SCALE * F.normalize(x, dim=1), F.normalize(w, dim=1), y)
+
+
+PEER_MODULES = {"liger": "liger_kernel.transformers.functional", "cce": "cut_cross_entropy"}
+PROVIDERS = {"bct_fast": ours, "torch": naive, "liger": liger, "cce": cce,
              "bct_fast_cuda": lambda x, w, y: ours(x, w, y, "cuda"),
              "bct_fast_epilogue": lambda x, w, y: ours(x, w, y, "epilogue"),
              "bct_fast_fused": lambda x, w, y: ours(x, w, y, "fused"),
              "bct_fast_torch": lambda x, w, y: ours(x, w, y, "torch")}
 CPU_PROVIDERS = ["bct_fast", "torch"]
-CUDA_PROVIDERS = ["bct_fast_cuda", "bct_fast_epilogue", "bct_fast_fused", "bct_fast_torch", "torch"]
+CUDA_PROVIDERS = ["bct_fast_cuda", "bct_fast_epilogue", "bct_fast_fused", "bct_fast_torch", "torch",
+                  "liger", "cce"]
 
 
 def make_case(B, C, device, dtype, frozen):
@@ -70,6 +88,8 @@ def step_fn(provider, mode, x, w, y):
 def _bench(measure, device, dtype, B, C, provider, mode, classifier):
     if provider == "bct_fast_fused" and dtype != torch.bfloat16:
         pytest.skip("the fused provider takes bfloat16 operands only")
+    if provider in PEER_MODULES:
+        pytest.importorskip(PEER_MODULES[provider])
     x, w, y = make_case(B, C, device, dtype, classifier == "frozen")
     grad_w_mib = 0.0 if classifier == "frozen" or mode == "forward" else C * D * 4 / 2**20
     measure(step_fn(provider, mode, x, w, y), device, rounds=3, B=B, C=C, d=D, dtype=str(dtype),
