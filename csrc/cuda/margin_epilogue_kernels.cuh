@@ -2,8 +2,9 @@
 // margin_epilogue.h). In a header so the CPU emulator compiles the same code (tile_common.cuh).
 //
 // One block per row of the score block: the row (cols fp32 values, written by the GEMM just
-// before and still in L2) is streamed with coalesced loads, twice in the stats kernel (max, then
-// exp-sum) and once in the grads kernel. Reductions have a fixed order (per-thread strided sums,
+// before and still in L2) is streamed with coalesced loads: once in the stats kernel without e
+// (per-thread online max / sum-exp, the pairs combined at the end), twice with e (max, then the
+// exp-sum and e, which needs the row's final max), once in the grads kernel. Reductions have a fixed order (per-thread strided sums,
 // xor-shuffle warp sums, warps combined in index order): results do not depend on scheduling.
 #pragma once
 #include "tile_common.cuh"
@@ -62,6 +63,30 @@ __global__ void __launch_bounds__(epi::kThreads)
   const int64_t target_col = labels[row] < 0 ? -1 : labels[row] - c0;  // may lie outside [0, cols)
   const float target = target_logit[row];
   const float m_old = m[row];  // read before thread 0 rewrites it (after two barriers)
+
+  if (!kWriteE) {  // one read of the row: this thread's online (max, sum-exp) over its columns
+    float tm = -CUDART_INF_F, tl = 0.f;
+#pragma unroll 4
+    for (int64_t j = threadIdx.x; j < cols; j += epi::kThreads) {
+      const float z = epi::logit(s[j], scale, inx, inv_nw[j], j, target_col, target);
+      if (z > tm) {  // a new max: rescale the sum (tm = -inf: tl is 0 and expf(-inf) = 0)
+        tl = tl * expf(tm - z) + 1.f;
+        tm = z;
+      } else if (tm != -CUDART_INF_F) {  // z <= tm; both -inf would give NaN, and adds 0
+        tl += expf(z - tm);
+      }
+    }
+    const float m_new = fmaxf(m_old, epi::block_reduce<true>(tm, red_max));
+    // This thread's pairs rescaled to the row's max; all -inf so far: nothing to add.
+    const float part = tm == -CUDART_INF_F ? 0.f : tl * expf(tm - m_new);
+    const float tsum = epi::block_reduce<false>(part, red_sum);
+    if (threadIdx.x == 0) {
+      const float alpha = m_old == -CUDART_INF_F ? 0.f : expf(m_old - m_new);
+      l[row] = l[row] * alpha + tsum;
+      m[row] = m_new;
+    }
+    return;
+  }
 
   float tmax = -CUDART_INF_F;
 #pragma unroll 4
