@@ -69,3 +69,22 @@ def near_tie_free(make: Callable[[], tuple[torch.Tensor, torch.Tensor]], k: int,
         if (top[:, :-1] - top[:, 1:]).min() > gap:
             return q, g
     raise RuntimeError("near_tie_free: no draw without near-ties in 1000 tries; lower k or gap")
+
+
+def assert_matches_cupy(s, i, q, g, k, atol):
+    """cupy's own float64 matmul and argsort of the normalized rows (an independent GPU
+    reference): the returned scores equal cupy's top-k scores within ``atol``, and every returned
+    index is a true top-k member up to near-ties of ``atol``. Skips where cupy does not import."""
+    import pytest
+
+    cp = pytest.importorskip("cupy")
+    qc = cp.asarray(q.float().cpu().numpy().astype(np.float64))
+    gc = cp.asarray(g.float().cpu().numpy().astype(np.float64))
+    qc /= cp.linalg.norm(qc, axis=1, keepdims=True)
+    gc /= cp.linalg.norm(gc, axis=1, keepdims=True)
+    ref = qc @ gc.T
+    order = cp.argsort(-ref, axis=1)[:, :k]
+    ref_s = cp.take_along_axis(ref, order, 1).get()
+    assert np.abs(s.cpu().numpy() - ref_s).max() < atol
+    got_true = cp.take_along_axis(ref, cp.asarray(i.cpu().numpy()), 1).get()
+    assert (got_true >= ref_s[:, -1:] - atol).all()
