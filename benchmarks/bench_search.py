@@ -9,8 +9,7 @@ fused kernel, ``backend="cuda"``), ``bct_fast_epilogue`` (cuBLAS fp32 blocks + t
 kernel, its fp32 exact mode), ``bct_fast_epilogue_screen`` (its screened mode: bf16 tensor-core
 screen, float64 rescoring), ``torch`` (mm + topk in gallery chunks) and ``faiss`` (GpuIndexFlatIP,
 where faiss with GPU support imports), time and peak memory (torch.cuda.max_memory_allocated;
-faiss's own allocations are not counted); ``test_cuda_search`` adds bf16 galleries and
-``bct_fast_torch`` (the chunked path, ``backend="torch"``).
+faiss's own allocations are not counted). bf16 galleries on CUDA: bench_search_cuda_bf16.py.
 Cases: ``CPU_QUICK`` by default, ``CPU_FULL`` with ``--full`` (benchmarks/conftest.py, ``grid``).
 Run: pytest benchmarks/bench_search.py --benchmark-only [--full]
 """
@@ -28,8 +27,6 @@ D = 512
 CPU_FULL = [(1, 1_000_000, 100), (16, 1_000_000, 100), (100, 1_000_000, 100),
             (1000, 100_000, 10), (1000, 100_000, 1000), (1000, 200_000, 100)]
 CPU_QUICK = [(1, 1_000_000, 100), (16, 1_000_000, 100), (1000, 100_000, 10), (1000, 100_000, 1000)]
-CUDA_CASES = [(1, 10_000_000, 100), (1000, 1_000_000, 100), (10_000, 1_000_000, 100),
-              (1000, 1_000_000, 4096)]
 # The issue's grid, fp32, d = 512 (Q 1 / 1k / 10k, N 1M / 10M, k 10 / 100 / 1000 / 4096), trimmed to
 # ~2-3 minutes on an H100 (estimates per call: fp32 GEMM ~50 TFLOP/s, bf16 ~600; each case runs
 # rounds + 2 calls, five providers): 10k x 10M only at k = 100 (~40 s: torch / SIMT / epilogue fp32
@@ -251,16 +248,16 @@ def torch_chunked_topk(q, g, k, chunk=262_144):
     return best_s, best_i
 
 
-def cuda_rows(n, seed, dtype):
+def cuda_rows(n, seed, dtype, d=D):
     """Unit rows on the GPU, one gallery and one query set cached (a 10M gallery is 20 GB: the
     previous one is freed first; normalized in place, so the peak is the gallery itself)."""
-    key = (n, seed, dtype)
+    key = (n, seed, dtype, d)
     if key not in _data:
-        for old in [k for k in _data if isinstance(k, tuple) and len(k) == 3 and k[1] == seed]:
+        for old in [k for k in _data if isinstance(k, tuple) and len(k) == 4 and k[1] == seed]:
             del _data[old]
         torch.cuda.empty_cache()
         gen = torch.Generator(device="cuda").manual_seed(seed)
-        x = torch.randn(n, D, generator=gen, device="cuda")
+        x = torch.randn(n, d, generator=gen, device="cuda")
         x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True))
         _data[key] = x.to(dtype)
     return _data[key]
@@ -301,13 +298,3 @@ def test_cuda_search_fp32(measure, provider, Q, N, k):
     rounds = 3 if Q * N >= 10**10 else 5  # the 10k x 10M case: ~2-3 s a call for the fp32 GEMMs
     measure(cuda_search_fn(provider, q, g, k), "cuda", rounds=rounds, Q=Q, N=N, d=D, k=k, provider=provider,
             dtype="float32")
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("provider", ["bct_fast_cuda", "bct_fast_epilogue", "bct_fast_torch", "torch"])
-@pytest.mark.parametrize("Q,N,k", CUDA_CASES, ids=[f"Q{q}-N{n}-k{k}" for q, n, k in CUDA_CASES])
-def test_cuda_search(measure, provider, Q, N, k):
-    """bf16 galleries and queries (the fp32 ones: test_cuda_search_fp32)."""
-    q, g = cuda_rows(Q, 1, torch.bfloat16), cuda_rows(N, 2, torch.bfloat16)
-    measure(cuda_search_fn(provider, q, g, k), "cuda", rounds=5, Q=Q, N=N, d=D, k=k, provider=provider,
-            dtype=str(torch.bfloat16))

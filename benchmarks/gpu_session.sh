@@ -5,13 +5,16 @@
 # compute-sanitizer memcheck + racecheck, then the CUDA benchmarks; write ONE JSON.
 #
 #   BCT_FAST_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_session.sh
+#       (before the lease, here: bash benchmarks/fetch_gpu_wheels.sh; then carry=[".whl"])
 #   BCT_FAST_GPU_DRY_RUN=1 CUDAARCHS=90a-real bash benchmarks/gpu_session.sh   # no GPU: stops
 #       right before the first GPU call (build, import check, test collection, tests/build)
 #   BCT_FAST_GPU_STEPS=tests,sanitizer bash benchmarks/gpu_session.sh   # a subset, when one device
 #       command (10 minutes) cannot hold them all; the build is reused from build/gpu when warm
 #   BCT_FAST_GPU_STEPS=bench BCT_FAST_GPU_BENCH=benchmarks/bench_search.py bash ...   # the bench
-#       step on some files only (default: bench_margin_ce.py then bench_search.py, each under its
-#       own timeout BCT_FAST_GPU_BENCH_TIMEOUT, 270 s), e.g. the search grid (~3 min) alone
+#       step on some files only (default: bench_margin_ce.py, bench_search_cuda_bf16.py, then
+#       bench_search.py, each under its own timeout BCT_FAST_GPU_BENCH_TIMEOUT, 270 s: more than
+#       one 600 s device command holds, so run them as two commands), e.g. the fp32 search grid
+#       (~3 min) alone
 #
 # Output: $OUT (device tool) or benchmarks/results/: gpu_<stamp>.json plus logs. Commit the JSON.
 # Every step's verdict lands in the JSON; the exit code is non-zero when any step failed.
@@ -63,6 +66,21 @@ if ! $CHECK cmake; then
 fi
 step cmake ok
 
+# ---- 1b. carried peer wheels (benchmarks only; fetch_gpu_wheels.sh downloads them here) -------
+PEERS=""
+for W in "$ROOT"/.whl/liger_kernel-*.whl "$ROOT"/.whl/cut_cross_entropy-*.whl; do
+  [ -f "$W" ] || continue
+  if $PY -m pip install -q --no-index --no-deps --target /tmp/bct_peers "$W" >/dev/null 2>&1; then
+    PEERS="$PEERS $(basename "$W" | cut -d- -f1)"
+  fi
+done
+if [ -n "$PEERS" ]; then
+  export PYTHONPATH="/tmp/bct_peers${PYTHONPATH:+:$PYTHONPATH}"
+  step peers "installed:$PEERS"
+else
+  step peers "none carried (benchmarks/fetch_gpu_wheels.sh, then carry .whl)"
+fi
+
 # ---- 2. build and install, offline -----------------------------------------------------------
 if want build || [ -n "$DRY" ]; then
   echo "== build"
@@ -113,7 +131,8 @@ want sanitizer && for TOOL in memcheck racecheck; do
     $PY -m pytest tests/ops/test_kernels_small_cuda.py \
       "tests/ops/test_margin_epilogue.py::test_cuda_kernels_match_their_twin" \
       "tests/ops/test_margin_fused.py::test_cuda_mma_tile_matches_a_host_matmul" \
-      "tests/ops/test_margin_fused.py::test_cuda_fused_lse_matches_float64" -q -p no:cacheprovider \
+      "tests/ops/test_margin_fused.py::test_cuda_fused_lse_matches_float64" \
+      "tests/ops/test_topk_fused.py::test_cuda_fused_small" -q -p no:cacheprovider \
     >"$RESULTS/sanitizer_$TOOL.log" 2>&1
   RC=$?
   tail -3 "$RESULTS/sanitizer_$TOOL.log"
@@ -127,7 +146,7 @@ done
 BENCH_RC=0
 BENCH_JSONS=()
 if want bench; then
-  for F in ${BCT_FAST_GPU_BENCH:-benchmarks/bench_margin_ce.py benchmarks/bench_search.py}; do
+  for F in ${BCT_FAST_GPU_BENCH:-benchmarks/bench_floors.py benchmarks/bench_margin_ce.py benchmarks/bench_search_cuda_bf16.py benchmarks/bench_search.py}; do
     NAME="$(basename "$F" .py)"
     echo "== CUDA benchmarks: $F"
     timeout "${BCT_FAST_GPU_BENCH_TIMEOUT:-270}" $PY -m pytest "$F" -q -p no:cacheprovider -m cuda --benchmark-only \

@@ -14,6 +14,7 @@
 #include "bct_fast/margin_epilogue.h"
 #include "bct_fast/margin_fused.h"
 #include "bct_fast/topk_epilogue.h"
+#include "bct_fast/topk_fused.h"
 #include "bct_fast/margin_softmax.h"
 #include "bct_fast/runtime_info.h"
 #endif
@@ -51,6 +52,7 @@ py::dict build_info() {
   sources["margin_fused"] = BCT_FAST_HASH_MARGIN_FUSED;
   sources["cosine_topk"] = BCT_FAST_HASH_COSINE_TOPK;
   sources["topk_epilogue"] = BCT_FAST_HASH_TOPK_EPILOGUE;
+  sources["topk_fused"] = BCT_FAST_HASH_TOPK_FUSED;
 #endif
   info["kernel_sources"] = sources;
   return info;
@@ -209,5 +211,23 @@ PYBIND11_MODULE(_C, m) {
                                                              ptr<void>(stream)));
       },
       py::call_guard<py::gil_scoped_release>());
+  // Fused top-k search (tensor-core score tiles, selection in shared memory); see topk_fused.h.
+  m.attr("topk_fused_max_k") = bct_fast::kTopkFusedMaxK;
+  m.def(
+      "topk_fused_search",
+      [](std::uintptr_t q, std::uintptr_t g, int dtype, int64_t Q, int64_t N, int64_t d,
+         std::uintptr_t inv_nq, std::uintptr_t inv_ng, int k, int64_t n0, bool exclude,
+         int64_t self_col0, int64_t splits, std::uintptr_t workspace, int64_t workspace_bytes,
+         std::uintptr_t run_s, std::uintptr_t run_i, std::uintptr_t nonfinite,
+         std::uintptr_t stream) {
+        raise_if_error(bct_fast::topk_fused_search(
+            ptr<const void>(q), ptr<const void>(g), static_cast<bct_fast::DType>(dtype), Q, N, d,
+            ptr<const float>(inv_nq), ptr<const float>(inv_ng), k, n0, exclude, self_col0, splits,
+            ptr<void>(workspace), workspace_bytes, ptr<float>(run_s), ptr<int64_t>(run_i),
+            ptr<int>(nonfinite), ptr<void>(stream)));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def("topk_fused_default_splits", &bct_fast::topk_fused_default_splits);
+  m.def("topk_fused_workspace_bytes", &bct_fast::topk_fused_workspace_bytes);
 #endif
 }

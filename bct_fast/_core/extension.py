@@ -42,7 +42,12 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
     # The top-k epilogue provider (cuBLAS GEMMs via torch.mm + the selection kernel).
     "topk_epilogue": ("csrc/bindings.cpp", "csrc/include/bct_fast/common.h",
                       "csrc/include/bct_fast/topk_epilogue.h", "csrc/cuda/tile_common*",
-                      "csrc/cuda/launch_common*", "csrc/cuda/topk_epilogue*"),
+                      "csrc/cuda/launch_common*", "csrc/cuda/topk_order*", "csrc/cuda/topk_epilogue*"),
+    # The fused top-k search (tensor-core score tiles, the selection in shared memory).
+    "topk_fused": ("csrc/bindings.cpp", "csrc/include/bct_fast/common.h",
+                   "csrc/include/bct_fast/topk_fused.h", "csrc/cuda/tile_common*",
+                   "csrc/cuda/launch_common*", "csrc/cuda/mma_common*", "csrc/cuda/topk_order*",
+                   "csrc/cuda/topk_fused*"),
 }
 _VERIFIED_RECORD = Path(__file__).with_name("gpu_verified.json")
 # Where each family's kernel bodies run on the CPU under the emulator shim (csrc/emulator/): the
@@ -55,6 +60,7 @@ EMULATED_BY["topk_epilogue"] = "tests/ops/test_topk_epilogue_emulated.py"
 # mma.sync / ldmatrix are emulated from the PTX ISA's documented fragment layouts (not checked
 # against hardware until a GPU run: margin_fused_mma_tile_check does that).
 EMULATED_BY["margin_fused"] = "tests/ops/test_fused_emulated.py"
+EMULATED_BY["topk_fused"] = "tests/ops/test_topk_fused_emulated.py"
 
 
 @functools.lru_cache(maxsize=None)

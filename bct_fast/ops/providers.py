@@ -30,6 +30,8 @@ select it. Margin softmax also has a ``fused`` provider (``margin_softmax_fused`
 ``margin_fused``: tensor-core tiles with the forward statistics in registers; the sweeps it does
 not fuse go to the epilogue provider). ``backend="fused"`` requests it (CUDA bf16 tensors only, an
 error otherwise); under ``"auto"`` it comes first once its own family passed a recorded GPU run.
+So does cosine top-k (``topk_fused``, family ``topk_fused``: tensor-core score tiles with the
+selection in shared memory; bf16 queries and gallery, k <= 128).
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from bct_fast._core.extension import cuda_kernels_compiled, kernel_verification
 
 BACKENDS = ("auto", "torch", "cuda", "epilogue", "fused")
 # Family of the fused provider of an op family that has one.
-FUSED_FAMILIES = {"margin_softmax": "margin_fused"}
+FUSED_FAMILIES = {"margin_softmax": "margin_fused", "cosine_topk": "topk_fused"}
 # Family of the epilogue provider of an op family that has one.
 EPILOGUE_FAMILIES = {"margin_softmax": "margin_epilogue", "cosine_topk": "topk_epilogue"}
 UNVERIFIED_ENV = "BCT_FAST_UNVERIFIED_KERNELS"

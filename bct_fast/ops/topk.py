@@ -27,7 +27,7 @@ from torch import Tensor
 
 from bct_fast._core.arrays import host_tensor
 from bct_fast._core.checks import check_matrix, nonfinite_error
-from bct_fast.ops import topk_cuda, topk_epilogue, topk_screen, topk_select
+from bct_fast.ops import topk_cuda, topk_epilogue, topk_fused, topk_screen, topk_select
 from bct_fast.ops.cpu_gemm import mm_nt
 from bct_fast.ops.providers import Unsupported, check_backend, choose, note_fallback
 from bct_fast.ops.rows import inv_row_norms, normalize_rows
@@ -262,7 +262,9 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
             or with ``BCT_FAST_UNVERIFIED_KERNELS=1``; else the chunked PyTorch path),
             ``"cuda"`` (the kernel, or an error saying why it cannot serve the call),
             ``"epilogue"`` (cuBLAS score blocks + the top-k selection kernel, k <= 4096; on CPU
-            tensors the same loop with its PyTorch twin: :mod:`bct_fast.ops.topk_epilogue`) or
+            tensors the same loop with its PyTorch twin: :mod:`bct_fast.ops.topk_epilogue`),
+            ``"fused"`` (tensor-core score tiles with the selection in shared memory, bf16
+            queries and gallery on CUDA, k <= 128: :mod:`bct_fast.ops.topk_fused`) or
             ``"torch"`` (:mod:`bct_fast.ops.providers`).
 
     Returns:
@@ -308,8 +310,11 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
     g_dtype = _torch_dtype(g)
     chunk, q_block = block_shape(Q, N, q.shape[1], k, q.device.type, chunk_size, in_place=g_dtype == acc)
     choice = choose("cosine_topk", q.device, backend, lambda: topk_cuda.unsupported(q.dtype, g_dtype, k),
-                    lambda: _epilogue_unsupported(g, g_dtype, q.dtype, k, streamed))
+                    lambda: _epilogue_unsupported(g, g_dtype, q.dtype, k, streamed),
+                    lambda: _fused_unsupported(g, g_dtype, q, k, streamed))
     note_fallback("cosine_topk", choice)
+    if choice.provider == "fused":  # tensor-core tiles, selection in shared memory (bf16, k <= 128)
+        return topk_fused.cosine_topk_fused(q, g, k, normalize, exclude_self, chunk_size=chunk_size)
     if choice.provider == "epilogue":  # library GEMMs + the selection kernel (or its twin on a CPU)
         return topk_epilogue.cosine_topk_epilogue(q, g, k, normalize, exclude_self, chunk_size)
     use_kernel = choice.provider == "cuda"
@@ -355,6 +360,14 @@ def _epilogue_unsupported(g, g_dtype: torch.dtype, q_dtype: torch.dtype, k: int,
         return Unsupported("a numpy or host-streamed gallery (the epilogue provider takes the gallery "
                            "as a tensor on the queries' device)")
     return topk_epilogue.unsupported(q_dtype, g_dtype, k)
+
+
+def _fused_unsupported(g, g_dtype: torch.dtype, q: Tensor, k: int, streamed: bool):
+    """Why the fused provider (:mod:`bct_fast.ops.topk_fused`) cannot serve this call."""
+    if isinstance(g, np.ndarray) or streamed:
+        return Unsupported("a numpy or host-streamed gallery (the fused provider takes the gallery "
+                           "as a tensor on the queries' device)")
+    return topk_fused.unsupported(q, g_dtype, k)
 
 
 def _progress(chunks: Iterator[tuple[int, Tensor]], N: int, chunk: int, progress: bool) -> Iterator[tuple[int, Tensor]]:

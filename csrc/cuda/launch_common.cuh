@@ -1,6 +1,7 @@
 // Host-side helpers shared by the launchers (the emulator's cuda_shim.h provides the CUDA
 // runtime calls they make).
 #pragma once
+#include <cstdint>
 #include <string>
 
 #include "bct_fast/common.h"
@@ -20,6 +21,24 @@ inline int max_dynamic_smem(int static_bytes) {
 inline Status check_launch(const char* what) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status::Error(std::string(what) + ": " + cudaGetErrorString(err));
+  return Status::Ok();
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The fused kernels' bf16 mma.sync and cp.async exist from sm_80 on (the emulator stands for an
+// H100).
+inline Status check_sm80(const char* what) {
+#ifndef BCT_FAST_EMULATOR
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return check_launch(what);
+  if (major < 8)
+    return Status::Error(std::string(what) + ": needs a GPU of compute capability 8.0 or newer");
+#else
+  (void)what;
+#endif
   return Status::Ok();
 }
 

@@ -4,8 +4,9 @@
 // One block per row of the score block: the row (cols fp32 values, written by the GEMM just
 // before and still in L2) is streamed with coalesced loads: once in the stats kernel without e
 // (per-thread online max / sum-exp, the pairs combined at the end), twice with e (max, then the
-// exp-sum and e, which needs the row's final max), once in the grads kernel. Reductions have a fixed order (per-thread strided sums,
-// xor-shuffle warp sums, warps combined in index order): results do not depend on scheduling.
+// exp-sum and e, which needs the row's final max), once in the grads kernel. Reductions have a
+// fixed order (per-thread strided sums, xor-shuffle warp sums, warps combined in index order):
+// results do not depend on scheduling.
 #pragma once
 #include "tile_common.cuh"
 

@@ -12,21 +12,7 @@ namespace {
 
 using tile::check_launch;
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// bf16 mma and cp.async exist from sm_80 on (the emulator stands for an H100).
-Status check_device(const char* what) {
-#ifndef BCT_FAST_EMULATOR
-  int dev = 0, major = 0;
-  cudaGetDevice(&dev);
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-    return check_launch(what);
-  if (major < 8) return Status::Error(std::string(what) + ": needs a GPU of compute capability 8.0 or newer");
-#else
-  (void)what;
-#endif
-  return Status::Ok();
-}
+using tile::aligned16;
 
 template <bool kAsync>
 Status launch_partial(const uint16_t* x, const uint16_t* w, int B, int C, int d,
@@ -77,7 +63,7 @@ Status margin_fused_lse(const void* x, const void* w, DType dtype, int64_t B, in
   if (workspace_floats < margin_fused_workspace_floats(B, splits))
     return Status::Error("margin_fused_lse: workspace has " + std::to_string(workspace_floats) +
                          " floats, needs " + std::to_string(margin_fused_workspace_floats(B, splits)));
-  Status st = check_device(what);
+  Status st = tile::check_sm80(what);
   if (!st.ok()) return st;
 
   // Whole class tiles per split; trailing splits that would be empty are dropped.
@@ -115,7 +101,7 @@ Status margin_fused_mma_tile_check(const void* a, const void* b, const float* c,
     return Status::Error("margin_fused_mma_tile_check: null pointer argument");
   if (!aligned16(a) || !aligned16(b))
     return Status::Error("margin_fused_mma_tile_check: a and b must be 16-byte aligned");
-  Status st = check_device(what);
+  Status st = tile::check_sm80(what);
   if (!st.ok()) return st;
   mma_tile_check_kernel<<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(
       static_cast<const uint16_t*>(a), static_cast<const uint16_t*>(b), c, d);

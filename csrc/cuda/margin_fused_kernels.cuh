@@ -35,54 +35,7 @@ constexpr int kStageElems = (kBM + kBN) * kLd;
 constexpr int kSmemBytes = kStages * kStageElems * 2;  // 81920: needs the > 48 KiB opt-in
 constexpr int kMergeThreads = 256;
 
-static_assert(kBM == kBN, "the tile loader assumes square tiles");
-static_assert(kBK % 16 == 0 && kNI % 2 == 0, "ldmatrix.x4 covers 16 of depth and two n8 tiles");
 static_assert(2 * kWarpsN * kBM * 4 <= kSmemBytes, "the final combine reuses the stages");
-
-// Per-lane offsets of the ldmatrix row addresses (mma_common.cuh has the layouts).
-// A, 16 rows x 16 depth: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
-// (rows 8-15, k 8-15) = registers a0a1, a2a3, a4a5, a6a7 of the mma.
-__device__ __forceinline__ int a_ld_row(int lane) { return lane % 16; }
-__device__ __forceinline__ int a_ld_col(int lane) { return 8 * (lane / 16); }
-// B = w rows (class n, depth k contiguous), two n8 tiles x 16 depth: matrices (n 0-7, k 0-7),
-// (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) = b0b1, b2b3 of tile 0, then of tile 1.
-__device__ __forceinline__ int b_ld_row(int lane) { return lane % 8 + 8 * (lane / 16); }
-__device__ __forceinline__ int b_ld_col(int lane) { return 8 * ((lane / 8) % 2); }
-// Accumulator i of a lane: row g + 8 (i / 2), column 2t + i % 2 of the m16n8 tile.
-__device__ __forceinline__ int acc_row(int lane, int i) { return lane / 4 + 8 * (i / 2); }
-__device__ __forceinline__ int acc_col(int lane, int i) { return 2 * (lane % 4) + i % 2; }
-
-// dst[r * kLd + k] = src[(row0 + r) * d + k0 + k] for r < kBM, k < kBK; zero for r >= nrows or
-// k0 + k >= d. kAsync: cp.async of 16-byte chunks (needs d % 8 == 0 and a 16-byte aligned src, so
-// a chunk lies entirely inside or past the row); otherwise plain loads and stores.
-template <bool kAsync>
-__device__ __forceinline__ void load_slice(uint16_t* dst, const uint16_t* __restrict__ src,
-                                           int row0, int nrows, int d, int k0) {
-  constexpr int kChunksPerRow = kBK / 8;
-#pragma unroll
-  for (int i = 0; i < kBM * kChunksPerRow / kThreads; ++i) {
-    const int c = static_cast<int>(threadIdx.x) + i * kThreads;
-    const int r = c / kChunksPerRow, k = k0 + (c % kChunksPerRow) * 8;
-    uint16_t* s = dst + r * kLd + (c % kChunksPerRow) * 8;
-    const bool row_ok = r < nrows;
-    if (kAsync) {
-      const bool ok = row_ok && k < d;
-      // A zero-size copy still gets a valid address: the array's start.
-      mma::cp_async_16(s, ok ? src + static_cast<int64_t>(row0 + r) * d + k : src, ok ? 16 : 0);
-    } else {
-      // The slow path for unaligned rows: a rolled loop keeps it from competing with the
-      // accumulators for registers.
-      const uint16_t* g = src + static_cast<int64_t>(row0 + (row_ok ? r : 0)) * d;
-      uint32_t* s32 = reinterpret_cast<uint32_t*>(s);
-#pragma unroll 1
-      for (int e = 0; e < 4; ++e) {
-        const uint32_t lo = row_ok && k + 2 * e < d ? g[k + 2 * e] : 0u;
-        const uint32_t hi = row_ok && k + 2 * e + 1 < d ? g[k + 2 * e + 1] : 0u;
-        s32[e] = lo | (hi << 16);
-      }
-    }
-  }
-}
 
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -129,8 +82,8 @@ __global__ void __launch_bounds__(fused::kThreads, 2)
     const int tile = it / nk, k0 = (it % nk) * kBK;
     uint16_t* xs = smem + (it % kStages) * kStageElems;
     const int n0 = c_begin + tile * kBN;
-    load_slice<kAsync>(xs, x, m0, B - m0, d, k0);
-    load_slice<kAsync>(xs + kBM * kLd, w, n0, c_end - n0, d, k0);
+    mma::load_slice<kBM, kBK, kLd, kThreads, kAsync>(xs, x, m0, B - m0, d, k0);
+    mma::load_slice<kBN, kBK, kLd, kThreads, kAsync>(xs + kBM * kLd, w, n0, c_end - n0, d, k0);
   };
 
 #pragma unroll 1
@@ -160,23 +113,7 @@ __global__ void __launch_bounds__(fused::kThreads, 2)
     if (live) {
       const uint16_t* xs = smem + (it % kStages) * kStageElems + (wm * kMI * 16) * kLd;
       const uint16_t* ws = smem + (it % kStages) * kStageElems + (kBM + wn * kNI * 8) * kLd;
-#pragma unroll
-      for (int kk = 0; kk < kBK; kk += 16) {
-        uint32_t af[kMI][4], bfr[kNI / 2][4];
-#pragma unroll
-        for (int mi = 0; mi < kMI; ++mi)
-          mma::ldmatrix_x4(af[mi], xs + (mi * 16 + a_ld_row(lane)) * kLd + kk + a_ld_col(lane));
-#pragma unroll
-        for (int p = 0; p < kNI / 2; ++p)
-          mma::ldmatrix_x4(bfr[p], ws + (p * 16 + b_ld_row(lane)) * kLd + kk + b_ld_col(lane));
-#pragma unroll
-        for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < kNI; ++ni) {
-            const uint32_t b2[2] = {bfr[ni / 2][2 * (ni % 2)], bfr[ni / 2][2 * (ni % 2) + 1]};
-            mma::mma_m16n8k16_bf16(acc[mi][ni], af[mi], b2);
-          }
-      }
+      mma::warp_tile_mma<kMI, kNI, kBK, kLd>(acc, xs, ws, lane);
     }
 
     if (kc == nk - 1 && live) {  // the class tile is complete: logits -> running statistics
@@ -186,7 +123,7 @@ __global__ void __launch_bounds__(fused::kThreads, 2)
       int tcol[kMI * 2];  // target column relative to the tile; -1: none, or not in this tile
 #pragma unroll
       for (int r = 0; r < kMI * 2; ++r) {
-        const int row = m0 + wm * (kMI * 16) + (r / 2) * 16 + acc_row(lane, 2 * (r % 2));
+        const int row = m0 + wm * (kMI * 16) + (r / 2) * 16 + mma::acc_row(lane, 2 * (r % 2));
         const bool row_ok = row < B;
         inx[r] = row_ok ? inv_nx[row] : 0.f;
         target[r] = row_ok ? target_logit[row] : 0.f;
@@ -199,7 +136,7 @@ __global__ void __launch_bounds__(fused::kThreads, 2)
       for (int ni = 0; ni < kNI; ++ni)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int col = wn * (kNI * 8) + ni * 8 + acc_col(lane, e);
+          const int col = wn * (kNI * 8) + ni * 8 + mma::acc_col(lane, e);
           const bool col_ok = n0 + col < c_end;  // past the split's last class: -inf
           const float inw = col_ok ? inv_nw[n0 + col] : 0.f;
 #pragma unroll
@@ -239,7 +176,7 @@ __global__ void __launch_bounds__(fused::kThreads, 2)
     for (int h = 0; h < 2; ++h) {
       const float l = quad_sum(row_l[2 * mi + h]);
       if (lane % 4 == 0) {
-        const int row = wm * (kMI * 16) + mi * 16 + acc_row(lane, 2 * h);
+        const int row = wm * (kMI * 16) + mi * 16 + mma::acc_row(lane, 2 * h);
         red_m[wn * kBM + row] = row_m[2 * mi + h];
         red_l[wn * kBM + row] = l;
       }
@@ -297,23 +234,18 @@ __global__ void __launch_bounds__(32)
   mma::cp_async_commit();
   mma::cp_async_wait<0>();
   __syncthreads();
-  uint32_t af[4], bfr[4];
-  mma::ldmatrix_x4(af, as + a_ld_row(lane) * kLd + a_ld_col(lane));
-  mma::ldmatrix_x4(bfr, bs + b_ld_row(lane) * kLd + b_ld_col(lane));
-  float acc[2][4];
+  float acc[1][2][4];
 #pragma unroll
   for (int ni = 0; ni < 2; ++ni)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[ni][i] = c[acc_row(lane, i) * 16 + ni * 8 + acc_col(lane, i)];
-#pragma unroll
-  for (int ni = 0; ni < 2; ++ni) {
-    const uint32_t b2[2] = {bfr[2 * ni], bfr[2 * ni + 1]};
-    mma::mma_m16n8k16_bf16(acc[ni], af, b2);
-  }
+    for (int i = 0; i < 4; ++i)
+      acc[0][ni][i] = c[mma::acc_row(lane, i) * 16 + ni * 8 + mma::acc_col(lane, i)];
+  mma::warp_tile_mma<1, 2, 16, kLd>(acc, as, bs, lane);  // the fused kernel's own fragment code
 #pragma unroll
   for (int ni = 0; ni < 2; ++ni)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) d[acc_row(lane, i) * 16 + ni * 8 + acc_col(lane, i)] = acc[ni][i];
+    for (int i = 0; i < 4; ++i)
+      d[mma::acc_row(lane, i) * 16 + ni * 8 + mma::acc_col(lane, i)] = acc[0][ni][i];
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // Thin wrappers of the sm_80 warp-level tensor-core and async-copy instructions used by the fused
-// kernels (margin_fused_kernels.cuh):
+// kernels (margin_fused_kernels.cuh, topk_fused_kernels.cuh), and the fragment addressing and
+// tile loader they share (end of file):
 //   mma_m16n8k16_bf16   mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (D += A B, in place)
 //   ldmatrix_x4         ldmatrix.sync.aligned.m8n8.x4.shared.b16
 //   cp_async_16         cp.async.cg.shared.global [dst], [src], 16, src_size  (zero-fills the rest)
@@ -231,6 +232,81 @@ inline void cp_async_wait() {
 }
 
 #endif  // BCT_FAST_EMULATOR
+
+// ---- fragment addressing and tile loading shared by the fused kernels ------------------------
+// Per-lane offsets of the ldmatrix row addresses (layouts above).
+// A, 16 rows x 16 depth: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
+// (rows 8-15, k 8-15) = registers a0a1, a2a3, a4a5, a6a7 of the mma.
+__device__ __forceinline__ int a_ld_row(int lane) { return lane % 16; }
+__device__ __forceinline__ int a_ld_col(int lane) { return 8 * (lane / 16); }
+// B = rows of the "column" operand (w, or the gallery; depth k contiguous), two n8 tiles x 16
+// depth: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) = b0b1,
+// b2b3 of tile 0, then of tile 1.
+__device__ __forceinline__ int b_ld_row(int lane) { return lane % 8 + 8 * (lane / 16); }
+__device__ __forceinline__ int b_ld_col(int lane) { return 8 * ((lane / 8) % 2); }
+// Accumulator i of a lane: row g + 8 (i / 2), column 2t + i % 2 of the m16n8 tile.
+__device__ __forceinline__ int acc_row(int lane, int i) { return lane / 4 + 8 * (i / 2); }
+__device__ __forceinline__ int acc_col(int lane, int i) { return 2 * (lane % 4) + i % 2; }
+
+// acc += A B^T for one warp over a kBK-deep slice: A = kMI * 16 rows at `a`, B = kNI * 8 rows at
+// `b` (shared memory, row pitch kLd bf16 elements, depth contiguous); acc[mi][ni] is the m16n8
+// tile (mi, ni) in the C/D layout above.
+template <int kMI, int kNI, int kBK, int kLd>
+__device__ __forceinline__ void warp_tile_mma(float (&acc)[kMI][kNI][4], const uint16_t* a,
+                                              const uint16_t* b, int lane) {
+  static_assert(kBK % 16 == 0 && kNI % 2 == 0, "ldmatrix.x4 covers 16 of depth and two n8 tiles");
+#pragma unroll
+  for (int kk = 0; kk < kBK; kk += 16) {
+    uint32_t af[kMI][4], bfr[kNI / 2][4];
+#pragma unroll
+    for (int mi = 0; mi < kMI; ++mi)
+      ldmatrix_x4(af[mi], a + (mi * 16 + a_ld_row(lane)) * kLd + kk + a_ld_col(lane));
+#pragma unroll
+    for (int p = 0; p < kNI / 2; ++p)
+      ldmatrix_x4(bfr[p], b + (p * 16 + b_ld_row(lane)) * kLd + kk + b_ld_col(lane));
+#pragma unroll
+    for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < kNI; ++ni) {
+        const uint32_t b2[2] = {bfr[ni / 2][2 * (ni % 2)], bfr[ni / 2][2 * (ni % 2) + 1]};
+        mma_m16n8k16_bf16(acc[mi][ni], af[mi], b2);
+      }
+  }
+}
+
+// One depth slice of a tile, by kThreads threads:
+// dst[r * kLd + k] = src[(row0 + r) * d + k0 + k] for r < kRows, k < kBK (bf16 bits); zero for
+// r >= nrows or k0 + k >= d. kAsync: cp.async of 16-byte chunks (needs d % 8 == 0 and a 16-byte
+// aligned src, so a chunk lies entirely inside or past the row); otherwise plain loads/stores.
+template <int kRows, int kBK, int kLd, int kThreads, bool kAsync>
+__device__ __forceinline__ void load_slice(uint16_t* dst, const uint16_t* __restrict__ src,
+                                           int row0, int nrows, int d, int k0) {
+  constexpr int kChunksPerRow = kBK / 8;
+  static_assert(kBK % 8 == 0 && kRows * kChunksPerRow % kThreads == 0, "whole chunks per thread");
+#pragma unroll
+  for (int i = 0; i < kRows * kChunksPerRow / kThreads; ++i) {
+    const int c = static_cast<int>(threadIdx.x) + i * kThreads;
+    const int r = c / kChunksPerRow, k = k0 + (c % kChunksPerRow) * 8;
+    uint16_t* s = dst + r * kLd + (c % kChunksPerRow) * 8;
+    const bool row_ok = r < nrows;
+    if (kAsync) {
+      const bool ok = row_ok && k < d;
+      // A zero-size copy still gets a valid address: the array's start.
+      cp_async_16(s, ok ? src + static_cast<int64_t>(row0 + r) * d + k : src, ok ? 16 : 0);
+    } else {
+      // The slow path for unaligned rows: a rolled loop keeps it from competing with the
+      // accumulators for registers.
+      const uint16_t* g = src + static_cast<int64_t>(row0 + (row_ok ? r : 0)) * d;
+      uint32_t* s32 = reinterpret_cast<uint32_t*>(s);
+#pragma unroll 1
+      for (int e = 0; e < 4; ++e) {
+        const uint32_t lo = row_ok && k + 2 * e < d ? g[k + 2 * e] : 0u;
+        const uint32_t hi = row_ok && k + 2 * e + 1 < d ? g[k + 2 * e + 1] : 0u;
+        s32[e] = lo | (hi << 16);
+      }
+    }
+  }
+}
 
 }  // namespace mma
 }  // namespace bct_fast

@@ -27,6 +27,7 @@
 // select (only in the first chunks) is exact for any k and any ties.
 #pragma once
 #include "tile_common.cuh"
+#include "topk_order.cuh"
 
 namespace bct_fast {
 namespace {  // private to the one .cu (or emulator TU) that includes this header
@@ -37,31 +38,9 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBins = 256;  // radix digit: 8 bits
 
-// The bits of a float and back (memcpy: no aliasing issue; nvcc turns it into a register move).
-template <typename To, typename From>
-__device__ __forceinline__ To bit_cast(From v) {
-  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
-  To out;
-  memcpy(&out, &v, sizeof(To));
-  return out;
-}
-
-// Order-preserving image of a finite, non-negative-zero score (larger score -> larger key; every
-// finite score maps above 0, so 0 can pad the sort).
-__device__ __forceinline__ uint32_t key_of(float v) {
-  const uint32_t u = bit_cast<uint32_t>(v);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-__device__ __forceinline__ float value_of(uint32_t key) {
-  return bit_cast<float>((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
-}
-__device__ __forceinline__ uint64_t composite(uint32_t key, uint32_t order) {
-#ifdef BCT_FAST_EMU_BREAK_TIE_ORDER  // emulator self-test: ties to the higher index (wrong)
-  return (static_cast<uint64_t>(key) << 32) | order;
-#else
-  return (static_cast<uint64_t>(key) << 32) | (0xffffffffu - order);
-#endif
-}
+using topk_order::composite;
+using topk_order::key_of;
+using topk_order::value_of;
 
 template <int KCAP>
 struct Smem {

@@ -3,7 +3,7 @@
 //
 //   bct_emu_driver DIR
 // DIR/request.txt holds "key value" lines: op (stats | grad_weight | epi_stats | epi_grads | topk |
-// topk_select | fused_stats | fused_mma_tile | convert | selftest), the sizes and
+// topk_select | fused_stats | fused_mma_tile | fused_topk | convert | selftest), the sizes and
 // scalars of that op, and seeds (comma-separated; each seed reruns the launch with another
 // thread order and must give bit-identical outputs). Arrays are raw little-endian files
 // DIR/<name>.bin; outputs are written to DIR/<name>.out.bin.
@@ -24,6 +24,7 @@
 #include "bct_fast/margin_fused.h"
 #include "bct_fast/margin_softmax.h"
 #include "bct_fast/topk_epilogue.h"
+#include "bct_fast/topk_fused.h"
 #include "cuda_shim.h"  // cudaGetErrorString
 #include "emu_host.h"
 
@@ -32,6 +33,7 @@ void bct_emu_register_margin_epilogue();
 void bct_emu_register_cosine_topk();
 void bct_emu_register_topk_epilogue();
 void bct_emu_register_margin_fused();
+void bct_emu_register_topk_fused();
 int bct_emu_selftest(const std::string& name, int* out);
 
 namespace {
@@ -118,6 +120,7 @@ int main(int argc, char** argv) {
   bct_emu_register_cosine_topk();
   bct_emu_register_topk_epilogue();
   bct_emu_register_margin_fused();
+  bct_emu_register_topk_fused();
 
   const std::string op = req("op");
   std::vector<Output> outs;
@@ -263,6 +266,35 @@ int main(int argc, char** argv) {
     call = [=, &outs] {
       return bct_fast::margin_fused_mma_tile_check(a, b, c, static_cast<float*>(outs[0].buf),
                                                    nullptr);
+    };
+  } else if (op == "fused_topk") {  // topk_fused.h: bf16 q, g chunk into the running lists
+    const int64_t Q = req_int("Q"), N = req_int("N"), d = req_int("d"), n0 = req_int("n0");
+    const int k = static_cast<int>(req_int("k"));
+    const bool exclude = req_int("exclude") != 0;
+    const int64_t self_col0 = req_int("self_col0");
+    // Optional: splits (default topk_fused_default_splits), the workspace size passed to the
+    // launcher (ws_bytes), and one argument passed as a null pointer (`null NAME`).
+    const int64_t S = g_req.count("splits") ? req_int("splits")
+                                            : bct_fast::topk_fused_default_splits(Q, N);
+    const int64_t ws_bytes = g_req.count("ws_bytes") ? req_int("ws_bytes")
+                                                     : bct_fast::topk_fused_workspace_bytes(Q, S, k);
+    const std::string null_arg = g_req.count("null") ? req("null") : "";
+    const void* q = input("q", Q * d * 2);
+    const void* g = input("g", N * d * 2);
+    auto inv_nq = static_cast<const float*>(input("inv_nq", Q * 4, true));
+    auto inv_ng = static_cast<const float*>(input("inv_ng", N * 4, true));
+    outs.push_back(inout("run_s", Q * k * 4));
+    outs.push_back(inout("run_i", Q * k * 8));
+    outs.push_back(inout("nonfinite", 4));
+    outs.push_back(output("ws", ws_bytes > 0 ? ws_bytes : 0, 0xff));
+    auto nul = [&](const std::string& name, void* p) { return name == null_arg ? nullptr : p; };
+    call = [=, &outs] {
+      return bct_fast::topk_fused_search(
+          nul("q", const_cast<void*>(q)), nul("g", const_cast<void*>(g)),
+          bct_fast::DType::kBFloat16, Q, N, d, inv_nq, inv_ng, k, n0, exclude, self_col0, S,
+          nul("workspace", outs[3].buf), ws_bytes, static_cast<float*>(nul("run_s", outs[0].buf)),
+          static_cast<int64_t*>(nul("run_i", outs[1].buf)),
+          static_cast<int*>(nul("nonfinite", outs[2].buf)), nullptr);
     };
   } else if (op == "convert") {  // the shim's fp32 -> fp16 / bf16 conversions
     const int64_t n = req_int("n");

@@ -34,7 +34,7 @@ FLAGS = ["-O1", "-g", "-std=c++17", "-DBCT_FAST_EMULATOR"]
 # barrier call, as on the GPU; -fno-tree-loop-distribute-patterns: no uninstrumented memset.
 KERNEL_FLAGS = ["-fsanitize=thread", "-fno-ipa-reference", "-fno-tree-loop-distribute-patterns"]
 KERNEL_SOURCES = ["margin_softmax", "margin_epilogue", "cosine_topk", "topk_epilogue",
-                  "margin_fused"]
+                  "margin_fused", "topk_fused"]
 KERNEL_OBJECTS = [f"{n}_emu" for n in KERNEL_SOURCES] + ["selftest_emu"]
 
 # Fault injection for the harness's self-test (hooks in csrc/cuda/tile_common.cuh).
@@ -42,8 +42,9 @@ BREAKS = {
     None: [],
     "missing_barrier": ["-DBCT_FAST_EMU_BREAK_MISSING_BARRIER"],
     "tail_off_by_one": ["-DBCT_FAST_EMU_BREAK_TAIL_OFF_BY_ONE"],
-    "tie_order": ["-DBCT_FAST_EMU_BREAK_TIE_ORDER"],  # csrc/cuda/topk_epilogue_kernels.cuh
+    "tie_order": ["-DBCT_FAST_EMU_BREAK_TIE_ORDER"],  # topk_epilogue_kernels.cuh, topk_fused_kernels.cuh
     "mma_layout": ["-DBCT_FAST_EMU_BREAK_MMA_LAYOUT"],  # csrc/cuda/mma_common.cuh
+    "topk_pending": ["-DBCT_FAST_EMU_BREAK_TOPK_PENDING"],  # csrc/cuda/topk_fused_kernels.cuh
 }
 
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}

@@ -1,0 +1,41 @@
+"""Exact top-k search of bf16 queries and galleries on CUDA: the goal row (Q = 10k x N = 10M,
+k = 100, d = 512: <= 175 ms and >= 1.5x torch mm + topk in the same run), one query, k at both
+ends of the fused kernel's range and past it, and d = 128 / 1024 beside 512.
+
+Providers: ``bct_fast_fused`` (tensor-core score tiles with the selection in shared memory,
+``backend="fused"``, k <= 128), ``bct_fast_epilogue`` (cuBLAS bf16 blocks with fp32 output + the
+selection kernel), ``bct_fast_cuda`` (the SIMT kernel; skipped where it takes seconds a call),
+``bct_fast_torch`` (the chunked path on cuBLAS, the default until a recorded GPU run) and
+``torch`` (bf16 mm + topk per gallery chunk). Time and peak memory
+(torch.cuda.max_memory_allocated). A file of its own so a timeout of the fp32 grid
+(bench_search.py) cannot take these figures with it (pytest-benchmark writes at the end).
+Run: pytest benchmarks/bench_search_cuda_bf16.py -m cuda --benchmark-only
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench_search import cuda_rows, cuda_search_fn
+
+# bf16 (Q, N, k, d): the goal row (10k x 10M, k = 100: <= 175 ms and >= 1.5x torch mm + topk),
+# one query, k at both ends of the fused kernel's range and past it, and d off 512.
+CUDA_CASES = [(10_000, 10_000_000, 100, 512), (1, 10_000_000, 100, 512), (1000, 1_000_000, 10, 512),
+              (1000, 1_000_000, 100, 512), (10_000, 1_000_000, 100, 512), (1000, 1_000_000, 4096, 512),
+              (1000, 1_000_000, 100, 128), (1000, 1_000_000, 100, 1024)]
+CUDA_BF16_PROVIDERS = ["bct_fast_fused", "bct_fast_epilogue", "bct_fast_cuda", "bct_fast_torch", "torch"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("provider", CUDA_BF16_PROVIDERS)
+@pytest.mark.parametrize("Q,N,k,d", CUDA_CASES, ids=[f"Q{q}-N{n}-k{k}-d{d}" for q, n, k, d in CUDA_CASES])
+def test_cuda_search(measure, provider, Q, N, k, d):
+    """bf16 galleries and queries (the fp32 ones: test_cuda_search_fp32)."""
+    if provider == "bct_fast_fused" and k > 128:
+        pytest.skip("the fused search kernel takes k <= 128")
+    if provider == "bct_fast_cuda" and Q * N >= 10**10:
+        pytest.skip("the SIMT kernel takes seconds a call at this size (fp32 FMA)")
+    q, g = cuda_rows(Q, 1, torch.bfloat16, d), cuda_rows(N, 2, torch.bfloat16, d)
+    rounds = 3 if Q * N >= 10**10 else 5
+    measure(cuda_search_fn(provider, q, g, k), "cuda", rounds=rounds, Q=Q, N=N, d=d, k=k, provider=provider,
+            dtype=str(torch.bfloat16))
