@@ -4,6 +4,7 @@
     python benchmarks/gpu_checks.py installed ROOT         # the installed build, not ROOT/bct_fast?
     python benchmarks/gpu_checks.py cuda-tests JUNIT.xml   # every CUDA test ran and passed?
     python benchmarks/gpu_checks.py sanitizer LOG RC       # clean | errors | refused | failed
+    python benchmarks/gpu_checks.py ncu CSV...             # Nsight Compute raw CSVs -> per kernel
 
 Each prints one JSON object and exits 1 when the check fails. "GPU visible" is
 ``torch.cuda.is_available()``, or ``BCT_FAST_CHECK_FAKE_GPU=1`` (read only here: it lets the CI
@@ -145,6 +146,55 @@ def sanitizer_verdict(log: str, rc: int) -> str:
     return "failed"
 
 
+# ---- Nsight Compute --------------------------------------------------------------------------
+
+_NCU_ID_COLUMNS = {"ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context",
+                   "Stream", "Block Size", "Grid Size", "Device", "CC"}
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def ncu_summary(paths: list[Path]) -> dict:
+    """Per CSV (its file stem: one workload) and kernel name: launches profiled and the mean of
+    every numeric metric, from the CSVs of ``ncu --csv --page raw`` (a header row, a units row,
+    one row per launch; any text before the header, such as ncu's ==PROF== lines, is skipped)."""
+    import csv
+
+    out: dict[str, dict] = {}
+    problems = []
+    for path in paths:
+        kernels: dict[str, dict] = {}
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+        if start is None:
+            problems.append(f"{path.name}: no ncu CSV table")
+            continue
+        rows = list(csv.reader(lines[start:]))
+        header, units = rows[0], rows[1] if len(rows) > 1 else []
+        for row in rows[2:]:
+            if len(row) != len(header):
+                continue
+            rec = dict(zip(header, row))
+            k = kernels.setdefault(rec.get("Kernel Name", "?"), {"launches": 0, "sums": {}, "units": {}})
+            k["launches"] += 1
+            for col, unit, val in zip(header, units or [""] * len(header), row):
+                v = _number(val)
+                if col in _NCU_ID_COLUMNS or v is None:
+                    continue
+                k["sums"][col] = k["sums"].get(col, 0.0) + v
+                k["units"][col] = unit
+        out[path.stem] = {name: {"launches": k["launches"],
+                                 "mean": {c: round(v / k["launches"], 6) for c, v in k["sums"].items()},
+                                 "units": k["units"]}
+                          for name, k in kernels.items()}
+    return {"ok": any(out.values()) and not problems, "workloads": out, "problems": problems}
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
@@ -160,6 +210,8 @@ def main(argv: list[str]) -> int:
         log = Path(args[0]).read_text(errors="replace") if Path(args[0]).exists() else ""
         verdict = sanitizer_verdict(log, int(args[1]))
         res = {"ok": verdict in ("clean", "refused"), "verdict": verdict}
+    elif cmd == "ncu":
+        res = ncu_summary([Path(a) for a in args])
     else:
         print(f"unknown check {cmd!r}\n{__doc__}", file=sys.stderr)
         return 2

@@ -97,3 +97,34 @@ def test_source_folder_shadowing_the_build_is_caught(monkeypatch):
     res = gpu_checks.check_installed(ROOT, need_cuda=False)
     assert not res["ok"]
     assert any("source folder" in p for p in res["problems"]), res
+
+
+NCU_CSV = '''==PROF== Connected to process 123 (/opt/torch/.venv/bin/python3.12)
+==PROF== Profiling "topk_fused_partial_kernel": 0%....50%....100% - 9 passes
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","gpu__time_duration.sum","lts__t_sector_hit_rate.pct","dram__bytes_read.sum"
+"","","","","","","","","","","","nsecond","%","byte"
+"0","123","python3.12","h","topk_fused_partial_kernel<128, true>","1","7","(256, 1, 1)","(32, 4, 1)","0","9.0","1,000","80.5","2,048"
+"1","123","python3.12","h","topk_fused_partial_kernel<128, true>","1","7","(256, 1, 1)","(32, 4, 1)","0","9.0","3,000","90.5","4,096"
+"2","123","python3.12","h","topk_fused_merge_kernel","1","7","(128, 1, 1)","(4096, 1, 1)","0","9.0","500","n/a","0"
+'''
+
+
+def test_ncu_summary_averages_each_kernels_metrics(tmp_path):
+    f = tmp_path / "ncu_search_fused.csv"
+    f.write_text(NCU_CSV)
+    res = gpu_checks.ncu_summary([f])
+    assert res["ok"] and res["problems"] == []
+    part = res["workloads"]["ncu_search_fused"]["topk_fused_partial_kernel<128, true>"]
+    assert part["launches"] == 2
+    assert part["mean"] == {"gpu__time_duration.sum": 2000.0, "lts__t_sector_hit_rate.pct": 85.5,
+                            "dram__bytes_read.sum": 3072.0}
+    assert part["units"]["gpu__time_duration.sum"] == "nsecond"
+    merge = res["workloads"]["ncu_search_fused"]["topk_fused_merge_kernel"]
+    assert merge["mean"] == {"gpu__time_duration.sum": 500.0, "dram__bytes_read.sum": 0.0}  # n/a skipped
+
+
+def test_ncu_summary_reports_a_missing_table(tmp_path):
+    f = tmp_path / "ncu_margin_fused.csv"
+    f.write_text("==ERROR== Failed to find metric foo\n")
+    res = gpu_checks.ncu_summary([f, tmp_path / "absent.csv"])
+    assert not res["ok"] and len(res["problems"]) == 2
