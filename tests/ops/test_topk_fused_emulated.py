@@ -175,6 +175,34 @@ def test_topk_matches_the_model(Q, N, d, k, splits, norms):
     assert flag == 0 and (i[:, :min(k, N)] >= 0).all() and (i[:, N:] == -1).all()
 
 
+def test_random_cases(seed):
+    """Fresh random draws each run (the seed is printed): shapes, k, norms, quantized values
+    (ties), exclude_self, running lists from an earlier chunk, NaN / inf, split counts."""
+    rng = np.random.default_rng(seed)
+    for _ in range(4):
+        Q, N = int(rng.integers(1, 140)), int(rng.integers(1, 700))
+        d, k = int(rng.choice([8, 13, 16, 40, 64])), int(rng.integers(1, 129))
+        q, g = normal(rng, (Q, d)), normal(rng, (N, d))
+        if rng.random() < 0.3:  # few distinct values: many exact ties
+            q, g = np.round(q), np.round(g)
+        if rng.random() < 0.2:
+            (q if rng.random() < 0.5 else g)[0, 0] = rng.choice([np.nan, np.inf])
+        inv_nq = inv_norms(q) if rng.random() < 0.5 else None
+        inv_ng = inv_norms(g) if rng.random() < 0.5 else None
+        lists, n0 = None, 0
+        if rng.random() < 0.4:  # a running list from an earlier chunk, indices below n0
+            n0 = int(rng.integers(k, k + 1000))
+            run_s = np.sort(normal(rng, (Q, k)), axis=1)[:, ::-1].copy()
+            run_i = np.stack([rng.permutation(n0)[:k] for _ in range(Q)]).astype(np.int64)
+            cut = int(rng.integers(0, k + 1))
+            run_s[:, cut:], run_i[:, cut:] = -np.inf, -1
+            lists = (run_s, run_i)
+        exclude = bool(rng.random() < 0.3)
+        self_col0 = int(rng.integers(-5, N + 5))
+        check(q, g, k, lists=lists, n0=n0, inv_nq=inv_nq, inv_ng=inv_ng, exclude=exclude,
+              self_col0=self_col0, splits=int(rng.integers(1, 6)), seeds=(int(rng.integers(1, 99)),))
+
+
 def test_same_result_for_every_split_count():
     """splits 1..5 and the default: bit-identical lists (an exact selection of the same
     scores)."""
