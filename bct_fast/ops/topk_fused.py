@@ -79,6 +79,12 @@ def unsupported(q: Tensor, g_dtype: torch.dtype, k: int) -> Unsupported | None:
     return None
 
 
+def _inv_norms(rows: Tensor, step: int = 1 << 20) -> Tensor:
+    """fp32 inverse row norms, a million rows at a time: a reduction that upcasts its input
+    first would otherwise hold an fp32 copy of a whole launch's gallery (32 GiB at 2^24 x 512)."""
+    return torch.cat([inv_row_norms(rows[i:i + step], torch.float32) for i in range(0, rows.shape[0], step)])
+
+
 def _positive(name: str, v: object) -> None:
     if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
         raise ValueError(f"{name}: expected a positive integer, got {v!r}")
@@ -146,7 +152,7 @@ def cosine_topk_fused(queries: Tensor, gallery: Tensor, k: int, normalize: bool 
     flag = torch.zeros(1, dtype=torch.int32, device=q.device)
     for n0 in range(0, N, cols):  # ascending gallery order: the lists' tie rule needs it
         gb = g[n0:n0 + cols]
-        inv_ng = inv_row_norms(gb, torch.float32) if normalize else None
+        inv_ng = _inv_norms(gb) if normalize else None
         for q0 in range(0, Q, rows):
             launch(q[q0:q0 + rows], gb, None if inv_nq is None else inv_nq[q0:q0 + rows], inv_ng, k, n0,
                    exclude_self, q0 - n0, run_s[q0:q0 + rows], run_i[q0:q0 + rows], flag, splits)
