@@ -81,7 +81,7 @@ def unsupported(q: Tensor, g_dtype: torch.dtype, k: int) -> Unsupported | None:
 
 def _inv_norms(rows: Tensor, step: int = 1 << 20) -> Tensor:
     """fp32 inverse row norms, a million rows at a time: a reduction that upcasts its input
-    first would otherwise hold an fp32 copy of a whole launch's gallery (32 GiB at 2^24 x 512)."""
+    first would otherwise hold an fp32 copy of the whole gallery (20 GiB at 10M x 512)."""
     return torch.cat([inv_row_norms(rows[i:i + step], torch.float32) for i in range(0, rows.shape[0], step)])
 
 
@@ -150,9 +150,11 @@ def cosine_topk_fused(queries: Tensor, gallery: Tensor, k: int, normalize: bool 
     run_s = torch.full((Q, k), -math.inf, dtype=torch.float32, device=q.device)
     run_i = torch.full((Q, k), -1, dtype=torch.int64, device=q.device)
     flag = torch.zeros(1, dtype=torch.int32, device=q.device)
+    # Once for the whole gallery (N floats), so a row's factor cannot depend on the chunking.
+    inv_ng_all = _inv_norms(g) if normalize else None
     for n0 in range(0, N, cols):  # ascending gallery order: the lists' tie rule needs it
         gb = g[n0:n0 + cols]
-        inv_ng = _inv_norms(gb) if normalize else None
+        inv_ng = None if inv_ng_all is None else inv_ng_all[n0:n0 + cols]
         for q0 in range(0, Q, rows):
             launch(q[q0:q0 + rows], gb, None if inv_nq is None else inv_nq[q0:q0 + rows], inv_ng, k, n0,
                    exclude_self, q0 - n0, run_s[q0:q0 + rows], run_i[q0:q0 + rows], flag, splits)
