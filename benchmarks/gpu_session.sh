@@ -17,6 +17,15 @@
 #       one 600 s device command holds, so run them as two commands), e.g. the fp32 search grid
 #       (~3 min) alone
 #
+# A 30-minute lease, command by command (each under the tool's 10-minute limit; a machine left idle
+# ~30 s is given back and the next command starts bare, so every command rebuilds: ~1 min here on
+# 2 cores for 90a-real, less there). Prepare the calls before the first one; carry=[".whl"]:
+#   1. STEPS=build,tests                      the CUDA tests, the fused tile checks among them
+#   2. STEPS=build,sanitizer                  memcheck + racecheck on the small cases
+#   3. STEPS=build,bench BCT_FAST_GPU_BENCH="benchmarks/bench_floors.py benchmarks/bench_search_cuda_bf16.py"
+#   4. STEPS=build,bench BCT_FAST_GPU_BENCH=benchmarks/bench_margin_ce.py BCT_FAST_GPU_BENCH_TIMEOUT=540
+#   5. STEPS=build,profile, then the fp32 grid (bench_search.py) if time is left
+#
 # Output: $OUT (device tool) or benchmarks/results/: gpu_<stamp>.json plus logs. Commit the JSON.
 # Every step's verdict lands in the JSON; the exit code is non-zero when any step failed.
 set -uo pipefail
