@@ -142,6 +142,10 @@ want sanitizer && for TOOL in memcheck racecheck; do
       "tests/ops/test_margin_epilogue.py::test_cuda_kernels_match_their_twin" \
       "tests/ops/test_margin_fused.py::test_cuda_mma_tile_matches_a_host_matmul" \
       "tests/ops/test_margin_fused.py::test_cuda_fused_lse_matches_float64" \
+      "tests/ops/test_margin_fused.py::test_cuda_pv_tile_matches_a_host_matmul" \
+      "tests/ops/test_margin_fused.py::test_cuda_fused_lse_pws_matches_float64[1-1-16]" \
+      "tests/ops/test_margin_fused.py::test_cuda_fused_lse_pws_matches_float64[65-3001-100]" \
+      "tests/ops/test_margin_fused.py::test_cuda_fused_lse_pws_matches_float64[129-700-128]" \
       "tests/ops/test_topk_fused.py::test_cuda_fused_small" -q -p no:cacheprovider \
     >"$RESULTS/sanitizer_$TOOL.log" 2>&1
   RC=$?

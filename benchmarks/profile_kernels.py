@@ -34,10 +34,17 @@ def run(workload: str) -> None:
         x, w = _rows(B, d, 1).requires_grad_(True), _rows(C, d, 2).requires_grad_(True)
         y = torch.randint(0, C, (B,), device="cuda")
         backend = workload.split("_")[1]
-        loss = cosine_margin_cross_entropy(x, w, y, scale=64.0, margin_type="cosface", margin=0.35,
-                                           backend=backend)
+
+        def loss(w_):
+            return cosine_margin_cross_entropy(x, w_, y, scale=64.0, margin_type="cosface", margin=0.35,
+                                               backend=backend)
+
         if backend == "epilogue":
-            loss.backward()
+            loss(w).backward()  # trainable: forward lse sweep, backward grads sweep
+        else:
+            with torch.no_grad():
+                loss(w)  # the lse-only fused kernel
+            loss(w.detach()).backward()  # frozen classifier: the fused lse + pws kernel
     else:
         q, g = _rows(4096, d, 3), _rows(1_000_000, d, 4)
         cosine_topk(q, g, 100, normalize=True, backend=workload.split("_")[1])

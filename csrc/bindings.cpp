@@ -211,6 +211,31 @@ PYBIND11_MODULE(_C, m) {
                                                              ptr<void>(stream)));
       },
       py::call_guard<py::gil_scoped_release>());
+  // lse AND pws (the frozen classifier's forward) in one tensor-core kernel; see margin_fused.h.
+  m.attr("margin_fused_pws_max_d") = bct_fast::kMarginFusedPwsMaxD;
+  m.def(
+      "margin_fused_lse_pws",
+      [](std::uintptr_t x, std::uintptr_t w, int dtype, int64_t B, int64_t C, int64_t d,
+         std::uintptr_t inv_nx, std::uintptr_t inv_nw, std::uintptr_t labels,
+         std::uintptr_t target_logit, float scale, int64_t splits, std::uintptr_t workspace,
+         int64_t workspace_floats, std::uintptr_t lse, std::uintptr_t pws, std::uintptr_t stream) {
+        raise_if_error(bct_fast::margin_fused_lse_pws(
+            ptr<const void>(x), ptr<const void>(w), static_cast<bct_fast::DType>(dtype), B, C, d,
+            ptr<const float>(inv_nx), ptr<const float>(inv_nw), ptr<const int64_t>(labels),
+            ptr<const float>(target_logit), scale, splits, ptr<float>(workspace), workspace_floats,
+            ptr<float>(lse), ptr<float>(pws), ptr<void>(stream)));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def("margin_fused_pws_default_splits", &bct_fast::margin_fused_pws_default_splits);
+  m.def("margin_fused_pws_workspace_floats", &bct_fast::margin_fused_pws_workspace_floats);
+  m.def(
+      "margin_fused_pv_tile_check",
+      [](std::uintptr_t p, std::uintptr_t w, std::uintptr_t c, std::uintptr_t d, std::uintptr_t stream) {
+        raise_if_error(bct_fast::margin_fused_pv_tile_check(ptr<const void>(p), ptr<const void>(w),
+                                                            ptr<const float>(c), ptr<float>(d),
+                                                            ptr<void>(stream)));
+      },
+      py::call_guard<py::gil_scoped_release>());
   // Fused top-k search (tensor-core score tiles, selection in shared memory); see topk_fused.h.
   m.attr("topk_fused_max_k") = bct_fast::kTopkFusedMaxK;
   m.def(

@@ -1,12 +1,19 @@
 """The "fused" provider of the margin-softmax sweeps: tensor-core tiles, statistics in registers.
 
-Same contract as :mod:`bct_fast.ops.margin_softmax_torch`. The forward statistics without
-``with_pws`` (the trainable classifier's forward) come from one fused kernel family
-(csrc/cuda/margin_fused*, contract in csrc/include/bct_fast/margin_fused.h): mma.sync bf16 tiles
-with fp32 accumulation, the scale / inverse norms / target column / online max-sum-exp applied to
-the accumulators, so the B x C score matrix is never written; class ranges are split over blocks
-and a second small kernel merges the per-split (m, l). The sweeps not fused yet (the forward with
-``with_pws`` for a frozen classifier, and the backward) are the epilogue provider's
+Same contract as :mod:`bct_fast.ops.margin_softmax_torch`. The forward statistics come from the
+fused kernel family (csrc/cuda/margin_fused*, contract in csrc/include/bct_fast/margin_fused.h),
+mma.sync bf16 tiles with fp32 accumulation; the B x C score matrix is never written:
+
+- without ``with_pws`` (the trainable classifier's forward): the scale / inverse norms / target
+  column / online max-sum-exp applied to the accumulators; class ranges split over blocks and a
+  second small kernel merges the per-split (m, l).
+- with ``with_pws`` (a frozen classifier's forward; d <= ``margin_fused_pws_max_d`` = 512): one
+  kernel computes S = x w^T and O = P' @ W on tensor cores (docs/design_fused_frozen_forward.md,
+  v1): P' = exp(z - m) * inv_nw in bf16 like the epilogue provider's e block, the target
+  column's term added in fp32 by the split merge (see margin_softmax_epilogue's module
+  docstring for why). Larger d goes to the epilogue provider.
+
+The backward is not fused yet: the epilogue provider's
 (:mod:`bct_fast.ops.margin_softmax_epilogue`), which has the same contract.
 
 bfloat16 operands on CUDA devices of compute capability 8.0 or newer only; there is no CPU twin.
@@ -38,11 +45,14 @@ def unsupported(x: Tensor, w: Tensor) -> Unsupported | None:
 
 def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
                   target_logit: Tensor, scale: float, with_pws: bool, chunk: int = 0) -> tuple[Tensor, Tensor]:
-    """Per-row log-sum-exp of the logits (fp32); with ``with_pws`` the epilogue provider's sweep."""
+    """Per-row log-sum-exp of the logits (fp32) and, with ``with_pws``, sum_j softmax_ij * w_hat_j
+    (fp32 [B, d]; fused for d <= 512, the epilogue provider's sweep for larger d). ``chunk`` is
+    only used by the epilogue provider."""
     why = unsupported(x, w)
     if why is not None:
         raise ValueError(f"x, w: the fused provider cannot serve them: {why.reason}")
-    if with_pws:
+    mod = native()
+    if with_pws and x.shape[1] > mod.margin_fused_pws_max_d:
         return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale,
                                                      with_pws, chunk)
     x, w = x.contiguous(), w.contiguous()
@@ -50,7 +60,8 @@ def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
     labels = labels.to(torch.int64).contiguous()
     B, d = x.shape
     C = w.shape[0]
-    mod = native()
+    if with_pws:
+        return _lse_pws(mod, x, w, inv_nx, inv_nw, labels, target_logit, scale)
     splits = mod.margin_fused_default_splits(B, C)
     floats = mod.margin_fused_workspace_floats(B, splits)
     workspace = torch.empty(floats, device=x.device, dtype=torch.float32)
@@ -60,6 +71,23 @@ def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
                              inv_nw.data_ptr(), labels.data_ptr(), target_logit.data_ptr(), float(scale),
                              splits, workspace.data_ptr(), floats, lse.data_ptr(), stream_of(x))
     return lse, x.new_empty((0,), dtype=torch.float32)
+
+
+def _lse_pws(mod, x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
+             target_logit: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    B, d = x.shape
+    C = w.shape[0]
+    splits = mod.margin_fused_pws_default_splits(B, C)
+    floats = mod.margin_fused_pws_workspace_floats(B, d, splits)
+    workspace = torch.empty(floats, device=x.device, dtype=torch.float32)
+    lse = torch.empty(B, device=x.device, dtype=torch.float32)
+    pws = torch.empty(B, d, device=x.device, dtype=torch.float32)
+    with torch.cuda.device(x.device):
+        mod.margin_fused_lse_pws(x.data_ptr(), w.data_ptr(), DTYPE_CODES[x.dtype], B, C, d, inv_nx.data_ptr(),
+                                 inv_nw.data_ptr(), labels.data_ptr(), target_logit.data_ptr(), float(scale),
+                                 splits, workspace.data_ptr(), floats, lse.data_ptr(), pws.data_ptr(),
+                                 stream_of(x))
+    return lse, pws
 
 
 def mma_tile_check(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
@@ -75,4 +103,21 @@ def mma_tile_check(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     with torch.cuda.device(a.device):
         native().margin_fused_mma_tile_check(a.data_ptr(), b.data_ptr(), c.data_ptr(), out.data_ptr(),
                                              stream_of(a))
+    return out
+
+
+def pv_tile_check(p: Tensor, w: Tensor, c: Tensor) -> Tensor:
+    """``c + p @ w`` for one 16 x 16 bf16 tile pair (w row-major [k][n]) through the pws kernel's
+    PV path: p as fp32 accumulator fragments packed into the A fragment, w through cp.async ->
+    ldmatrix.trans -> mma.sync (one warp). On a GPU, the check of the PV-orientation layouts
+    against the hardware (csrc/include/bct_fast/margin_fused.h)."""
+    if p.shape != (16, 16) or w.shape != (16, 16) or c.shape != (16, 16):
+        raise ValueError("p, w, c: expected 16 x 16 tiles")
+    if p.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or not p.is_cuda:
+        raise ValueError("p, w: expected bfloat16 CUDA tensors")
+    p, w, c = p.contiguous(), w.contiguous(), c.to(torch.float32).contiguous()
+    out = torch.empty(16, 16, device=p.device, dtype=torch.float32)
+    with torch.cuda.device(p.device):
+        native().margin_fused_pv_tile_check(p.data_ptr(), w.data_ptr(), c.data_ptr(), out.data_ptr(),
+                                            stream_of(p))
     return out

@@ -3,6 +3,8 @@
 // tile loader they share (end of file):
 //   mma_m16n8k16_bf16   mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (D += A B, in place)
 //   ldmatrix_x4         ldmatrix.sync.aligned.m8n8.x4.shared.b16
+//   ldmatrix_x4_trans   ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16
+//   pack_bf16x2         cvt.rn.bf16x2.f32 (two fp32 -> one bf16x2 register, first argument low)
 //   cp_async_16         cp.async.cg.shared.global [dst], [src], 16, src_size  (zero-fills the rest)
 //   cp_async_commit / cp_async_wait<N>   cp.async.commit_group / cp.async.wait_group N
 //
@@ -23,6 +25,13 @@
 //   C/D (16x8 f32): c0,c1 -> (g, 2t..2t+1)   c2,c3 -> (g+8, 2t..2t+1)
 //   ldmatrix .x4: lanes 8i..8i+7 give the 8 row addresses (16 bytes each, 16-byte aligned) of
 //   matrix i; register i of lane l receives row l/4, elements 2(l%4) and 2(l%4)+1 of matrix i.
+//   ldmatrix .x4.trans: same row addresses; register i of lane l receives element l/4 of rows
+//   2(l%4) (low half) and 2(l%4)+1 (high half) of matrix i, i.e. the transposed 8x8 matrix.
+//   So for a 16 x 8 B operand stored row-major as [k][n] (n contiguous), .trans of the two 8x8
+//   blocks k 0-7 and k 8-15 gives b0,b1 and b2,b3 of the B fragment above.
+//   C -> A reuse: the C fragments T0 (columns 0-7) and T1 (columns 8-15) of one m16 row block,
+//   packed as {T0.c0c1, T0.c2c3, T1.c0c1, T1.c2c3} (c_to_a), are the A fragment of that 16 x 16
+//   block with the C columns as k (FA2's convert_layout_acc_Aregs).
 #pragma once
 #include <cstdint>
 
@@ -34,6 +43,9 @@
 
 // BCT_FAST_EMU_BREAK_MMA_LAYOUT (emulator self-test only) swaps A registers 1 and 2 in the
 // emulated mma: the fragment check (tests/ops/test_fused_emulated.py) must then fail.
+// BCT_FAST_EMU_BREAK_PACK_HALVES (emulator self-test only) swaps the two halves of the emulated
+// pack_bf16x2: the PV tile check and the fused pws (tests/ops/test_fused_pws_emulated.py) must
+// then fail.
 
 namespace bct_fast {
 namespace mma {
@@ -72,6 +84,35 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
                : "r"(smem_addr(row))
                : "memory");
 #endif
+}
+
+// ldmatrix .x4 .trans (layout above): `row` is this lane's row address, as for ldmatrix_x4.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+#ifdef BCT_FAST_MMA_UNSUPPORTED
+  __trap();
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row))
+               : "memory");
+#endif
+}
+
+// {lo, hi} rounded to nearest-even bf16, lo in the low half. cvt's first source goes to the
+// upper half, hence (hi, lo).
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+#ifdef BCT_FAST_MMA_UNSUPPORTED
+  __trap();
+  return 0;
+#else
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+#endif
+}
+
+__device__ __forceinline__ float bf16_bits_to_float(uint16_t b) {
+  return __uint_as_float(static_cast<uint32_t>(b) << 16);
 }
 
 // Copies src_bytes (0..16) bytes from global src to shared dst and zero-fills the rest of the 16;
@@ -165,6 +206,42 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   }
 }
 
+// .trans: register i of lane l = element l/4 of rows 2(l%4), 2(l%4)+1 of matrix i (two 2-byte
+// reads at the row addresses of lanes 8i + 2(l%4) and 8i + 2(l%4) + 1).
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  const unsigned lane = lane_id();
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0)
+    bct_emu::fail("ldmatrix.trans: lane %u gives a row address that is not 16-byte aligned", lane);
+  for (unsigned i = 0; i < 4; ++i) {
+    const int src_lane = static_cast<int>(8 * i + 2 * (lane % 4));
+    const char* lo = __shfl_sync(kFullMask, static_cast<const char*>(row), src_lane);
+    const char* hi = __shfl_sync(kFullMask, static_cast<const char*>(row), src_lane + 1);
+    const uint32_t l16 = *reinterpret_cast<const uint16_t*>(lo + 2 * (lane / 4));
+    const uint32_t h16 = *reinterpret_cast<const uint16_t*>(hi + 2 * (lane / 4));
+    r[i] = l16 | (h16 << 16);
+  }
+}
+
+inline uint32_t bf16_round_bits(float f) {  // round to nearest even; NaN stays a quiet NaN
+  uint32_t u = bct_emu::f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return u >> 16;
+}
+
+inline uint32_t pack_bf16x2(float lo, float hi) {
+#ifdef BCT_FAST_EMU_BREAK_PACK_HALVES
+  const float tmp = lo;
+  lo = hi;
+  hi = tmp;
+#endif
+  return bf16_round_bits(lo) | (bf16_round_bits(hi) << 16);
+}
+
+inline float bf16_bits_to_float(uint16_t b) {
+  return bct_emu::bits_f32(static_cast<uint32_t>(b) << 16);
+}
+
 // cp.async as a deferred copy: at issue the destination is overwritten with 0xff (NaN as bf16)
 // and the data is read from global; the data lands only when cp_async_wait retires its group.
 // Both writes are the issuing thread's and go through the race check, so reading a stage before
@@ -247,6 +324,20 @@ __device__ __forceinline__ int b_ld_col(int lane) { return 8 * ((lane / 8) % 2);
 // Accumulator i of a lane: row g + 8 (i / 2), column 2t + i % 2 of the m16n8 tile.
 __device__ __forceinline__ int acc_row(int lane, int i) { return lane / 4 + 8 * (i / 2); }
 __device__ __forceinline__ int acc_col(int lane, int i) { return 2 * (lane % 4) + i % 2; }
+// B from a row-major [k][n] tile (n contiguous) through ldmatrix_x4_trans, two n8 tiles x 16
+// depth: matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15) = b0b1,
+// b2b3 of tile 0, then of tile 1 (the same register order as b_ld_row / b_ld_col).
+__device__ __forceinline__ int bt_ld_row(int lane) { return lane % 8 + 8 * ((lane / 8) % 2); }
+__device__ __forceinline__ int bt_ld_col(int lane) { return 8 * (lane / 16); }
+
+// C -> A: the C fragments t0 (columns 0-7) and t1 (columns 8-15) of one m16 block as the A
+// fragment of the 16 x 16 block (columns = k), rounded to bf16 (layouts above).
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&t0)[4], const float (&t1)[4]) {
+  a[0] = pack_bf16x2(t0[0], t0[1]);
+  a[1] = pack_bf16x2(t0[2], t0[3]);
+  a[2] = pack_bf16x2(t1[0], t1[1]);
+  a[3] = pack_bf16x2(t1[2], t1[3]);
+}
 
 // acc += A B^T for one warp over a kBK-deep slice: A = kMI * 16 rows at `a`, B = kNI * 8 rows at
 // `b` (shared memory, row pitch kLd bf16 elements, depth contiguous); acc[mi][ni] is the m16n8

@@ -3,7 +3,8 @@
 //
 //   bct_emu_driver DIR
 // DIR/request.txt holds "key value" lines: op (stats | grad_weight | epi_stats | epi_grads | topk |
-// topk_select | fused_stats | fused_mma_tile | fused_topk | convert | selftest), the sizes and
+// topk_select | fused_stats | fused_mma_tile | fused_pws | fused_pv_tile | fused_topk | convert |
+// selftest), the sizes and
 // scalars of that op, and seeds (comma-separated; each seed reruns the launch with another
 // thread order and must give bit-identical outputs). Arrays are raw little-endian files
 // DIR/<name>.bin; outputs are written to DIR/<name>.out.bin.
@@ -267,6 +268,47 @@ int main(int argc, char** argv) {
       return bct_fast::margin_fused_mma_tile_check(a, b, c, static_cast<float*>(outs[0].buf),
                                                    nullptr);
     };
+  } else if (op == "fused_pws") {  // margin_fused.h: lse and pws of bf16 x, w with the workspace
+    const int64_t B = req_int("B"), C = req_int("C"), d = req_int("d");
+    const int64_t S = req_int("splits");
+    const float scale = req_float("scale");
+    // Optional: the workspace size passed to the launcher, and one argument passed as nullptr.
+    const int64_t ws_floats = g_req.count("ws_floats")
+                                  ? req_int("ws_floats")
+                                  : bct_fast::margin_fused_pws_workspace_floats(B, d, S);
+    const std::string null_arg = g_req.count("null") ? req("null") : "";
+    auto arg = [&](const std::string& name, size_t bytes) {
+      const void* p = input(name, bytes);
+      return name == null_arg ? nullptr : p;
+    };
+    const void* x = arg("x", B * d * 2);
+    const void* w = arg("w", C * d * 2);
+    auto inv_nx = static_cast<const float*>(arg("inv_nx", B * 4));
+    auto inv_nw = static_cast<const float*>(arg("inv_nw", C * 4));
+    auto labels = static_cast<const int64_t*>(arg("labels", B * 8));
+    auto target = static_cast<const float*>(arg("target_logit", B * 4));
+    outs.push_back(output("lse", B * 4, 0xff));
+    outs.push_back(output("pws", (B * d > 0 ? B * d : 0) * 4, 0xff));
+    outs.push_back(output("ws", (ws_floats > 0 ? ws_floats : 0) * 4, 0xff));
+    // By value: `call` runs after this block's locals are gone.
+    auto nul = [null_arg](const std::string& name, void* p) {
+      return static_cast<float*>(name == null_arg ? nullptr : p);
+    };
+    call = [=, &outs] {
+      return bct_fast::margin_fused_lse_pws(
+          x, w, bct_fast::DType::kBFloat16, B, C, d, inv_nx, inv_nw, labels, target, scale, S,
+          nul("workspace", outs[2].buf), ws_floats, nul("lse", outs[0].buf),
+          nul("pws", outs[1].buf), nullptr);
+    };
+  } else if (op == "fused_pv_tile") {  // margin_fused.h: d = c + p @ w, w row-major [k][n]
+    const void* p = input("p", 16 * 16 * 2);
+    const void* w = input("w", 16 * 16 * 2);
+    auto c = static_cast<const float*>(input("c", 16 * 16 * 4));
+    outs.push_back(output("d", 16 * 16 * 4, 0xff));
+    call = [=, &outs] {
+      return bct_fast::margin_fused_pv_tile_check(p, w, c, static_cast<float*>(outs[0].buf),
+                                                  nullptr);
+    };
   } else if (op == "fused_topk") {  // topk_fused.h: bf16 q, g chunk into the running lists
     const int64_t Q = req_int("Q"), N = req_int("N"), d = req_int("d"), n0 = req_int("n0");
     const int k = static_cast<int>(req_int("k"));
@@ -287,7 +329,7 @@ int main(int argc, char** argv) {
     outs.push_back(inout("run_i", Q * k * 8));
     outs.push_back(inout("nonfinite", 4));
     outs.push_back(output("ws", ws_bytes > 0 ? ws_bytes : 0, 0xff));
-    auto nul = [&](const std::string& name, void* p) { return name == null_arg ? nullptr : p; };
+    auto nul = [null_arg](const std::string& name, void* p) { return name == null_arg ? nullptr : p; };
     call = [=, &outs] {
       return bct_fast::topk_fused_search(
           nul("q", const_cast<void*>(q)), nul("g", const_cast<void*>(g)),

@@ -45,6 +45,9 @@ BREAKS = {
     "tie_order": ["-DBCT_FAST_EMU_BREAK_TIE_ORDER"],  # topk_epilogue_kernels.cuh, topk_fused_kernels.cuh
     "mma_layout": ["-DBCT_FAST_EMU_BREAK_MMA_LAYOUT"],  # csrc/cuda/mma_common.cuh
     "topk_pending": ["-DBCT_FAST_EMU_BREAK_TOPK_PENDING"],  # csrc/cuda/topk_fused_kernels.cuh
+    "pack_halves": ["-DBCT_FAST_EMU_BREAK_PACK_HALVES"],  # csrc/cuda/mma_common.cuh
+    "pws_b2": ["-DBCT_FAST_EMU_BREAK_PWS_B2"],  # csrc/cuda/margin_fused_pws_kernels.cuh
+    "pws_b3": ["-DBCT_FAST_EMU_BREAK_PWS_B3"],  # csrc/cuda/margin_fused_pws_kernels.cuh
 }
 
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import kernel_emulator as emu
+from fused_reference import bf16, fused_inputs, logits64
 
 pytestmark = pytest.mark.emulated
 
@@ -33,10 +34,6 @@ def _built():
     emu.build()
 
 
-def bf16(rng, shape):
-    """(bf16 bits for the kernel, their exact values as float64)."""
-    bits, val = emu.encode(rng.standard_normal(shape).astype(F32), "bfloat16")
-    return bits, val.astype(F64)
 
 
 def scaled_err(got, ref):
@@ -70,24 +67,8 @@ def test_mma_tile_matches_numpy():
 
 # ---- (2) the fused lse against float64 -------------------------------------------------------
 
-def fused_inputs(rng, B, C, d, scale):
-    x_bits, x = bf16(rng, (B, d))
-    w_bits, w = bf16(rng, (C, d))
-    with np.errstate(divide="ignore"):  # d = 0 in the bad-argument test
-        inv_nx = (1 / np.linalg.norm(x, axis=1)).astype(F32)
-        inv_nw = (1 / np.linalg.norm(w, axis=1)).astype(F32)
-    labels = rng.integers(0, C, B).astype(np.int64)
-    labels[rng.random(B) < 0.25] = -1
-    target = (rng.uniform(-1, 1, B) * scale).astype(F32)
-    arrays = dict(x=x_bits, w=w_bits, inv_nx=inv_nx, inv_nw=inv_nw, labels=labels,
-                  target_logit=target)
-    return arrays, x, w
-
-
 def ref_lse(a, x, w, scale):
-    z = scale * (x @ w.T) * a["inv_nx"].astype(F64)[:, None] * a["inv_nw"].astype(F64)[None, :]
-    rows = np.nonzero(a["labels"] >= 0)[0]
-    z[rows, a["labels"][rows]] = a["target_logit"][rows]
+    z = logits64(a, x, w, scale)
     m = z.max(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(np.isneginf(m), -np.inf,

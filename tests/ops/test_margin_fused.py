@@ -1,8 +1,8 @@
 """The fused provider (bct_fast.ops.margin_softmax_fused): how `choose` routes backend="fused",
-its refusals on CPU / non-bf16 tensors, and (marked cuda) the real kernels on a GPU: the mma tile
-check against a host matmul (the fragment layouts against the hardware), the lse against float64
-and the provider against the epilogue provider. The kernels' logic runs on the CPU emulator in
-test_fused_emulated.py."""
+its refusals on CPU / non-bf16 tensors, and (marked cuda) the real kernels on a GPU: the mma and
+PV tile checks against a host matmul (the fragment layouts against the hardware), the lse and the
+lse + pws kernels against float64 and the provider against the epilogue provider. The kernels'
+logic runs on the CPU emulator in test_fused_emulated.py and test_fused_pws_emulated.py."""
 from __future__ import annotations
 
 import pytest
@@ -70,6 +70,14 @@ def test_mma_tile_check_refuses_bad_tiles():
         fused.mma_tile_check(t, t, t.float())
 
 
+def test_pv_tile_check_refuses_bad_tiles():
+    t = torch.zeros(16, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="p, w, c: expected 16 x 16 tiles"):
+        fused.pv_tile_check(t[:8], t, t.float())
+    with pytest.raises(ValueError, match="p, w: expected bfloat16 CUDA tensors"):
+        fused.pv_tile_check(t, t, t.float())
+
+
 def test_the_fused_family_is_recorded_and_emulated():
     from bct_fast._core import extension
 
@@ -118,9 +126,66 @@ def test_cuda_fused_lse_matches_float64(seed, B, C, d):
 
 
 @pytest.mark.cuda
-def test_cuda_fused_with_pws_is_the_epilogue_sweep(seed):
-    """with_pws (a frozen classifier's forward) is served by the epilogue provider, unchanged."""
-    args = tuple(t.cuda() for t in provider_args(50, 3001, 256, torch.bfloat16, seed))
+def test_cuda_pv_tile_matches_a_host_matmul(seed):
+    """One 16 x 16 x 16 tile in the PV orientation (p as accumulator fragments packed into the A
+    fragment, w row-major [k][n] through cp.async -> ldmatrix.trans -> mma.sync): the layouts the
+    pws kernel assumes, checked against the hardware. p = I returns w itself."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(16, 16, generator=g).bfloat16()
+    w = torch.randn(16, 16, generator=g).bfloat16()
+    c = torch.randn(16, 16, generator=g)
+    got = fused.pv_tile_check(p.cuda(), w.cuda(), c.cuda()).cpu()
+    ref = (c.double() + p.double() @ w.double()).float()
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-5), (got - ref).abs().max()
+    eye = torch.eye(16).bfloat16().cuda()
+    assert torch.equal(fused.pv_tile_check(eye, w.cuda(), torch.zeros(16, 16).cuda()).cpu(), w.float())
+
+
+def _ref_lse_pws(x, w, inv_nx, inv_nw, labels, target, scale):
+    z = scale * (x.double() @ w.double().T) * inv_nx.double()[:, None] * inv_nw.double()[None, :]
+    rows = (labels >= 0).nonzero()[:, 0]
+    z[rows, labels[rows]] = target[rows].double()
+    p = torch.softmax(z, dim=1)
+    return torch.logsumexp(z, dim=1).cpu(), (p @ (w.double() * inv_nw.double()[:, None])).cpu()
+
+
+def _row_err(a, ref):
+    a, ref = a.double().cpu(), ref.double().cpu()
+    return float(((a - ref).abs().amax(1) / ref.abs().amax(1).clamp_min(1e-30)).max())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,C,d", [(1, 1, 16), (3, 1000, 8), (65, 3001, 100), (130, 2053, 256),
+                                   (300, 5003, 512), (64, 20011, 40), (129, 700, 128)])
+def test_cuda_fused_lse_pws_matches_float64(seed, B, C, d):
+    """The frozen classifier's forward (lse + pws in one kernel) against float64 of the same bf16
+    values: lse within 1e-5; pws (P' in bf16, the target column in fp32) within 2x the epilogue
+    provider's error (same bf16 rounding of the probabilities) and 2e-2 of each row's largest entry."""
+    args = tuple(t.cuda() for t in provider_args(B, C, d, torch.bfloat16, seed))
+    lse, pws = fused.softmax_stats(*args, 20.0, True)
+    ref_lse, ref_pws = _ref_lse_pws(*args, 20.0)
+    assert pws.shape == (B, d) and pws.dtype == torch.float32
+    assert torch.allclose(lse.cpu().double(), ref_lse, rtol=1e-5, atol=1e-5), (lse.cpu() - ref_lse).abs().max()
+    _, epi_pws = epi.softmax_stats(*args, 20.0, True)
+    ours, theirs = _row_err(pws, ref_pws), _row_err(epi_pws, ref_pws)
+    assert ours <= 2 * theirs + 1e-5 and ours <= 2e-2, (ours, theirs)
+
+
+@pytest.mark.cuda
+def test_cuda_fused_pws_target_column_in_fp32(seed):
+    """Well-classified rows: pws is w_hat_y to fp32 accuracy (a bf16 p_y would be 2^-9 off)."""
+    x, w, inv_nx, inv_nw, labels, target = (t.cuda() for t in provider_args(40, 3000, 256, torch.bfloat16, seed))
+    labels = torch.arange(40, device="cuda") * 71
+    target = torch.full((40,), 64.0, device="cuda")
+    lse, pws = fused.softmax_stats(x, w, inv_nx, inv_nw, labels, target, 64.0, True)
+    ref_lse, ref_pws = _ref_lse_pws(x, w, inv_nx, inv_nw, labels, target, 64.0)
+    assert _row_err(pws, ref_pws) <= 1e-5
+
+
+@pytest.mark.cuda
+def test_cuda_fused_with_pws_above_512_is_the_epilogue_sweep(seed):
+    """d > 512 (O does not fit the registers): the epilogue provider's sweep, unchanged."""
+    args = tuple(t.cuda() for t in provider_args(50, 3001, 520, torch.bfloat16, seed))
     a = fused.softmax_stats(*args, 20.0, True)
     b = epi.softmax_stats(*args, 20.0, True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

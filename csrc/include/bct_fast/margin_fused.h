@@ -44,4 +44,42 @@ inline int64_t margin_fused_workspace_floats(int64_t B, int64_t splits) { return
 Status margin_fused_mma_tile_check(const void* a, const void* b, const float* c, float* d,
                                    void* stream);
 
+// ---- the frozen classifier's forward: lse AND pws (docs/design_fused_frozen_forward.md, v1) ----
+// With the logits z above: lse[B] and pws[B, d] = sum_j softmax_ij * w_hat_j, w_hat_j =
+// w_j * inv_nw_j (fp32), in one kernel that computes S = x w^T AND P @ W on tensor cores
+// (mma.sync; the B x C scores / probabilities never reach global memory): block = 64 rows x one
+// class range of whole 64-class tiles, O (64 x d fp32) in registers split into depth panels over
+// the warps. P' = exp(z - m) * inv_nw is rounded to bf16 for the second product (as the epilogue
+// provider's e block) EXCEPT the target column, whose term exp(z_y - M) * w_hat_y is added in
+// fp32 by the merge kernel (labels_i < 0 or >= C: none). A row whose logits are all -inf gets
+// lse = -inf and pws = NaN (0 / 0), like the other providers.
+// workspace = [m: splits x B | l: splits x B | O: splits x B x d] floats; the split merge has a
+// fixed order (deterministic; depends on `splits` at the fp32-rounding level). x and w take the
+// cp.async path when d % 8 == 0 and both are 16-byte aligned, plain loads otherwise.
+// d <= margin_fused_pws_max_d (512; padded to 64 / 128 / 256 / 512 inside the kernel); larger d
+// returns an error (route those to the epilogue provider).
+constexpr int64_t kMarginFusedPwsMaxD = 512;
+
+Status margin_fused_lse_pws(const void* x, const void* w, DType dtype, int64_t B, int64_t C,
+                            int64_t d, const float* inv_nx, const float* inv_nw,
+                            const int64_t* labels, const float* target_logit, float scale,
+                            int64_t splits, float* workspace, int64_t workspace_floats, float* lse,
+                            float* pws, void* stream);
+
+// Splits giving ~256 blocks (about 2 waves at 1 block / SM on a 132-SM GPU; 16 splits at
+// B = 1024) without making a split shorter than 4 tiles (256 classes). Shapes only
+// (reproducible across GPUs); not tuned.
+int64_t margin_fused_pws_default_splits(int64_t B, int64_t C);
+
+inline int64_t margin_fused_pws_workspace_floats(int64_t B, int64_t d, int64_t splits) {
+  return splits * B * (d + 2);
+}
+
+// PV-orientation fragment check, one warp: d = c + p @ w for p 16 x 16 bf16 (row-major), w
+// 16 x 16 bf16 row-major [k][n] (16-byte aligned) and c, d 16 x 16 fp32, through the pws kernel's
+// PV path: p as fp32 C fragments packed into the A fragment (bf16x2, even column low), w
+// through cp.async -> ldmatrix.x4.trans. Compare with a host matmul.
+Status margin_fused_pv_tile_check(const void* p, const void* w, const float* c, float* d,
+                                  void* stream);
+
 }  // namespace bct_fast
