@@ -90,20 +90,26 @@ def _lse_pws(mod, x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
     return lse, pws
 
 
+def _tile_check(launcher: str, names: tuple[str, str], a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """Runs one of the one-warp tile checks of margin_fused.h on 16 x 16 tiles ``a``, ``b`` (bf16)
+    and ``c`` (fp32); ``names`` name a and b in the errors."""
+    na, nb = names
+    if a.shape != (16, 16) or b.shape != (16, 16) or c.shape != (16, 16):
+        raise ValueError(f"{na}, {nb}, c: expected 16 x 16 tiles")
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or not a.is_cuda:
+        raise ValueError(f"{na}, {nb}: expected bfloat16 CUDA tensors")
+    a, b, c = a.contiguous(), b.contiguous(), c.to(torch.float32).contiguous()
+    out = torch.empty(16, 16, device=a.device, dtype=torch.float32)
+    with torch.cuda.device(a.device):
+        getattr(native(), launcher)(a.data_ptr(), b.data_ptr(), c.data_ptr(), out.data_ptr(), stream_of(a))
+    return out
+
+
 def mma_tile_check(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     """``c + a @ b.T`` for one 16 x 16 bf16 tile pair through the fused kernel's cp.async ->
     ldmatrix -> mma.sync path (one warp): on a GPU, the check of the fragment layouts against
     the hardware (csrc/include/bct_fast/margin_fused.h)."""
-    if a.shape != (16, 16) or b.shape != (16, 16) or c.shape != (16, 16):
-        raise ValueError("a, b, c: expected 16 x 16 tiles")
-    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or not a.is_cuda:
-        raise ValueError("a, b: expected bfloat16 CUDA tensors")
-    a, b, c = a.contiguous(), b.contiguous(), c.to(torch.float32).contiguous()
-    out = torch.empty(16, 16, device=a.device, dtype=torch.float32)
-    with torch.cuda.device(a.device):
-        native().margin_fused_mma_tile_check(a.data_ptr(), b.data_ptr(), c.data_ptr(), out.data_ptr(),
-                                             stream_of(a))
-    return out
+    return _tile_check("margin_fused_mma_tile_check", ("a", "b"), a, b, c)
 
 
 def pv_tile_check(p: Tensor, w: Tensor, c: Tensor) -> Tensor:
@@ -111,13 +117,4 @@ def pv_tile_check(p: Tensor, w: Tensor, c: Tensor) -> Tensor:
     PV path: p as fp32 accumulator fragments packed into the A fragment, w through cp.async ->
     ldmatrix.trans -> mma.sync (one warp). On a GPU, the check of the PV-orientation layouts
     against the hardware (csrc/include/bct_fast/margin_fused.h)."""
-    if p.shape != (16, 16) or w.shape != (16, 16) or c.shape != (16, 16):
-        raise ValueError("p, w, c: expected 16 x 16 tiles")
-    if p.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or not p.is_cuda:
-        raise ValueError("p, w: expected bfloat16 CUDA tensors")
-    p, w, c = p.contiguous(), w.contiguous(), c.to(torch.float32).contiguous()
-    out = torch.empty(16, 16, device=p.device, dtype=torch.float32)
-    with torch.cuda.device(p.device):
-        native().margin_fused_pv_tile_check(p.data_ptr(), w.data_ptr(), c.data_ptr(), out.data_ptr(),
-                                            stream_of(p))
-    return out
+    return _tile_check("margin_fused_pv_tile_check", ("p", "w"), p, w, c)

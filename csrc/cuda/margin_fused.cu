@@ -80,12 +80,8 @@ Status launch_pws_partial_d(const uint16_t* x, const uint16_t* w, int B, int C, 
 
 int64_t margin_fused_default_splits(int64_t B, int64_t C) {
   if (B < 1 || C < 1) return 1;
-  constexpr int64_t kTargetBlocks = 512, kMinTilesPerSplit = 4;
-  const int64_t row_tiles = (B + fused::kBM - 1) / fused::kBM;
-  const int64_t n_tiles = (C + fused::kBN - 1) / fused::kBN;
-  int64_t s = (kTargetBlocks + row_tiles - 1) / row_tiles;
-  if (s > n_tiles / kMinTilesPerSplit) s = n_tiles / kMinTilesPerSplit;
-  return s < 1 ? 1 : s;
+  return tile::shape_splits((B + fused::kBM - 1) / fused::kBM, (C + fused::kBN - 1) / fused::kBN,
+                            512, 4);
 }
 
 Status margin_fused_lse(const void* x, const void* w, DType dtype, int64_t B, int64_t C, int64_t d,
@@ -108,10 +104,8 @@ Status margin_fused_lse(const void* x, const void* w, DType dtype, int64_t B, in
   Status st = tile::check_sm80(what);
   if (!st.ok()) return st;
 
-  // Whole class tiles per split; trailing splits that would be empty are dropped.
   const int64_t n_tiles = (C + fused::kBN - 1) / fused::kBN;
-  const int64_t tiles_per_split = (n_tiles + splits - 1) / (splits < n_tiles ? splits : n_tiles);
-  const int64_t used = (n_tiles + tiles_per_split - 1) / tiles_per_split;
+  const auto [tiles_per_split, used] = tile::whole_tile_splits(n_tiles, splits);
   if (used > 65535) return Status::Error("margin_fused_lse: more than 65535 class splits");
   // A block's iterations (class tiles x depth slices) are counted in int.
   if (tiles_per_split * ((d + fused::kBK - 1) / fused::kBK) > INT32_MAX)
@@ -152,12 +146,8 @@ Status margin_fused_mma_tile_check(const void* a, const void* b, const float* c,
 
 int64_t margin_fused_pws_default_splits(int64_t B, int64_t C) {
   if (B < 1 || C < 1) return 1;
-  constexpr int64_t kTargetBlocks = 256, kMinTilesPerSplit = 4;
-  const int64_t row_tiles = (B + fpws::kBM - 1) / fpws::kBM;
-  const int64_t n_tiles = (C + fpws::kBN - 1) / fpws::kBN;
-  int64_t s = (kTargetBlocks + row_tiles - 1) / row_tiles;
-  if (s > n_tiles / kMinTilesPerSplit) s = n_tiles / kMinTilesPerSplit;
-  return s < 1 ? 1 : s;
+  return tile::shape_splits((B + fpws::kBM - 1) / fpws::kBM, (C + fpws::kBN - 1) / fpws::kBN,
+                            256, 4);
 }
 
 Status margin_fused_lse_pws(const void* x, const void* w, DType dtype, int64_t B, int64_t C,
@@ -188,10 +178,8 @@ Status margin_fused_lse_pws(const void* x, const void* w, DType dtype, int64_t B
   Status st = tile::check_sm80(what);
   if (!st.ok()) return st;
 
-  // Whole 64-class tiles per split; trailing splits that would be empty are dropped.
   const int64_t n_tiles = (C + fpws::kBN - 1) / fpws::kBN;
-  const int64_t tiles_per_split = (n_tiles + splits - 1) / (splits < n_tiles ? splits : n_tiles);
-  const int64_t used = (n_tiles + tiles_per_split - 1) / tiles_per_split;
+  const auto [tiles_per_split, used] = tile::whole_tile_splits(n_tiles, splits);
   if (used > 65535) return Status::Error("margin_fused_lse_pws: more than 65535 class splits");
   float* ws_m = workspace;
   float* ws_l = workspace + used * B;

@@ -59,13 +59,9 @@ Status launch_partial(const Args& a, bool async, cudaStream_t stream) {
 int64_t topk_fused_default_splits(int64_t Q, int64_t N) {
   if (Q < 1 || N < 1) return 1;
   // ~2 waves of an H100 (132 SMs) at one block per SM; a split gets at least 4 column tiles.
-  constexpr int64_t kTargetBlocks = 264, kMinTilesPerSplit = 4;
-  const int64_t row_tiles = (Q + tkf::kBM - 1) / tkf::kBM;
-  const int64_t n_tiles = (N + tkf::kBN - 1) / tkf::kBN;
-  int64_t s = (kTargetBlocks + row_tiles - 1) / row_tiles;
-  if (s > n_tiles / kMinTilesPerSplit) s = n_tiles / kMinTilesPerSplit;
-  if (s > 65535) s = 65535;
-  return s < 1 ? 1 : s;
+  const int64_t s =
+      tile::shape_splits((Q + tkf::kBM - 1) / tkf::kBM, (N + tkf::kBN - 1) / tkf::kBN, 264, 4);
+  return s > 65535 ? 65535 : s;
 }
 
 int64_t topk_fused_workspace_bytes(int64_t Q, int64_t splits, int k) {
@@ -104,11 +100,9 @@ Status topk_fused_search(const void* q, const void* g, DType dtype, int64_t Q, i
   Status st = tile::check_sm80(what);
   if (!st.ok()) return st;
 
-  // Whole column tiles per split; trailing splits that would be empty are dropped (the used
-  // ones fit the workspace sized for `splits`).
+  // Whole column tiles per split; the used splits fit the workspace sized for `splits`.
   const int64_t n_tiles = (N + tkf::kBN - 1) / tkf::kBN;
-  const int64_t tiles_per_split = (n_tiles + splits - 1) / (splits < n_tiles ? splits : n_tiles);
-  const int64_t used = (n_tiles + tiles_per_split - 1) / tiles_per_split;
+  const auto [tiles_per_split, used] = tile::whole_tile_splits(n_tiles, splits);
   if (used > 65535) return Status::Error("topk_fused_search: more than 65535 splits");
   if (tiles_per_split * ((d + tkf::kBK - 1) / tkf::kBK) > INT32_MAX)
     return Status::Error("topk_fused_search: too many columns x depth per split; use more splits");

@@ -95,6 +95,27 @@ Output inout(const std::string& name, size_t bytes) {
   return o;
 }
 
+// The inputs of margin_fused_lse / margin_fused_lse_pws (bf16 x, w and the per-row / per-class
+// vectors), the one named by the request's optional `null NAME` passed as a null pointer.
+struct FusedMarginInputs {
+  const void *x, *w;
+  const float *inv_nx, *inv_nw;
+  const int64_t* labels;
+  const float* target;
+};
+FusedMarginInputs fused_margin_inputs(int64_t B, int64_t C, int64_t d, const std::string& null_arg) {
+  auto arg = [&](const std::string& name, size_t bytes) {
+    const void* p = input(name, bytes);
+    return name == null_arg ? nullptr : p;
+  };
+  return {arg("x", B * d * 2),
+          arg("w", C * d * 2),
+          static_cast<const float*>(arg("inv_nx", B * 4)),
+          static_cast<const float*>(arg("inv_nw", C * 4)),
+          static_cast<const int64_t*>(arg("labels", B * 8)),
+          static_cast<const float*>(arg("target_logit", B * 4))};
+}
+
 std::vector<uint64_t> seeds() {
   std::vector<uint64_t> out;
   std::stringstream ss(req("seeds"));
@@ -241,21 +262,13 @@ int main(int argc, char** argv) {
     const int64_t ws_floats = g_req.count("ws_floats") ? req_int("ws_floats")
                                                        : bct_fast::margin_fused_workspace_floats(B, S);
     const std::string null_arg = g_req.count("null") ? req("null") : "";
-    auto arg = [&](const std::string& name, size_t bytes) {
-      const void* p = input(name, bytes);
-      return name == null_arg ? nullptr : p;
-    };
-    const void* x = arg("x", B * d * 2);
-    const void* w = arg("w", C * d * 2);
-    auto inv_nx = static_cast<const float*>(arg("inv_nx", B * 4));
-    auto inv_nw = static_cast<const float*>(arg("inv_nw", C * 4));
-    auto labels = static_cast<const int64_t*>(arg("labels", B * 8));
-    auto target = static_cast<const float*>(arg("target_logit", B * 4));
+    const FusedMarginInputs in = fused_margin_inputs(B, C, d, null_arg);
     outs.push_back(output("lse", B * 4, 0xff));
     outs.push_back(output("ws", (ws_floats > 0 ? ws_floats : 0) * 4, 0xff));
     call = [=, &outs] {
       return bct_fast::margin_fused_lse(
-          x, w, bct_fast::DType::kBFloat16, B, C, d, inv_nx, inv_nw, labels, target, scale, S,
+          in.x, in.w, bct_fast::DType::kBFloat16, B, C, d, in.inv_nx, in.inv_nw, in.labels,
+          in.target, scale, S,
           null_arg == "workspace" ? nullptr : static_cast<float*>(outs[1].buf), ws_floats,
           null_arg == "lse" ? nullptr : static_cast<float*>(outs[0].buf), nullptr);
     };
@@ -277,16 +290,7 @@ int main(int argc, char** argv) {
                                   ? req_int("ws_floats")
                                   : bct_fast::margin_fused_pws_workspace_floats(B, d, S);
     const std::string null_arg = g_req.count("null") ? req("null") : "";
-    auto arg = [&](const std::string& name, size_t bytes) {
-      const void* p = input(name, bytes);
-      return name == null_arg ? nullptr : p;
-    };
-    const void* x = arg("x", B * d * 2);
-    const void* w = arg("w", C * d * 2);
-    auto inv_nx = static_cast<const float*>(arg("inv_nx", B * 4));
-    auto inv_nw = static_cast<const float*>(arg("inv_nw", C * 4));
-    auto labels = static_cast<const int64_t*>(arg("labels", B * 8));
-    auto target = static_cast<const float*>(arg("target_logit", B * 4));
+    const FusedMarginInputs in = fused_margin_inputs(B, C, d, null_arg);
     outs.push_back(output("lse", B * 4, 0xff));
     outs.push_back(output("pws", (B * d > 0 ? B * d : 0) * 4, 0xff));
     outs.push_back(output("ws", (ws_floats > 0 ? ws_floats : 0) * 4, 0xff));
@@ -296,7 +300,8 @@ int main(int argc, char** argv) {
     };
     call = [=, &outs] {
       return bct_fast::margin_fused_lse_pws(
-          x, w, bct_fast::DType::kBFloat16, B, C, d, inv_nx, inv_nw, labels, target, scale, S,
+          in.x, in.w, bct_fast::DType::kBFloat16, B, C, d, in.inv_nx, in.inv_nw, in.labels,
+          in.target, scale, S,
           nul("workspace", outs[2].buf), ws_floats, nul("lse", outs[0].buf),
           nul("pws", outs[1].buf), nullptr);
     };
