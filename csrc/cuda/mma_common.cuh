@@ -12,9 +12,11 @@
 // (BCT_FAST_EMULATOR) gets C++ versions that give every lane the register contents the PTX ISA
 // documents, exchanging fragments between lanes only through the emulator's warp collectives, so
 // a kernel's fragment plumbing (addresses, register order) is checked against the documented
-// layouts. They are NOT checked against hardware: a misreading of the documentation shared by
-// the kernel and these emulations would go unnoticed (the first GPU run should execute
-// margin_fused_mma_tile_check, see margin_fused.h).
+// layouts. These emulations, and the per-lane addressing below, are compared with CUTLASS/CuTe's
+// layouts (tests/ops/test_fragment_layouts_cute.py), a second reading that CUTLASS runs on
+// hardware; the bf16x2 half order of cvt matches CUTLASS's NumericArrayConverter<bfloat16_t,
+// float, 2> by reading only. None of it has met a GPU yet: the first GPU run should execute
+// margin_fused_mma_tile_check and margin_fused_pv_tile_check (margin_fused.h).
 //
 // Layouts used (PTX ISA 9.x, "Matrix Fragments for mma.m16n8k16 with floating point type",
 // .f16/.bf16; and "Warp-level matrix load instruction: ldmatrix"), with

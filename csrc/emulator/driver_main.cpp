@@ -4,7 +4,7 @@
 //   bct_emu_driver DIR
 // DIR/request.txt holds "key value" lines: op (stats | grad_weight | epi_stats | epi_grads | topk |
 // topk_select | fused_stats | fused_mma_tile | fused_pws | fused_pv_tile | fused_topk | convert |
-// selftest), the sizes and
+// selftest | fragment_probe), the sizes and
 // scalars of that op, and seeds (comma-separated; each seed reruns the launch with another
 // thread order and must give bit-identical outputs). Arrays are raw little-endian files
 // DIR/<name>.bin; outputs are written to DIR/<name>.out.bin.
@@ -36,6 +36,8 @@ void bct_emu_register_topk_epilogue();
 void bct_emu_register_margin_fused();
 void bct_emu_register_topk_fused();
 int bct_emu_selftest(const std::string& name, int* out);
+int bct_emu_fragment_probe(const std::string& name, const void* in0, const void* in1,
+                           const void* in2, void* out);
 
 namespace {
 
@@ -364,6 +366,30 @@ int main(int argc, char** argv) {
     outs.push_back(output("out", 128 * 4, 0));
     call = [name, &outs] {
       const int err = bct_emu_selftest(name, static_cast<int*>(outs[0].buf));
+      return err == 0 ? bct_fast::Status::Ok()
+                      : bct_fast::Status::Error(cudaGetErrorString(static_cast<cudaError_t>(err)));
+    };
+  } else if (op == "fragment_probe") {  // fragment_probe_emu.cpp: one warp, one instruction
+    const std::string name = req("case");
+    // mma: a[32][4] u32, b[32][2] u32, c[32][4] f32 -> out[32][4] f32; ldmatrix(_trans):
+    // tile[32][4] u32 (32 rows of 8 b16) -> out[32][4] u32; c_to_a: c[32][8] f32 ->
+    // out[32][4] u32; addressing: -> out[32][14] int32.
+    const void *in0 = nullptr, *in1 = nullptr, *in2 = nullptr;
+    size_t out_bytes = 32 * 4 * 4;
+    if (name == "mma") {
+      in0 = input("a", 32 * 4 * 4), in1 = input("b", 32 * 2 * 4), in2 = input("c", 32 * 4 * 4);
+    } else if (name == "ldmatrix" || name == "ldmatrix_trans") {
+      in0 = input("tile", 32 * 4 * 4);
+    } else if (name == "c_to_a") {
+      in0 = input("c", 32 * 8 * 4);
+    } else if (name == "addressing") {
+      out_bytes = 32 * 14 * 4;
+    } else {
+      fail("unknown fragment probe '%s'", name.c_str());
+    }
+    outs.push_back(output("out", out_bytes, 0xff));
+    call = [=, &outs] {
+      const int err = bct_emu_fragment_probe(name, in0, in1, in2, outs[0].buf);
       return err == 0 ? bct_fast::Status::Ok()
                       : bct_fast::Status::Error(cudaGetErrorString(static_cast<cudaError_t>(err)));
     };

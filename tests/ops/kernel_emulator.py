@@ -35,7 +35,7 @@ FLAGS = ["-O1", "-g", "-std=c++17", "-DBCT_FAST_EMULATOR"]
 KERNEL_FLAGS = ["-fsanitize=thread", "-fno-ipa-reference", "-fno-tree-loop-distribute-patterns"]
 KERNEL_SOURCES = ["margin_softmax", "margin_epilogue", "cosine_topk", "topk_epilogue",
                   "margin_fused", "topk_fused"]
-KERNEL_OBJECTS = [f"{n}_emu" for n in KERNEL_SOURCES] + ["selftest_emu"]
+KERNEL_OBJECTS = [f"{n}_emu" for n in KERNEL_SOURCES] + ["selftest_emu", "fragment_probe_emu"]
 
 # Fault injection for the harness's self-test (hooks in csrc/cuda/tile_common.cuh).
 BREAKS = {
