@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -35,9 +36,27 @@ def machine() -> dict:
     return info
 
 
+def _gpu_checks():
+    """benchmarks/gpu_checks.py by path (this script runs with PYTHONSAFEPATH: its folder is not
+    on sys.path)."""
+    spec = importlib.util.spec_from_file_location(
+        "gpu_checks", os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_checks.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def tests_summary(path: str) -> dict | None:
+    """Totals of a junit XML, or of the .jsonl record tests/conftest.py writes as tests finish
+    (collected vs finished shows a run its deadline stopped)."""
     if not path or not os.path.exists(path):
         return None
+    if path.endswith(".jsonl"):
+        rec = _gpu_checks().read_record(path)
+        outcomes = list(rec["outcome"].values())
+        return {"collected": rec["collected"], "collect_errors": rec["collect_errors"],
+                "finished": len(outcomes),
+                **{k: outcomes.count(k) for k in ("passed", "failed", "skipped")}}
     root = ET.parse(path).getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     keys = ("tests", "failures", "errors", "skipped", "time")

@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_checks.py cmake                  # local cmake >= pyproject's floor?
     python benchmarks/gpu_checks.py installed ROOT         # the installed build, not ROOT/bct_fast?
-    python benchmarks/gpu_checks.py cuda-tests JUNIT.xml   # every CUDA test ran and passed?
+    python benchmarks/gpu_checks.py cuda-tests RESULTS     # every CUDA test ran and passed?
+                                                           # (junit XML, or the .jsonl record)
     python benchmarks/gpu_checks.py sanitizer LOG RC       # clean | errors | refused | failed
     python benchmarks/gpu_checks.py ncu CSV...             # Nsight Compute raw CSVs -> per kernel
 
@@ -109,24 +110,73 @@ def cuda_test_counts(junit: Path) -> dict[str, dict[str, int]]:
     return counts
 
 
-def check_cuda_tests(junit: Path) -> dict:
+_RANK = {"passed": 0, "skipped": 1, "failed": 2}
+
+
+def read_record(record: Path) -> dict:
+    """The JSON-lines record tests/conftest.py writes (BCT_FAST_TEST_RECORD) as tests finish:
+    ``outcome`` (nodeid -> passed / failed / skipped, the worst of its phases: a failing teardown
+    fails a passed call), ``cuda`` (nodeids of finished CUDA tests), ``collected`` (count),
+    ``collected_cuda`` (nodeids) and ``collect_errors``. A line cut short by a kill is ignored."""
+    out = {"outcome": {}, "cuda": set(), "collected": None, "collected_cuda": [], "collect_errors": 0}
+    for line in Path(record).read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "collected_cuda" in r:
+            out["collected"], out["collected_cuda"] = r["collected"], r["collected_cuda"]
+        elif "collect_error" in r:
+            out["collect_errors"] += 1
+        else:
+            if _RANK[r["outcome"]] > _RANK.get(out["outcome"].get(r["nodeid"], ""), -1):
+                out["outcome"][r["nodeid"]] = r["outcome"]
+            if r.get("cuda"):
+                out["cuda"].add(r["nodeid"])
+    return out
+
+
+def record_counts(record: Path) -> tuple[dict[str, dict[str, int]], list[str], int]:
+    """Per test file passed / failed / skipped CUDA tests of a record (read_record), the collected
+    CUDA tests that never finished (the deadline or a crash stopped the run), and the number of
+    collection errors."""
+    rec = read_record(record)
+    counts: dict[str, dict[str, int]] = {}
+    for nodeid in rec["cuda"]:
+        row = counts.setdefault(nodeid.split("::")[0], {"passed": 0, "failed": 0, "skipped": 0})
+        row[rec["outcome"][nodeid]] += 1
+    unfinished = [n for n in rec["collected_cuda"] if n not in rec["outcome"]]
+    return counts, unfinished, rec["collect_errors"]
+
+
+def check_cuda_tests(results: Path) -> dict:
     """On a machine with a GPU: at least one CUDA test ran, none failed, none was skipped
-    (a skipped CUDA test on a GPU machine means the kernels were not what ran)."""
-    counts = cuda_test_counts(junit)
+    (a skipped CUDA test on a GPU machine means the kernels were not what ran), and, from a
+    .jsonl record, every collected CUDA test finished."""
+    if not Path(results).exists():
+        return {"ok": False, "gpu_visible": gpu_visible(), "problems": [f"{results} does not exist"]}
+    unfinished: list[str] = []
+    if str(results).endswith(".jsonl"):
+        counts, unfinished, suite_errors = record_counts(results)
+    else:
+        counts = cuda_test_counts(results)
+        suite_errors = sum(int(s.get("errors", 0)) for s in ET.parse(results).getroot().iter("testsuite"))
     total = {k: sum(r[k] for r in counts.values()) for k in ("passed", "failed", "skipped")}
-    suite_errors = sum(int(s.get("errors", 0)) for s in ET.parse(junit).getroot().iter("testsuite"))
     problems = []
     if total["failed"]:
         problems.append(f"{total['failed']} CUDA tests failed")
     if suite_errors:
         problems.append(f"{suite_errors} errors (collection or fixtures)")
+    if unfinished:
+        problems.append(f"{len(unfinished)} collected CUDA tests did not finish (deadline or crash), "
+                        f"first: {unfinished[0]}")
     if gpu_visible():
         if total["skipped"]:
             problems.append(f"{total['skipped']} CUDA tests were skipped although a GPU is visible")
         if total["passed"] == 0:
             problems.append("no CUDA test ran although a GPU is visible")
     return {"ok": not problems, "gpu_visible": gpu_visible(), "total": total, "per_file": counts,
-            "problems": problems}
+            "unfinished": len(unfinished), "problems": problems}
 
 
 # ---- compute-sanitizer ---------------------------------------------------------------------

@@ -65,7 +65,7 @@ BENCH_JSONS=()
 # The JSON (rewritten after every step, atomically) and the logs, into $RESULTS.
 collect() {
   $PY benchmarks/collect_results.py --out "$RESULTS/gpu_${STAMP}.json" --bench "${BENCH_JSONS[@]}" \
-    --tests "$WORK/tests.xml" --commit "${BCT_FAST_COMMIT:-unknown}" --steps "$STATUS" \
+    --tests "$WORK/tests.jsonl" --commit "${BCT_FAST_COMMIT:-unknown}" --steps "$STATUS" \
     --attach "$WORK/first_checks.json" "$WORK/cuda_tests.json" "$WORK/sanitizer_memcheck.json" \
     "$WORK/sanitizer_racecheck.json" "$WORK/installed.json" "$WORK/ncu_summary.json" \
     >>"$WORK/collect.log" 2>&1 || echo "== collect failed (see collect.log)"
@@ -169,11 +169,11 @@ FIRST=(
 )
 if want first; then
   if T=$(budget 120 30); then
-    timeout "$T" $PY -m pytest "${FIRST[@]}" -q -p no:cacheprovider -o junit_family=xunit1 \
-      --junitxml="$WORK/first.xml" >"$WORK/first.log" 2>&1
+    BCT_FAST_TEST_RECORD="$WORK/first.jsonl" timeout "$T" $PY -m pytest "${FIRST[@]}" -q \
+      -p no:cacheprovider >"$WORK/first.log" 2>&1
     RC=$?
     tail -3 "$WORK/first.log"
-    $CHECK cuda-tests "$WORK/first.xml" >"$WORK/first_checks.json"
+    $CHECK cuda-tests "$WORK/first.jsonl" >"$WORK/first_checks.json"
     step first "$RC"
     [ "$RC" -ne 0 ] && TEST_RC=$RC
   else skipped first; fi
@@ -184,11 +184,12 @@ fi
 if want tests; then
   if T=$(budget 300 60); then
     echo "== CUDA tests (timeout $T s)"
-    timeout "$T" $PY -m pytest tests -m cuda -q -p no:cacheprovider --durations=20 \
-      -o junit_family=xunit1 --junitxml="$WORK/tests.xml" >"$WORK/tests.log" 2>&1
+    # The record gets a line per finished test: a run the deadline stops keeps its verdicts.
+    BCT_FAST_TEST_RECORD="$WORK/tests.jsonl" timeout "$T" $PY -m pytest tests -m cuda -q \
+      -p no:cacheprovider --durations=20 >"$WORK/tests.log" 2>&1
     RC=$?
     tail -5 "$WORK/tests.log"
-    $CHECK cuda-tests "$WORK/tests.xml" | tee "$WORK/cuda_tests.json"
+    $CHECK cuda-tests "$WORK/tests.jsonl" | tee "$WORK/cuda_tests.json"
     CUDA_RC=${PIPESTATUS[0]}
     step tests "$RC"; step cuda_tests "$CUDA_RC"
     [ "$RC" -ne 0 ] && TEST_RC=$RC

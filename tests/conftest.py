@@ -1,6 +1,7 @@
 """Shared fixtures: available devices, fresh random seeds, the `cuda` marker."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -27,6 +28,38 @@ def pytest_collection_modifyitems(config, items):
         if "cuda" in item.keywords:  # junit XML records it: a GPU run's checker counts CUDA tests
             item.user_properties.append(("cuda", "1"))
     skip_cuda_items(items)
+
+
+# gpu_session.sh: a JSON-lines file that gets one line per finished test as it finishes (and the
+# collected CUDA tests first), so a run stopped by its deadline still leaves every verdict so far
+# (junit XML is written only at the end). Read by benchmarks/gpu_checks.py.
+RECORD_ENV = "BCT_FAST_TEST_RECORD"
+
+
+def _record(line: dict) -> None:
+    with open(os.environ[RECORD_ENV], "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def pytest_collection_finish(session):
+    if os.environ.get(RECORD_ENV):
+        cuda = [i.nodeid for i in session.items if ("cuda", "1") in i.user_properties]
+        _record({"collected": len(session.items), "collected_cuda": cuda})
+
+
+def pytest_collectreport(report):
+    if os.environ.get(RECORD_ENV) and report.failed:
+        _record({"collect_error": report.nodeid})
+
+
+def pytest_runtest_logreport(report):
+    # One line per test: its call, or the setup / teardown that failed or skipped it.
+    if not os.environ.get(RECORD_ENV):
+        return
+    if report.when == "call" or report.outcome != "passed":
+        _record({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
+                 "cuda": ("cuda", "1") in report.user_properties,
+                 "duration_s": round(report.duration, 3)})
 
 
 @pytest.fixture

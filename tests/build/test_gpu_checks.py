@@ -1,6 +1,7 @@
 """benchmarks/gpu_checks.py, the checks behind benchmarks/gpu_session.sh, tested without a GPU:
 "green" on a GPU machine must never mean "skipped", and the installed build must be what runs."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -72,6 +73,40 @@ def test_real_junit_records_the_cuda_marker(tmp_path, monkeypatch):
     res = gpu_checks.check_cuda_tests(xml)
     if res["total"]["skipped"]:  # this machine has no GPU: exactly the case the checker must fail
         assert not res["ok"]
+
+
+def test_record_keeps_the_verdicts_of_a_stopped_run(tmp_path, monkeypatch):
+    """The .jsonl record (tests/conftest.py) of a real pytest run: every collected CUDA test gets
+    a line as it finishes; a record cut short (the deadline) names the unfinished tests and fails
+    the check, a half-written last line is ignored."""
+    record = tmp_path / "r.jsonl"
+    env = dict(os.environ, BCT_FAST_TEST_DEVICE="cpu", BCT_FAST_TEST_RECORD=str(record))
+    subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests/ops/test_kernels_small_cuda.py"), "-q",
+                    "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, timeout=300)
+    lines = record.read_text().splitlines()
+    rec = gpu_checks.read_record(record)
+    assert len(rec["collected_cuda"]) >= 8 and set(rec["collected_cuda"]) == rec["cuda"]
+    counts, unfinished, errors = gpu_checks.record_counts(record)
+    assert unfinished == [] and errors == 0
+    assert sum(sum(r.values()) for r in counts.values()) == len(rec["collected_cuda"])
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])
+    res = gpu_checks.check_cuda_tests(cut)
+    assert not res["ok"] and res["unfinished"] == len(rec["collected_cuda"]) - 2
+    assert "did not finish" in " ".join(res["problems"])
+
+
+def test_record_takes_the_worst_phase(tmp_path, monkeypatch):
+    monkeypatch.setenv(gpu_checks.FAKE_GPU_ENV, "1")
+    rows = [{"collected": 2, "collected_cuda": ["t.py::a", "t.py::b"]},
+            {"nodeid": "t.py::a", "when": "call", "outcome": "passed", "cuda": True},
+            {"nodeid": "t.py::a", "when": "teardown", "outcome": "failed", "cuda": True},
+            {"nodeid": "t.py::b", "when": "call", "outcome": "passed", "cuda": True}]
+    record = tmp_path / "r.jsonl"
+    record.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = gpu_checks.check_cuda_tests(record)
+    assert not res["ok"] and res["total"] == {"passed": 1, "failed": 1, "skipped": 0}
+    assert not gpu_checks.check_cuda_tests(tmp_path / "missing.jsonl")["ok"]
 
 
 @pytest.mark.parametrize("log,rc,verdict", [
