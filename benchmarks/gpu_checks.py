@@ -4,7 +4,8 @@
     python benchmarks/gpu_checks.py installed ROOT         # the installed build, not ROOT/bct_fast?
     python benchmarks/gpu_checks.py cuda-tests RESULTS     # every CUDA test ran and passed?
                                                            # (junit XML, or the .jsonl record)
-    python benchmarks/gpu_checks.py sanitizer LOG RC       # clean | errors | refused | failed
+    python benchmarks/gpu_checks.py sanitizer LOG RC [RECORD]  # clean | errors | refused | failed
+                                                           # (+ per family, from the tests' record)
     python benchmarks/gpu_checks.py ncu CSV...             # Nsight Compute raw CSVs -> per kernel
 
 Each prints one JSON object and exits 1 when the check fails. "GPU visible" is
@@ -117,8 +118,9 @@ def read_record(record: Path) -> dict:
     """The JSON-lines record tests/conftest.py writes (BCT_FAST_TEST_RECORD) as tests finish:
     ``outcome`` (nodeid -> passed / failed / skipped, the worst of its phases: a failing teardown
     fails a passed call), ``cuda`` (nodeids of finished CUDA tests), ``collected`` (count),
-    ``collected_cuda`` (nodeids) and ``collect_errors``. A line cut short by a kill is ignored."""
-    out = {"outcome": {}, "cuda": set(), "collected": None, "collected_cuda": [], "collect_errors": 0}
+    ``collected_cuda`` (nodeid -> the kernel families it exercises) and ``collect_errors``. A line
+    cut short by a kill is ignored."""
+    out = {"outcome": {}, "cuda": set(), "collected": None, "collected_cuda": {}, "collect_errors": 0}
     for line in Path(record).read_text().splitlines():
         try:
             r = json.loads(line)
@@ -149,6 +151,19 @@ def record_counts(record: Path) -> tuple[dict[str, dict[str, int]], list[str], i
     return counts, unfinished, rec["collect_errors"]
 
 
+def family_counts(record: Path) -> dict[str, dict[str, int]]:
+    """Per kernel family (KERNEL_FAMILIES of the test files): its collected CUDA tests that
+    passed / failed / skipped / never finished."""
+    rec = read_record(record)
+    out: dict[str, dict[str, int]] = {}
+    for nodeid, families in rec["collected_cuda"].items():
+        outcome = rec["outcome"].get(nodeid, "unfinished")
+        for family in families:
+            row = out.setdefault(family, {"passed": 0, "failed": 0, "skipped": 0, "unfinished": 0})
+            row[outcome] += 1
+    return out
+
+
 def check_cuda_tests(results: Path) -> dict:
     """On a machine with a GPU: at least one CUDA test ran, none failed, none was skipped
     (a skipped CUDA test on a GPU machine means the kernels were not what ran), and, from a
@@ -156,8 +171,10 @@ def check_cuda_tests(results: Path) -> dict:
     if not Path(results).exists():
         return {"ok": False, "gpu_visible": gpu_visible(), "problems": [f"{results} does not exist"]}
     unfinished: list[str] = []
+    per_family = None
     if str(results).endswith(".jsonl"):
         counts, unfinished, suite_errors = record_counts(results)
+        per_family = family_counts(results)
     else:
         counts = cuda_test_counts(results)
         suite_errors = sum(int(s.get("errors", 0)) for s in ET.parse(results).getroot().iter("testsuite"))
@@ -176,7 +193,8 @@ def check_cuda_tests(results: Path) -> dict:
         if total["passed"] == 0:
             problems.append("no CUDA test ran although a GPU is visible")
     return {"ok": not problems, "gpu_visible": gpu_visible(), "total": total, "per_file": counts,
-            "unfinished": len(unfinished), "problems": problems}
+            "per_family": per_family, "unfinished": len(unfinished), "collect_errors": suite_errors,
+            "problems": problems}
 
 
 # ---- compute-sanitizer ---------------------------------------------------------------------
@@ -260,6 +278,8 @@ def main(argv: list[str]) -> int:
         log = Path(args[0]).read_text(errors="replace") if Path(args[0]).exists() else ""
         verdict = sanitizer_verdict(log, int(args[1]))
         res = {"ok": verdict in ("clean", "refused"), "verdict": verdict}
+        if len(args) > 2 and Path(args[2]).exists():  # the record of the tests it ran
+            res["per_family"] = family_counts(Path(args[2]))
     elif cmd == "ncu":
         res = ncu_summary([Path(a) for a in args])
     else:

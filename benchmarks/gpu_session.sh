@@ -25,6 +25,10 @@
 #        BCT_FAST_GPU_BENCH="benchmarks/bench_search_cuda_bf16.py benchmarks/bench_margin_ce.py"
 #        (a cold machine rebuilds by itself: the installed check fails, so the build runs)
 #   3. give_back.
+#   4. here: python benchmarks/verify_gpu_run.py benchmarks/results/gpu_<stamp>.json --write adds the
+#      families the run verified (CUDA tests of each test file's KERNEL_FAMILIES all passed, the
+#      sanitizer clean or refused, this checkout's sources) to bct_fast/_core/gpu_verified.json;
+#      commit both files together.
 #
 # Other uses:
 #   BCT_FAST_GPU_DRY_RUN=1 CUDAARCHS=90a-real bash benchmarks/gpu_session.sh   # no GPU: stops
@@ -207,9 +211,13 @@ if want sanitizer; then
   for TOOL in memcheck racecheck; do
     if T=$(budget 150 45); then
       echo "== compute-sanitizer --tool $TOOL (timeout $T s)"
-      timeout "$T" compute-sanitizer --tool "$TOOL" --error-exitcode 1 \
+      BCT_FAST_TEST_RECORD="$WORK/sanitizer_$TOOL.jsonl" timeout "$T" \
+        compute-sanitizer --tool "$TOOL" --error-exitcode 1 \
         $PY -m pytest "${FIRST[@]}" \
           "tests/ops/test_margin_epilogue.py::test_cuda_kernels_match_their_twin" \
+          "tests/ops/test_topk_epilogue.py::test_cuda_nan_flag" \
+          "tests/ops/test_topk_epilogue.py::test_cuda_kernel_equals_twin[True-False-257-dtype1]" \
+          "tests/ops/test_topk_epilogue.py::test_cuda_kernel_equals_twin[False-True-4096-dtype0]" \
           "tests/ops/test_margin_fused.py::test_cuda_fused_lse_matches_float64" \
           "tests/ops/test_margin_fused.py::test_cuda_fused_lse_pws_matches_float64[1-1-16]" \
           "tests/ops/test_margin_fused.py::test_cuda_fused_lse_pws_matches_float64[65-3001-100]" \
@@ -217,7 +225,8 @@ if want sanitizer; then
           -q -p no:cacheprovider >"$WORK/sanitizer_$TOOL.log" 2>&1
       RC=$?
       tail -3 "$WORK/sanitizer_$TOOL.log"
-      $CHECK sanitizer "$WORK/sanitizer_$TOOL.log" "$RC" | tee "$WORK/sanitizer_$TOOL.json"
+      $CHECK sanitizer "$WORK/sanitizer_$TOOL.log" "$RC" "$WORK/sanitizer_$TOOL.jsonl" \
+        | tee "$WORK/sanitizer_$TOOL.json"
       step "sanitizer_$TOOL" "$(sed -n 's/.*"verdict": "\([a-z]*\)".*/\1/p' "$WORK/sanitizer_$TOOL.json")"
     else skipped "sanitizer_$TOOL"; fi
     collect

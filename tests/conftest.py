@@ -27,6 +27,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cuda)  # so `-m cuda` selects every CUDA case
         if "cuda" in item.keywords:  # junit XML records it: a GPU run's checker counts CUDA tests
             item.user_properties.append(("cuda", "1"))
+            # Which kernel families the test exercises (benchmarks/verify_gpu_run.py): declared
+            # per file, so a new CUDA test file cannot slip past the verification.
+            families = getattr(item.module, "KERNEL_FAMILIES", None)
+            if families is None:
+                raise pytest.UsageError(f"{item.module.__file__}: a file with CUDA tests must declare "
+                                        "KERNEL_FAMILIES (the kernel families they exercise)")
+            item.user_properties.append(("families", ",".join(families)))
     skip_cuda_items(items)
 
 
@@ -43,7 +50,8 @@ def _record(line: dict) -> None:
 
 def pytest_collection_finish(session):
     if os.environ.get(RECORD_ENV):
-        cuda = [i.nodeid for i in session.items if ("cuda", "1") in i.user_properties]
+        cuda = {i.nodeid: dict(i.user_properties)["families"].split(",")
+                for i in session.items if ("cuda", "1") in i.user_properties}
         _record({"collected": len(session.items), "collected_cuda": cuda})
 
 
@@ -59,6 +67,7 @@ def pytest_runtest_logreport(report):
     if report.when == "call" or report.outcome != "passed":
         _record({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
                  "cuda": ("cuda", "1") in report.user_properties,
+                 "families": dict(report.user_properties).get("families", ""),
                  "duration_s": round(report.duration, 3)})
 
 

@@ -98,7 +98,7 @@ def test_record_keeps_the_verdicts_of_a_stopped_run(tmp_path, monkeypatch):
 
 def test_record_takes_the_worst_phase(tmp_path, monkeypatch):
     monkeypatch.setenv(gpu_checks.FAKE_GPU_ENV, "1")
-    rows = [{"collected": 2, "collected_cuda": ["t.py::a", "t.py::b"]},
+    rows = [{"collected": 2, "collected_cuda": {"t.py::a": ["f1"], "t.py::b": ["f1", "f2"]}},
             {"nodeid": "t.py::a", "when": "call", "outcome": "passed", "cuda": True},
             {"nodeid": "t.py::a", "when": "teardown", "outcome": "failed", "cuda": True},
             {"nodeid": "t.py::b", "when": "call", "outcome": "passed", "cuda": True}]
@@ -106,6 +106,8 @@ def test_record_takes_the_worst_phase(tmp_path, monkeypatch):
     record.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = gpu_checks.check_cuda_tests(record)
     assert not res["ok"] and res["total"] == {"passed": 1, "failed": 1, "skipped": 0}
+    assert res["per_family"] == {"f1": {"passed": 1, "failed": 1, "skipped": 0, "unfinished": 0},
+                                 "f2": {"passed": 1, "failed": 0, "skipped": 0, "unfinished": 0}}
     assert not gpu_checks.check_cuda_tests(tmp_path / "missing.jsonl")["ok"]
 
 

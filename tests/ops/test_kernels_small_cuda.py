@@ -8,6 +8,10 @@ from bct_fast.ops import cosine_topk
 from test_margin_ce import check_against_reference, inputs
 from topk_reference import assert_topk_matches_reference
 
+# The kernel families this file's CUDA tests exercise: a GPU run verifies a family only when
+# every CUDA test that names it passed (benchmarks/verify_gpu_run.py).
+KERNEL_FAMILIES = ("margin_softmax", "cosine_topk")
+
 pytestmark = pytest.mark.cuda
 
 

@@ -15,6 +15,10 @@ from bct_fast.ops.rows import inv_row_norms
 from test_margin_ce import inputs, rel_err, run
 import test_providers
 
+# The kernel families this file's CUDA tests exercise: a GPU run verifies a family only when
+# every CUDA test that names it passed (benchmarks/verify_gpu_run.py).
+KERNEL_FAMILIES = ("margin_epilogue",)
+
 CUDA = torch.device("cuda")  # only its type is read by choose: no GPU needed
 MARGINS = [("none", 0.0), ("cosface", 0.35), ("arcface", 0.5)]
 # (B, C, d, chunk): B=1, C not a multiple of the chunk, a single partial chunk, chunk 1.

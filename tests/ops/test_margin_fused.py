@@ -16,6 +16,10 @@ from test_margin_ce import inputs, rel_err, run
 from test_margin_epilogue import plain_bf16, provider_args
 import test_providers
 
+# The kernel families this file's CUDA tests exercise: a GPU run verifies a family only when
+# every CUDA test that names it passed (benchmarks/verify_gpu_run.py).
+KERNEL_FAMILIES = ("margin_fused", "margin_epilogue")
+
 CUDA = torch.device("cuda")  # only its type is read by choose: no GPU needed
 compiled = test_providers.compiled
 

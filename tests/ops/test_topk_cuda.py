@@ -10,6 +10,10 @@ import torch
 from bct_fast.ops import cosine_topk
 from topk_reference import assert_topk_matches_reference, reference_topk
 
+# The kernel families this file's CUDA tests exercise: a GPU run verifies a family only when
+# every CUDA test that names it passed (benchmarks/verify_gpu_run.py).
+KERNEL_FAMILIES = ("cosine_topk",)
+
 pytestmark = pytest.mark.cuda
 
 

@@ -14,6 +14,10 @@ import torch
 
 from bct_fast.ops import topk_epilogue as tke
 
+# The kernel families this file's CUDA tests exercise: a GPU run verifies a family only when
+# every CUDA test that names it passed (benchmarks/verify_gpu_run.py).
+KERNEL_FAMILIES = ("topk_epilogue",)
+
 
 def reference(q, g, k, normalize=True, exclude_self=False):
     q64, g64 = q.double(), g.double()

@@ -15,6 +15,10 @@ from bct_fast.ops import topk_fused as tkf
 from bct_fast.ops.topk import cosine_topk
 from topk_reference import assert_matches_cupy, assert_topk_matches_reference
 
+# The kernel families this file's CUDA tests exercise: a GPU run verifies a family only when
+# every CUDA test that names it passed (benchmarks/verify_gpu_run.py).
+KERNEL_FAMILIES = ("topk_fused", "topk_epilogue")
+
 CUDA = torch.device("cuda")
 
 

@@ -1,0 +1,127 @@
+"""Which kernel families a recorded GPU run verifies, and (with --write) the entries it adds to
+bct_fast/_core/gpu_verified.json: the record that makes a family's kernels the default (issue 15,
+part 3). Run it here on the JSON a lease brought back, commit both files in one change.
+
+    python benchmarks/verify_gpu_run.py benchmarks/results/gpu_<stamp>.json [--write]
+
+A run verifies a family when all of these hold:
+  - a GPU ran it (``machine.gpu``) and the tests imported the installed build (``installed.ok``);
+  - the run's build of the family was compiled from this checkout's sources
+    (``installed.kernel_sources`` equals ``source_hashes``): an entry names exact sources;
+  - no collection error, and every collected CUDA test that names the family (a test file's
+    ``KERNEL_FAMILIES``) finished and passed: none failed, skipped or unfinished;
+  - compute-sanitizer memcheck and racecheck each said ``refused`` (the machine does not run it),
+    or ``clean`` with at least one of the family's tests passing under it and none failing.
+Anything missing (a step skipped for time, say) verifies nothing. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORD = ROOT / "bct_fast" / "_core" / "gpu_verified.json"
+SANITIZERS = ("sanitizer_memcheck", "sanitizer_racecheck")
+
+
+def _source_hashes(root: Path) -> dict[str, str]:
+    sys.path.insert(0, str(root))  # the checkout's own hashing (no torch, no extension needed)
+    try:
+        from bct_fast._core.extension import source_hashes
+    finally:
+        sys.path.pop(0)
+    return source_hashes(root)
+
+
+def family_verdicts(run: dict, hashes: dict[str, str]) -> dict[str, dict]:
+    """Per family: ``verified`` and, when not, ``reasons``."""
+    gpu = (run.get("machine") or {}).get("gpu")
+    installed = run.get("installed") or {}
+    built = installed.get("kernel_sources") or {}
+    tests = run.get("cuda_tests") or {}
+    per_family = tests.get("per_family") or {}
+    out = {}
+    for family, sha in hashes.items():
+        reasons = []
+        if not gpu:
+            reasons.append("no GPU in the run")
+        if not installed.get("ok"):
+            reasons.append("the installed-build check did not pass")
+        if built.get(family) != sha:
+            reasons.append("the run's build has other sources than this checkout")
+        if tests.get("collect_errors"):
+            reasons.append("collection errors")
+        row = per_family.get(family)
+        if not row or not row.get("passed"):
+            reasons.append("no CUDA test of this family passed in the run")
+        elif row.get("failed") or row.get("skipped") or row.get("unfinished"):
+            reasons.append(f"CUDA tests: {row}")
+        for tool in SANITIZERS:
+            san = run.get(tool) or {}
+            verdict = san.get("verdict")
+            if verdict == "refused":
+                continue
+            if verdict != "clean":
+                reasons.append(f"{tool}: {verdict or 'not run'}")
+                continue
+            srow = (san.get("per_family") or {}).get(family) or {}
+            if not srow.get("passed") or srow.get("failed") or srow.get("unfinished"):
+                reasons.append(f"{tool}: none of this family's cases passed under it ({srow or 'none ran'})")
+        out[family] = {"verified": not reasons, "reasons": reasons}
+    return out
+
+
+def entry(run: dict, run_path: Path, sha: str) -> dict:
+    verdicts = {(run.get(t) or {}).get("verdict") for t in SANITIZERS}
+    try:
+        result = run_path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        result = str(run_path)
+    return {"sha256": sha, "result": result, "device": run["machine"]["gpu"]["name"],
+            "date": run.get("date"), "commit": run.get("commit"),
+            "sanitizer": "refused" if "refused" in verdicts else "clean"}
+
+
+def write_record(record_path: Path, additions: dict[str, dict]) -> dict:
+    """Adds the entries (one per family, skipping a sha256 already listed), atomically."""
+    record = json.loads(record_path.read_text())
+    for family, e in additions.items():
+        runs = record.setdefault(family, [])
+        if not any(r.get("sha256") == e["sha256"] for r in runs):
+            runs.append(e)
+    fd, tmp = tempfile.mkstemp(dir=record_path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, record_path)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="gpu_<stamp>.json from benchmarks/gpu_session.sh")
+    ap.add_argument("--write", action="store_true", help="add the verified families to the record")
+    ap.add_argument("--record", type=Path, default=RECORD, help=argparse.SUPPRESS)
+    ap.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    try:
+        run = json.loads(a.run.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"{a.run}: cannot read the run's JSON ({e})", file=sys.stderr)
+        return 2
+    hashes = _source_hashes(a.root)
+    verdicts = family_verdicts(run, hashes)
+    verified = {f: entry(run, a.run, hashes[f]) for f, v in verdicts.items() if v["verified"]}
+    if a.write and verified:
+        write_record(a.record, verified)
+    print(json.dumps({"run": str(a.run), "verified": sorted(verified), "families": verdicts,
+                      "written": bool(a.write and verified)}, indent=1))
+    return 0 if verified else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""benchmarks/verify_gpu_run.py: what a recorded GPU run may add to gpu_verified.json (the record
+that makes a kernel family the default). Tested without a GPU on synthetic runs: every missing
+or failing piece of evidence must keep the family out, and only that family."""
+import ast
+import copy
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from bct_fast._core import extension
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("verify_gpu_run", ROOT / "benchmarks" / "verify_gpu_run.py")
+verify = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(verify)
+
+HASHES = extension.source_hashes(ROOT)
+FAMILIES = sorted(HASHES)
+
+
+def good_run() -> dict:
+    passed = {"passed": 2, "failed": 0, "skipped": 0, "unfinished": 0}
+    sanitizer = {"verdict": "clean", "per_family": {f: dict(passed) for f in FAMILIES}}
+    return {"date": "2026-11-25T00:00:00+00:00", "commit": "abc123",
+            "machine": {"gpu": {"name": "NVIDIA H100 80GB HBM3"}},
+            "installed": {"ok": True, "kernel_sources": dict(HASHES)},
+            "cuda_tests": {"collect_errors": 0, "per_family": {f: dict(passed) for f in FAMILIES}},
+            "sanitizer_memcheck": copy.deepcopy(sanitizer), "sanitizer_racecheck": copy.deepcopy(sanitizer)}
+
+
+def verified(run: dict) -> set[str]:
+    return {f for f, v in verify.family_verdicts(run, HASHES).items() if v["verified"]}
+
+
+def test_a_complete_run_verifies_every_family():
+    assert verified(good_run()) == set(FAMILIES)
+
+
+def _fail_test(run, family, key):
+    run["cuda_tests"]["per_family"][family][key] = 1
+
+
+ONE_FAMILY = {
+    "a failed test": lambda r, f: _fail_test(r, f, "failed"),
+    "a skipped test": lambda r, f: _fail_test(r, f, "skipped"),
+    "an unfinished test": lambda r, f: _fail_test(r, f, "unfinished"),
+    "no test": lambda r, f: r["cuda_tests"]["per_family"].pop(f),
+    "other sources": lambda r, f: r["installed"]["kernel_sources"].__setitem__(f, "0" * 64),
+    "no sanitizer case": lambda r, f: r["sanitizer_racecheck"]["per_family"].pop(f),
+    "a failing sanitizer case": lambda r, f: r["sanitizer_memcheck"]["per_family"][f].__setitem__("failed", 1),
+}
+
+
+@pytest.mark.parametrize("family", ["topk_fused", "margin_epilogue"])
+@pytest.mark.parametrize("breakage", sorted(ONE_FAMILY))
+def test_missing_evidence_keeps_only_that_family_out(breakage, family):
+    run = good_run()
+    ONE_FAMILY[breakage](run, family)
+    assert verified(run) == set(FAMILIES) - {family}
+    assert verify.family_verdicts(run, HASHES)[family]["reasons"]
+
+
+EVERY_FAMILY = {
+    "no GPU": lambda r: r["machine"].__setitem__("gpu", None),
+    "installed check failed": lambda r: r["installed"].__setitem__("ok", False),
+    "collection errors": lambda r: r["cuda_tests"].__setitem__("collect_errors", 1),
+    "no CUDA tests step": lambda r: r.pop("cuda_tests"),
+    "sanitizer errors": lambda r: r["sanitizer_memcheck"].__setitem__("verdict", "errors"),
+    "sanitizer failed to run": lambda r: r["sanitizer_racecheck"].__setitem__("verdict", "failed"),
+    "sanitizer skipped for time": lambda r: r.pop("sanitizer_racecheck"),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(EVERY_FAMILY))
+def test_run_wide_failures_verify_nothing(breakage):
+    run = good_run()
+    EVERY_FAMILY[breakage](run)
+    assert verified(run) == set()
+
+
+def test_a_machine_that_refuses_the_sanitizer_still_verifies():
+    run = good_run()
+    for tool in verify.SANITIZERS:
+        run[tool] = {"verdict": "refused"}
+    assert verified(run) == set(FAMILIES)
+
+
+def test_write_adds_entries_once_and_the_provider_logic_reads_them(tmp_path, monkeypatch):
+    record = tmp_path / "gpu_verified.json"
+    record.write_text(extension._VERIFIED_RECORD.read_text())
+    run = good_run()
+    run["cuda_tests"]["per_family"]["topk_fused"]["failed"] = 1
+    run_path = tmp_path / "gpu_x.json"
+    run_path.write_text(json.dumps(run))
+    args = [str(run_path), "--write", "--record", str(record)]
+    assert verify.main(args) == 0
+    assert verify.main(args) == 0  # a second write adds nothing
+    rec = json.loads(record.read_text())
+    assert rec["topk_fused"] == []
+    assert [e["sha256"] for e in rec["margin_fused"]] == [HASHES["margin_fused"]]
+    assert rec["margin_fused"][0]["device"] == "NVIDIA H100 80GB HBM3"
+    # The provider layer's own check now calls these sources verified (built = this checkout).
+    monkeypatch.setattr(extension, "_VERIFIED_RECORD", record)
+    monkeypatch.setattr(extension, "cuda_kernels_compiled", lambda: True)
+    monkeypatch.setattr(extension, "built_source_hashes", lambda: dict(HASHES))
+    v = extension.kernel_verification()
+    assert v["margin_fused"]["verified_on_gpu"] and not v["topk_fused"]["verified_on_gpu"]
+
+
+def test_a_run_without_evidence_writes_nothing(tmp_path):
+    record = tmp_path / "gpu_verified.json"
+    before = extension._VERIFIED_RECORD.read_text()
+    record.write_text(before)
+    run_path = tmp_path / "gpu_x.json"
+    run_path.write_text(json.dumps({"machine": {"gpu": None}}))
+    assert verify.main([str(run_path), "--write", "--record", str(record)]) == 1
+    assert record.read_text() == before
+
+
+def _declared_families(test_file: Path) -> tuple[str, ...]:
+    m = re.search(r"^KERNEL_FAMILIES = (\(.*\))$", test_file.read_text(), re.M)
+    assert m, f"{test_file} declares no KERNEL_FAMILIES"
+    return ast.literal_eval(m.group(1))
+
+
+def test_every_family_has_cuda_tests_and_sanitizer_cases():
+    """A family no CUDA test names, or none of the sanitizer step's cases covers, could never be
+    verified: the GPU session would spend its lease and flip nothing."""
+    named = set()
+    for f in (ROOT / "tests").rglob("test_*.py"):
+        if re.search(r"^KERNEL_FAMILIES = ", f.read_text(), re.M):
+            named.update(_declared_families(f))
+    assert named == set(FAMILIES)
+    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    sanitizer_block = script[script.index("FIRST=("):script.index("# ---- 6.")]
+    files = set(re.findall(r"(tests/ops/test_\w+\.py)", sanitizer_block))
+    covered = set()
+    for f in files:
+        covered.update(_declared_families(ROOT / f))
+    assert covered == set(FAMILIES), set(FAMILIES) - covered
