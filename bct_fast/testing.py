@@ -14,9 +14,13 @@ def cuda_ready() -> bool:
 
 
 def available_devices() -> list[str]:
-    """cpu always; cuda when :func:`cuda_ready`. BCT_FAST_TEST_DEVICE=cpu|cuda restricts the list."""
-    devices = ["cpu"] + (["cuda"] if cuda_ready() else [])
+    """cpu always; cuda when :func:`cuda_ready`. BCT_FAST_TEST_DEVICE=cpu|cuda restricts the list;
+    BCT_FAST_TEST_DEVICE=all lists cuda even without a GPU, so a collection on a CPU machine sees
+    every CUDA case a GPU machine would (they are skipped if run)."""
     only = os.environ.get("BCT_FAST_TEST_DEVICE")
+    if only == "all":
+        return ["cpu", "cuda"]
+    devices = ["cpu"] + (["cuda"] if cuda_ready() else [])
     return [d for d in devices if d == only] if only else devices
 
 

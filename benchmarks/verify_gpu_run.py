@@ -8,8 +8,9 @@ A run verifies a family when all of these hold:
   - a GPU ran it (``machine.gpu``) and the tests imported the installed build (``installed.ok``);
   - the run's build of the family was compiled from this checkout's sources
     (``installed.kernel_sources`` equals ``source_hashes``): an entry names exact sources;
-  - no collection error, and every collected CUDA test that names the family (a test file's
-    ``KERNEL_FAMILIES``) finished and passed: none failed, skipped or unfinished;
+  - no collection error, no CUDA test from a file without ``KERNEL_FAMILIES``, and every
+    collected CUDA test that names the family (its file's ``KERNEL_FAMILIES``) finished and
+    passed: none failed, skipped or unfinished;
   - compute-sanitizer memcheck and racecheck each said ``refused`` (the machine does not run it),
     or ``clean`` with at least one of the family's tests passing under it and none failing.
 Anything missing (a step skipped for time, say) verifies nothing. Prints one JSON object.
@@ -44,9 +45,12 @@ def family_verdicts(run: dict, hashes: dict[str, str]) -> dict[str, dict]:
     built = installed.get("kernel_sources") or {}
     tests = run.get("cuda_tests") or {}
     per_family = tests.get("per_family") or {}
+    undeclared = per_family.get("undeclared") or {}
     out = {}
     for family, sha in hashes.items():
         reasons = []
+        if any(undeclared.values()):
+            reasons.append("CUDA tests of a file without KERNEL_FAMILIES ran: no result can be attributed")
         if not gpu:
             reasons.append("no GPU in the run")
         if not installed.get("ok"):

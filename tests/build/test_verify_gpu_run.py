@@ -5,7 +5,10 @@ import ast
 import copy
 import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("verify_gpu_run", ROOT / "benchmarks" / "verify_gpu_run.py")
 verify = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(verify)
+_spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu_checks.py")
+verify_checks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(verify_checks)
 
 HASHES = extension.source_hashes(ROOT)
 FAMILIES = sorted(HASHES)
@@ -71,6 +77,8 @@ EVERY_FAMILY = {
     "sanitizer errors": lambda r: r["sanitizer_memcheck"].__setitem__("verdict", "errors"),
     "sanitizer failed to run": lambda r: r["sanitizer_racecheck"].__setitem__("verdict", "failed"),
     "sanitizer skipped for time": lambda r: r.pop("sanitizer_racecheck"),
+    "a CUDA test without KERNEL_FAMILIES": lambda r: r["cuda_tests"]["per_family"].__setitem__(
+        "undeclared", {"passed": 1, "failed": 0, "skipped": 0, "unfinished": 0}),
 }
 
 
@@ -141,3 +149,21 @@ def test_every_family_has_cuda_tests_and_sanitizer_cases():
     for f in files:
         covered.update(_declared_families(ROOT / f))
     assert covered == set(FAMILIES), set(FAMILIES) - covered
+
+
+def test_a_gpu_machine_collects_every_cuda_test_with_its_families(tmp_path):
+    """Collection as on a GPU machine (BCT_FAST_TEST_DEVICE=all adds the device=cuda cases): it
+    succeeds, and every CUDA test's file declares KERNEL_FAMILIES with known family names."""
+    record = tmp_path / "collect.jsonl"
+    env = dict(os.environ, BCT_FAST_TEST_DEVICE="all", BCT_FAST_TEST_RECORD=str(record))
+    r = subprocess.run([sys.executable, "-m", "pytest", "tests", "--collect-only", "-q",
+                        "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rec = verify_checks.read_record(record)
+    assert rec["collect_errors"] == 0
+    cuda = rec["collected_cuda"]
+    device_cases = [n for n in cuda if "cuda" in n.split("[")[-1]]
+    assert len(cuda) > 173 and device_cases, "the device=cuda cases were not collected"
+    unknown = {n: f for n, f in cuda.items() if not f or not set(f) <= set(FAMILIES)}
+    assert not unknown, list(unknown.items())[:5]

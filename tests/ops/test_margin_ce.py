@@ -11,6 +11,11 @@ from bct_fast.ops.reference import cosine_margin_cross_entropy_ref
 from bct_fast.ops import cosine_margin_cross_entropy
 from bct_fast.testing import available_devices
 
+# The kernel families this file's CUDA cases exercise (``auto`` picks the SIMT kernels when
+# BCT_FAST_UNVERIFIED_KERNELS=1): a GPU run verifies a family only when every CUDA test that
+# names it passed (benchmarks/verify_gpu_run.py).
+KERNEL_FAMILIES = ("margin_softmax",)
+
 MARGINS = [("none", 0.0), ("cosface", 0.35), ("arcface", 0.5), ("combined", (1.0, 0.3, 0.2)),
            ("combined", (1.2, 0.1, 0.05))]
 

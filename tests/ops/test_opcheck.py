@@ -6,6 +6,11 @@ import bct_fast.ops  # noqa: F401  (registers the ops)
 from bct_fast.ops import cosine_margin_cross_entropy
 from bct_fast.testing import available_devices
 
+# The kernel families this file's CUDA cases exercise (``auto`` picks the SIMT kernels when
+# BCT_FAST_UNVERIFIED_KERNELS=1): a GPU run verifies a family only when every CUDA test that
+# names it passed (benchmarks/verify_gpu_run.py).
+KERNEL_FAMILIES = ("margin_softmax",)
+
 
 # On CUDA the op runs once through the default route and once through the kernels (requested).
 DEVICE_BACKENDS = [(d, b) for d in available_devices() for b in (("auto", "cuda") if d == "cuda" else ("auto",))]

@@ -10,6 +10,11 @@ from bct_fast.ops import cosine_topk
 from bct_fast.testing import available_devices
 from topk_reference import assert_topk_matches_reference, reference_topk
 
+# The kernel families this file's CUDA cases exercise (``auto`` picks the SIMT kernels when
+# BCT_FAST_UNVERIFIED_KERNELS=1): a GPU run verifies a family only when every CUDA test that
+# names it passed (benchmarks/verify_gpu_run.py).
+KERNEL_FAMILIES = ("cosine_topk",)
+
 
 @pytest.mark.parametrize("device", available_devices())
 @pytest.mark.parametrize("Q,N,d,k,chunk", [(1, 1, 3, 1, None), (7, 100, 33, 100, 13), (20, 257, 64, 5, 64),
