@@ -147,7 +147,10 @@ $CHECK installed "$ROOT" | tee "$WORK/installed.json"
 step installed ok
 
 if [ -n "$DRY" ]; then
-  $PY -m pytest tests benchmarks -q -p no:cacheprovider --collect-only >"$WORK/collect_only.log" 2>&1
+  # As the device collects: BCT_FAST_TEST_DEVICE=all adds the device=cuda cases a GPU would see.
+  BCT_FAST_TEST_DEVICE=all $PY -m pytest tests -q -p no:cacheprovider --collect-only \
+    >"$WORK/collect_only.log" 2>&1 &&
+    $PY -m pytest benchmarks -q -p no:cacheprovider --collect-only >>"$WORK/collect_only.log" 2>&1
   COLLECT_RC=$?
   tail -3 "$WORK/collect_only.log"
   step collect "$COLLECT_RC"
