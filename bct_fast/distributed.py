@@ -89,36 +89,41 @@ class _ShardedMarginCE(torch.autograd.Function):
         f, df = target_function(cos_y, margin, straight_through)
         z_y = scale * f
         lab_local = torch.where(local, safe, torch.full_like(safe, -1))
-        lse_local, _ = torch.ops.bct_fast.softmax_stats(x, w, inv_nx, inv_nw, lab_local, z_y, scale, False,
-                                                        chunk_size)
-        # Global log-sum-exp from the per-rank (max, sum-exp) of each row.
-        m = lse_local.clone()
+        # Per rank: the log-sum-exp (float64) of the row's logits in this slice except its target.
+        rest_local, _ = torch.ops.bct_fast.softmax_stats(x, w, inv_nx, inv_nw, lab_local, z_y, scale, False,
+                                                         chunk_size)
+        # Over all ranks, then combined with the target logit in float64 (t = rest - z_y: loss
+        # log(1 + e^t), p_y - 1 = -sigmoid(t), no cancellation for well-classified rows).
+        m = rest_local.clone()
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        s = torch.exp(lse_local - m)
+        m_ref = torch.where(torch.isneginf(m), 0.0, m)  # no class but the target anywhere: -inf
+        s = torch.exp(rest_local - m_ref)
         dist.all_reduce(s, group=group)
-        lse = m + torch.log(s)
-        rows = lse - z_y
+        z64 = z_y.to(torch.float64)
+        t = m_ref + torch.log(s) - z64
+        lse = torch.logaddexp(t, torch.zeros_like(t)) + z64
+        rows = torch.logaddexp(t, torch.zeros_like(t)).to(acc)
         if not bool(torch.isfinite(rows).all()):
             raise ValueError("embeddings or weight: the loss is not finite (NaN/inf in an input on some rank)")
         loss = rows.mean()
-        ctx.save_for_backward(x, w, inv_nx, inv_nw, xh, wyh, lab_local, safe, local, z_y, df, lse)
+        ctx.save_for_backward(x, w, inv_nx, inv_nw, xh, wyh, lab_local, safe, local, z_y, df, lse, t)
         offset = sum(counts[:rank])
         ctx.cfg = (scale, chunk_size, group, offset, x_local.shape[0], x_local.dtype, w_shard.dtype)
-        return loss.to(acc)
+        return loss  # already in acc; no no-op .to() (see CosineMarginCrossEntropyFunction.forward)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, w, inv_nx, inv_nw, xh, wyh, lab_local, safe, local, z_y, df, lse = ctx.saved_tensors
+        x, w, inv_nx, inv_nw, xh, wyh, lab_local, safe, local, z_y, df, lse, t = ctx.saved_tensors
         scale, chunk_size, group, offset, b_local, x_dtype, w_dtype = ctx.cfg
         need_x, need_w = ctx.needs_input_grad[:2]
         acc = inv_nx.dtype
         B = x.shape[0]
         r = (grad_out.to(acc) / B * scale).expand(B).contiguous()
-        p_y = torch.exp(z_y - lse)
-        corr = r * (df * (p_y - 1.0) - p_y)  # target-column coefficient minus the sweep's p_y
+        # The target column (left out of the sweeps): f'(c_y) (p_y - 1), p_y - 1 = -sigmoid(t).
+        corr = (-r.double() * df.double() * torch.sigmoid(t)).to(acc)
         gx_part, gw_part = torch.ops.bct_fast.softmax_grads(
-            x, w, inv_nx, inv_nw, lab_local, z_y, lse, r, scale, True, need_w, chunk_size)
+            x, w, inv_nx, inv_nw, lab_local, z_y, lse.to(acc), r, scale, True, need_w, chunk_size)
         grad_x = grad_w = None
         # Sum the class-slice contributions of all ranks (the owner adds the target correction).
         g = gx_part + (corr * local)[:, None] * wyh

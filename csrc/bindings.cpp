@@ -198,7 +198,7 @@ PYBIND11_MODULE(_C, m) {
             ptr<const void>(x), ptr<const void>(w), static_cast<bct_fast::DType>(dtype), B, C, d,
             ptr<const float>(inv_nx), ptr<const float>(inv_nw), ptr<const int64_t>(labels),
             ptr<const float>(target_logit), scale, splits, ptr<float>(workspace), workspace_floats,
-            ptr<float>(lse), ptr<void>(stream)));
+            ptr<double>(lse), ptr<void>(stream)));
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("margin_fused_default_splits", &bct_fast::margin_fused_default_splits);
@@ -223,7 +223,7 @@ PYBIND11_MODULE(_C, m) {
             ptr<const void>(x), ptr<const void>(w), static_cast<bct_fast::DType>(dtype), B, C, d,
             ptr<const float>(inv_nx), ptr<const float>(inv_nw), ptr<const int64_t>(labels),
             ptr<const float>(target_logit), scale, splits, ptr<float>(workspace), workspace_floats,
-            ptr<float>(lse), ptr<float>(pws), ptr<void>(stream)));
+            ptr<double>(lse), ptr<float>(pws), ptr<void>(stream)));
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("margin_fused_pws_default_splits", &bct_fast::margin_fused_pws_default_splits);

@@ -21,24 +21,24 @@ def target_cells(labels: Tensor, c0: int, cols: int) -> tuple[Tensor, Tensor]:
     return rows, local[rows]
 
 
-def chunk_logits(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
-                 target_logit: Tensor, c0: int, scale: float) -> Tensor:
+def chunk_logits(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor, c0: int,
+                 scale: float) -> Tensor:
     """z = scale * S * inv_nx * inv_nw (that order) with each row's target column in this chunk
-    (``labels - c0`` in [0, cols)) replaced by its margin logit. A new fp32 tensor."""
+    (``labels - c0`` in [0, cols)) left out as -inf, as the kernels do (the caller combines the
+    statistics with the target logit in float64). A new fp32 tensor."""
     z = scores.mul(scale).mul_(inv_nx[:, None]).mul_(inv_nw[None, :])
     rows, cols = target_cells(labels, c0, scores.shape[1])
-    if rows.numel():
-        z[rows, cols] = target_logit[rows]
+    z[rows, cols] = float("-inf")
     return z
 
 
 def stats_epilogue(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
                    target_logit: Tensor, c0: int, scale: float, m: Tensor, l: Tensor,
                    e_out: Tensor | None = None, alpha_out: Tensor | None = None) -> None:
-    """Merge one score block into the running (m, l) in place; with ``e_out`` also write
-    e = exp(z - m_new) * inv_nw (in e_out's dtype; 0 in each row's target column) and
-    ``alpha_out`` = exp(m_old - m_new)."""
-    z = chunk_logits(scores, inv_nx, inv_nw, labels, target_logit, c0, scale)
+    """Merge one score block, without each row's target column, into the running (m, l) in
+    place; with ``e_out`` also write e = exp(z - m_new) * inv_nw (in e_out's dtype; 0 in the
+    target column) and ``alpha_out`` = exp(m_old - m_new). ``target_logit`` is not read."""
+    z = chunk_logits(scores, inv_nx, inv_nw, labels, c0, scale)
     m_new = torch.maximum(m, z.amax(1))
     none_yet = m_new == float("-inf")  # every logit so far -inf: contribute 0, not NaN
     e = z.sub_(torch.where(none_yet, 0.0, m_new)[:, None]).exp_()
@@ -47,10 +47,7 @@ def stats_epilogue(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tenso
     l.mul_(alpha).add_(e.sum(1))
     m.copy_(m_new)
     if e_out is not None:
-        e.mul_(inv_nw[None, :])
-        rows, cols = target_cells(labels, c0, scores.shape[1])
-        e[rows, cols] = 0.0
-        e_out.copy_(e)
+        e_out.copy_(e.mul_(inv_nw[None, :]))
         alpha_out.copy_(alpha)
 
 
@@ -59,11 +56,9 @@ def grads_epilogue(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tenso
                    p_out: Tensor | None = None, pw_out: Tensor | None = None) -> None:
     """p = row_coef * exp(z - lse) and pw = exp(z - lse) * inv_nw (each in its output's dtype);
     0 in each row's target column, and rows with row_coef == 0 get zeros in both."""
-    z = chunk_logits(scores, inv_nx, inv_nw, labels, target_logit, c0, scale)
+    z = chunk_logits(scores, inv_nx, inv_nw, labels, c0, scale)
     dead = (row_coef == 0)[:, None]
     e = z.sub_(lse[:, None]).exp_()
-    rows, cols = target_cells(labels, c0, scores.shape[1])
-    e[rows, cols] = 0.0
     if p_out is not None:
         p_out.copy_((row_coef[:, None] * e).masked_fill_(dead, 0.0))
     if pw_out is not None:

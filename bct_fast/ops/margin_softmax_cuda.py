@@ -31,7 +31,8 @@ def _class_splits(B: int, C: int, device: torch.device) -> int:
 
 
 def merge_class_splits(m: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-sum-exp merge of per-split (max, sum-exp) [S, B] -> (lse [B], weights [S, B], l_all [B]).
+    """Log-sum-exp merge of per-split (max, sum-exp) [S, B] -> (lse [B] float64, weights [S, B],
+    l_all [B]).
 
     An empty split (or one whose logits are all -inf) carries m = -inf, l = 0: its weight is 0,
     never exp(-inf - -inf) = NaN; a row with no finite logit at all gets lse = -inf."""
@@ -40,11 +41,12 @@ def merge_class_splits(m: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, 
     weights = torch.where(finite, torch.exp(m - torch.where(torch.isfinite(m_all), m_all, 0.0)),
                           torch.zeros((), dtype=m.dtype, device=m.device))
     l_all = (l * weights).sum(0)
-    return m_all + torch.log(l_all), weights, l_all
+    return m_all.double() + torch.log(l_all.double()), weights, l_all
 
 
 def softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale: float, with_pws: bool):
-    """Per-row log-sum-exp and, with ``with_pws``, the softmax-weighted sum of class rows."""
+    """Over each row's non-target columns: the log-sum-exp (float64) and, with ``with_pws``, the
+    softmax-weighted sum of the class rows."""
     x, w = x.contiguous(), w.contiguous()
     inv_nx, inv_nw, target_logit = f32(inv_nx), f32(inv_nw), f32(target_logit)
     labels = labels.to(torch.int64).contiguous()
@@ -68,7 +70,8 @@ def softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale: float, with
 
 def softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale: float,
                   need_x: bool, need_w: bool):
-    """P @ W_hat and P.T @ X_hat with P_ij = row_coef_i * softmax_ij (fp32; empty when not needed)."""
+    """P @ W_hat and P.T @ X_hat with P_ij = row_coef_i * softmax_ij, 0 in each row's target column
+    (fp32; empty when not needed)."""
     B, d = x.shape
     C = w.shape[0]
     empty = x.new_empty((0,), dtype=torch.float32)

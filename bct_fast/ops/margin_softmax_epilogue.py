@@ -4,18 +4,18 @@ Same contract as :mod:`bct_fast.ops.margin_softmax_torch`. Per class chunk, the 
 ``S = x @ w_c.T`` comes from ``torch.mm`` (cuBLAS tensor cores for bf16 operands, fp32 output
 and accumulation), and everything after the GEMM is one kernel (csrc/cuda/margin_epilogue*):
 
-- forward: scale, inverse norms, target-column replacement and the online (max, sum-exp) merge
+- forward: scale, inverse norms, the target column left out and the online (max, sum-exp) merge
   into the running fp32 ``m, l``; with ``with_pws`` the kernel also writes the block
   ``e = exp(z - m) * inv_nw`` and the rescale factor, and ``acc = acc * alpha + e @ w_c``
   is a second GEMM (2 GEMMs per chunk);
 - backward: ``p = row_coef * exp(z - lse)`` for ``gw_c = p.T @ x_hat`` and
   ``pw = exp(z - lse) * inv_nw`` for ``gx += pw @ w_c`` (3 GEMMs per chunk, one recompute).
 
-The target column of each row is left out of the blocks (the kernels write 0 there) and its
-term is added after the loop in fp32 (:func:`_target_terms`). The caller subtracts about 1 from
-that coefficient; a bf16 ``p_y`` (error up to 2^-9) would leave the gradient of a row whose loss
-is below ~1e-2 mostly rounding error, where plain bf16 PyTorch, which forms ``p - 1`` in fp32,
-keeps it.
+The target column of each row is left out of everything (the kernels treat its logit as -inf
+and write 0 there), as the op contract asks of every provider: the caller combines the
+statistics with the target logit and adds that column's coefficient p_y - 1 in float64. A bf16
+``p_y`` (error up to 2^-9) in a block would leave the gradient of a row whose loss is below
+~1e-2 mostly rounding error.
 
 Why the inverse norms are applied in the epilogue and not to the operands: the GEMMs read the
 caller's x and w as they are (for bf16 parameters: no normalized, re-rounded copy of each class
@@ -140,22 +140,11 @@ def _prepare(x, w, inv_nx, inv_nw, labels, target_logit):
 
 # ---- the provider (the chunk loop) -------------------------------------------------------------
 
-def _target_terms(w: Tensor, inv_nw: Tensor, labels: Tensor, target_logit: Tensor,
-                  ref: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """For the rows with a target (labels >= 0): their indices, exp(target_logit - ref) (0 where
-    ref = -inf) and the fp32 w_hat of their target class; the blocks leave this column out."""
-    rows = (labels >= 0).nonzero()[:, 0]
-    y = labels[rows]
-    r = ref[rows]
-    t = torch.where(r == float("-inf"), 0.0, torch.exp(target_logit[rows] - r))
-    return rows, t, normalized_rows(w[y], inv_nw[y])
-
-
 def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
                   target_logit: Tensor, scale: float, with_pws: bool, chunk: int = 0,
                   epilogue: Epilogue | None = None) -> tuple[Tensor, Tensor]:
-    """Per-row log-sum-exp of the logits and, with ``with_pws``, sum_j softmax_ij * w_hat_j
-    (fp32; 1 GEMM per chunk, 2 with ``with_pws``)."""
+    """Over each row's non-target columns: the log-sum-exp of the logits (float64) and, with
+    ``with_pws``, sum_j softmax_ij * w_hat_j (fp32; 1 GEMM per chunk, 2 with ``with_pws``)."""
     x, w, inv_nx, inv_nw, labels, target_logit = _prepare(x, w, inv_nx, inv_nw, labels, target_logit)
     ep = epilogue or default_epilogue(x.device)
     B, d = x.shape
@@ -174,10 +163,7 @@ def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
                  alpha)
         if acc is not None:
             acc.mul_(alpha[:, None]).add_(mm_f32(e, wc))
-    if acc is not None:  # the target column, in fp32 and in the same units exp(z - m) as acc
-        rows, t, wyh = _target_terms(w, inv_nw, labels, target_logit, m)
-        acc.index_add_(0, rows, t[:, None] * wyh)
-    lse = m + torch.log(l)
+    lse = m.double() + torch.log(l.double())
     pws = acc / l[:, None] if acc is not None else x.new_empty((0,), dtype=torch.float32)
     return lse, pws
 
@@ -186,9 +172,9 @@ def softmax_grads(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
                   target_logit: Tensor, lse: Tensor, row_coef: Tensor, scale: float,
                   need_x: bool, need_w: bool, chunk: int = 0,
                   epilogue: Epilogue | None = None) -> tuple[Tensor, Tensor]:
-    """With P_ij = row_coef_i * softmax_ij (from the given ``lse``): gx = P @ W_hat [B, d] and
-    gw = P.T @ X_hat [C, d] (fp32; empty when not needed). Per chunk: one score recompute, one
-    epilogue, one GEMM per needed output."""
+    """With P_ij = row_coef_i * softmax_ij (from the given ``lse``), 0 in each row's target column:
+    gx = P @ W_hat [B, d] and gw = P.T @ X_hat [C, d] (fp32; empty when not needed). Per chunk:
+    one score recompute, one epilogue, one GEMM per needed output."""
     x, w, inv_nx, inv_nw, labels, target_logit = _prepare(x, w, inv_nx, inv_nw, labels, target_logit)
     lse, row_coef = f32(lse), f32(row_coef)
     ep = epilogue or default_epilogue(x.device)
@@ -200,8 +186,7 @@ def softmax_grads(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
     gw = torch.empty(C, d, **f) if need_w else torch.empty(0, **f)
     if not (need_x or need_w):
         return gx, gw
-    xh32 = normalized_rows(x, inv_nx) if need_w else None  # B x d: small
-    xh = xh32.to(x.dtype) if need_w else None
+    xh = normalized_rows(x, inv_nx).to(x.dtype) if need_w else None  # B x d: small
     for c0 in range(0, C, chunk):
         wc = w[c0:c0 + chunk]
         scores = mm_f32(x, wc.T)
@@ -213,12 +198,6 @@ def softmax_grads(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
             gx.add_(mm_f32(pw, wc))
         if need_w:
             gw[c0:c0 + chunk] = mm_f32(p.T, xh)
-    # The target column, in fp32 (the blocks hold 0 there); rows with row_coef 0 add nothing.
-    rows, t, wyh = _target_terms(w, inv_nw, labels, target_logit, lse)
-    t = torch.where(row_coef[rows] == 0, 0.0, t)
-    if need_w:
-        gw.index_add_(0, labels[rows], (row_coef[rows] * t)[:, None] * xh32[rows])
     if need_x:
-        gx.index_add_(0, rows, t[:, None] * wyh)
         gx.mul_(row_coef[:, None])  # the per-row factor, once (see the module docstring)
     return gx, gw

@@ -45,9 +45,9 @@ def unsupported(x: Tensor, w: Tensor) -> Unsupported | None:
 
 def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
                   target_logit: Tensor, scale: float, with_pws: bool, chunk: int = 0) -> tuple[Tensor, Tensor]:
-    """Per-row log-sum-exp of the logits (fp32) and, with ``with_pws``, sum_j softmax_ij * w_hat_j
-    (fp32 [B, d]; fused for d <= 512, the epilogue provider's sweep for larger d). ``chunk`` is
-    only used by the epilogue provider."""
+    """Over each row's non-target columns: the log-sum-exp of the logits (float64) and, with
+    ``with_pws``, sum_j softmax_ij * w_hat_j (fp32 [B, d]; fused for d <= 512, the epilogue
+    provider's sweep for larger d). ``chunk`` is only used by the epilogue provider."""
     why = unsupported(x, w)
     if why is not None:
         raise ValueError(f"x, w: the fused provider cannot serve them: {why.reason}")
@@ -65,7 +65,7 @@ def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
     splits = mod.margin_fused_default_splits(B, C)
     floats = mod.margin_fused_workspace_floats(B, splits)
     workspace = torch.empty(floats, device=x.device, dtype=torch.float32)
-    lse = torch.empty(B, device=x.device, dtype=torch.float32)
+    lse = torch.empty(B, device=x.device, dtype=torch.float64)
     with torch.cuda.device(x.device):
         mod.margin_fused_lse(x.data_ptr(), w.data_ptr(), DTYPE_CODES[x.dtype], B, C, d, inv_nx.data_ptr(),
                              inv_nw.data_ptr(), labels.data_ptr(), target_logit.data_ptr(), float(scale),
@@ -80,7 +80,7 @@ def _lse_pws(mod, x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
     splits = mod.margin_fused_pws_default_splits(B, C)
     floats = mod.margin_fused_pws_workspace_floats(B, d, splits)
     workspace = torch.empty(floats, device=x.device, dtype=torch.float32)
-    lse = torch.empty(B, device=x.device, dtype=torch.float32)
+    lse = torch.empty(B, device=x.device, dtype=torch.float64)
     pws = torch.empty(B, d, device=x.device, dtype=torch.float32)
     with torch.cuda.device(x.device):
         mod.margin_fused_lse_pws(x.data_ptr(), w.data_ptr(), DTYPE_CODES[x.dtype], B, C, d, inv_nx.data_ptr(),

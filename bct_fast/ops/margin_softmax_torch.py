@@ -3,13 +3,17 @@
 Same contract as the CUDA launchers in csrc/include/bct_fast/margin_softmax.h, computed over
 class chunks of ``chunk`` rows so that at most B x chunk logits exist at a time. fp16/bf16
 inputs are upcast chunk by chunk; accumulation is in the dtype of the inverse norms
-(fp32, or fp64 for float64 inputs so that gradcheck can run on this path).
+(fp32, or fp64 for float64 inputs so that gradcheck can run on this path). Every sweep leaves
+each row's target column out: the statistics are over the other columns (lse in float64,
+``m + log l``) and the gradient sweep gives it 0; the caller combines them with the target
+logit in float64 (``target_logit`` is not read here).
 """
 from __future__ import annotations
 
 import torch
 
 from bct_fast.ops.cpu_gemm import mm_nt, mm_tn
+from bct_fast.ops.margin_epilogue_torch import target_cells
 from bct_fast.ops.rows import normalized_rows
 
 # Elements of one B x chunk logit block: 4M fp32 = 16 MiB, a few such blocks live at a time.
@@ -22,21 +26,19 @@ def auto_chunk(rows: int, classes: int) -> int:
 
 
 def _chunk_logits(xh: torch.Tensor, wc: torch.Tensor, c0: int, labels: torch.Tensor,
-                  target_logit: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * xh @ wc.T with the target column of each row replaced by its margin logit."""
+                  scale: float) -> torch.Tensor:
+    """scale * xh @ wc.T with each row's target column left out (-inf)."""
     z = mm_nt(xh, wc).mul_(scale)
-    local = labels - c0
-    hit = (local >= 0) & (local < wc.shape[0])
-    rows = hit.nonzero()[:, 0]
-    if rows.numel():
-        z[rows, local[rows]] = target_logit[rows]
+    rows, cols = target_cells(labels, c0, wc.shape[0])
+    z[rows, cols] = float("-inf")
     return z
 
 
 def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw: torch.Tensor,
                   labels: torch.Tensor, target_logit: torch.Tensor, scale: float, with_pws: bool,
                   chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row log-sum-exp of the logits and, with ``with_pws``, sum_j softmax_ij * w_hat_j."""
+    """Over each row's non-target columns: the log-sum-exp of the logits (float64) and, with
+    ``with_pws``, sum_j softmax_ij * w_hat_j (softmax over those columns)."""
     B, d = x.shape
     C = w.shape[0]
     chunk = chunk or auto_chunk(B, C)
@@ -47,15 +49,16 @@ def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
     acc = torch.zeros(B, d, **f) if with_pws else None
     for c0 in range(0, C, chunk):
         wc = normalized_rows(w[c0:c0 + chunk], inv_nw[c0:c0 + chunk])
-        z = _chunk_logits(xh, wc, c0, labels, target_logit, scale)
+        z = _chunk_logits(xh, wc, c0, labels, scale)
         m_new = torch.maximum(m, z.amax(1))
-        alpha = torch.exp(m - m_new)
-        e = z.sub_(m_new[:, None]).exp_()
+        # Rows with no finite logit yet (C = 1: only the target column) add 0, never NaN.
+        alpha = torch.where(m == float("-inf"), 0.0, torch.exp(m - m_new))
+        e = z.sub_(torch.where(m_new == float("-inf"), 0.0, m_new)[:, None]).exp_()
         l = l * alpha + e.sum(1)
         if acc is not None:
             acc.mul_(alpha[:, None]).add_(mm_nt(e, wc.T))
         m = m_new
-    lse = m + torch.log(l)
+    lse = m.double() + torch.log(l.double())
     pws = acc / l[:, None] if acc is not None else x.new_empty((0,), dtype=inv_nx.dtype)
     return lse, pws
 
@@ -64,21 +67,22 @@ def softmax_grads(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
                   labels: torch.Tensor, target_logit: torch.Tensor, lse: torch.Tensor,
                   row_coef: torch.Tensor, scale: float, need_x: bool, need_w: bool,
                   chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """With P_ij = row_coef_i * softmax_ij (softmax from the given ``lse``):
-    gx = P @ W_hat  [B, d]  and  gw = P.T @ X_hat  [C, d] (fp32; empty when not needed).
-    One logit recompute serves both (3 GEMMs per chunk)."""
+    """With P_ij = row_coef_i * softmax_ij (softmax from the given ``lse``) and 0 in each row's
+    target column: gx = P @ W_hat  [B, d]  and  gw = P.T @ X_hat  [C, d] (accumulation dtype;
+    empty when not needed). One logit recompute serves both (3 GEMMs per chunk)."""
     B, d = x.shape
     C = w.shape[0]
     chunk = chunk or auto_chunk(B, C)
     xh = normalized_rows(x, inv_nx)
     f = dict(device=x.device, dtype=inv_nx.dtype)
+    lse = lse.to(inv_nx.dtype)
     gx = torch.zeros(B, d, **f) if need_x else torch.empty(0, **f)
     gw = torch.empty(C, d, **f) if need_w else torch.empty(0, **f)
     if not (need_x or need_w):
         return gx, gw
     for c0 in range(0, C, chunk):
         wc = normalized_rows(w[c0:c0 + chunk], inv_nw[c0:c0 + chunk])
-        z = _chunk_logits(xh, wc, c0, labels, target_logit, scale)
+        z = _chunk_logits(xh, wc, c0, labels, scale)
         p = z.sub_(lse[:, None]).exp_().mul_(row_coef[:, None])
         if need_x:
             gx.add_(mm_nt(p, wc.T))

@@ -44,9 +44,10 @@ __device__ __forceinline__ float block_reduce(float v, float* red) {
 
 }  // namespace epi
 
-// The coefficient blocks (e, p, pw) hold 0 in the target column: the chunk loop adds that
-// column's term in fp32. Rounded to bf16 there, p_y ~ 1 would carry an error of 2^-9, which the
-// caller's target correction (~ -1) turns into the whole gradient of a well-classified row.
+// The target column stays out of everything here: the statistics are over the other columns and
+// the coefficient blocks (e, p, pw) hold 0 there; the caller adds that column's coefficient
+// p_y - 1 in float64. Rounded to bf16 in a block, p_y ~ 1 would carry an error of 2^-9, the whole
+// gradient of a well-classified row.
 
 // Block = one row. With kWriteE also writes e = exp(z - m_new) * inv_nw (TE) and alpha.
 template <typename TE, bool kWriteE>
@@ -62,7 +63,9 @@ __global__ void __launch_bounds__(epi::kThreads)
   const float* s = scores + row * cols;
   const float inx = inv_nx[row];
   const int64_t target_col = labels[row] < 0 ? -1 : labels[row] - c0;  // may lie outside [0, cols)
-  const float target = target_logit[row];
+  // The statistics leave the target column out (-inf); the caller combines them with the target
+  // logit in float64 (target_logit is not read).
+  const float target = -CUDART_INF_F;
   const float m_old = m[row];  // read before thread 0 rewrites it (after two barriers)
 
   if (!kWriteE) {  // one read of the row: this thread's online (max, sum-exp) over its columns

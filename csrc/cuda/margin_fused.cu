@@ -87,7 +87,7 @@ int64_t margin_fused_default_splits(int64_t B, int64_t C) {
 Status margin_fused_lse(const void* x, const void* w, DType dtype, int64_t B, int64_t C, int64_t d,
                         const float* inv_nx, const float* inv_nw, const int64_t* labels,
                         const float* target_logit, float scale, int64_t splits, float* workspace,
-                        int64_t workspace_floats, float* lse, void* stream) {
+                        int64_t workspace_floats, double* lse, void* stream) {
   const char* what = "margin_fused_lse";
   if (dtype != DType::kBFloat16) return Status::Error("margin_fused_lse: x and w must be bfloat16");
   if (B < 1 || C < 1 || d < 1) return Status::Error("margin_fused_lse: B, C and d must be positive");
@@ -153,7 +153,7 @@ int64_t margin_fused_pws_default_splits(int64_t B, int64_t C) {
 Status margin_fused_lse_pws(const void* x, const void* w, DType dtype, int64_t B, int64_t C,
                             int64_t d, const float* inv_nx, const float* inv_nw,
                             const int64_t* labels, const float* target_logit, float scale,
-                            int64_t splits, float* workspace, int64_t workspace_floats, float* lse,
+                            int64_t splits, float* workspace, int64_t workspace_floats, double* lse,
                             float* pws, void* stream) {
   const char* what = "margin_fused_lse_pws";
   if (dtype != DType::kBFloat16)
@@ -197,8 +197,7 @@ Status margin_fused_lse_pws(const void* x, const void* w, DType dtype, int64_t B
                                          scale, used, tps, ws_m, ws_l, ws_o, s);
   if (!st.ok()) return st;
   fused_pws_merge_kernel<<<static_cast<unsigned>(B), fpws::kMergeThreads, 0, s>>>(
-      ws_m, ws_l, ws_o, B, di, static_cast<int>(used), wb, inv_nw, labels, target_logit, C, lse,
-      pws);
+      ws_m, ws_l, ws_o, B, di, static_cast<int>(used), lse, pws);
   return check_launch(what);
 }
 

@@ -126,7 +126,9 @@ __global__ void __launch_bounds__(fused::kThreads, 2)
         const int row = m0 + wm * (kMI * 16) + (r / 2) * 16 + mma::acc_row(lane, 2 * (r % 2));
         const bool row_ok = row < B;
         inx[r] = row_ok ? inv_nx[row] : 0.f;
-        target[r] = row_ok ? target_logit[row] : 0.f;
+        // The target column is left out of the statistics (-inf; target_logit is not read): the
+        // caller combines them with the target logit in float64.
+        target[r] = -CUDART_INF_F;
         const int64_t label = row_ok ? labels[row] : -1;
         tcol[r] = label >= n0 && label < n0 + kBN ? static_cast<int>(label - n0) : -1;
         mx[r] = -CUDART_INF_F;
@@ -199,10 +201,11 @@ __global__ void __launch_bounds__(fused::kThreads, 2)
 }
 
 // lse[i] = M + log(sum_s l_s exp(m_s - M)), M = max_s m_s, over the splits in index order;
-// -inf when every logit of the row is -inf.
+// -inf when every logit of the row is -inf. The sum in fp32, M + log L in double: an fp32 lse
+// (~ulp(scale) ~ 4e-6 absolute) would swamp the loss of a well-classified row.
 __global__ void __launch_bounds__(fused::kMergeThreads)
     fused_lse_merge_kernel(const float* __restrict__ ws_m, const float* __restrict__ ws_l,
-                           int64_t B, int splits, float* __restrict__ lse) {
+                           int64_t B, int splits, double* __restrict__ lse) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * fused::kMergeThreads + threadIdx.x;
   if (i >= B) return;
   float m = -CUDART_INF_F;
@@ -213,7 +216,7 @@ __global__ void __launch_bounds__(fused::kMergeThreads)
   }
   float l = 0.f;
   for (int s = 0; s < splits; ++s) l += ws_l[s * B + i] * expf(ws_m[s * B + i] - m);
-  lse[i] = m + logf(l);
+  lse[i] = static_cast<double>(m) + log(static_cast<double>(l));
 }
 
 // One warp: d = c + a @ b^T for a 16 x 16 (row-major), b 16 x 16 (row n holds depth k, like w)

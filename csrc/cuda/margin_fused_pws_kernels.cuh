@@ -8,17 +8,16 @@
 // Per class tile j:
 //   B1  wait for tile j; everyone is done with PV(j-1) -> prefetch tile j+1 into the other stage
 //   S   warp (wr, wp): S[32 rows x classes wp*16..+16] over the full depth (mma.sync, ldmatrix)
-//       -> logits (scale * s * inv_nx * inv_nw, target column = target_logit, past c_end -inf)
+//       -> logits (scale * s * inv_nx * inv_nw; the target column and past c_end -inf)
 //   B2  row max of the tile exchanged through red_max[wp][row] (all 4 wp warps get the same m)
-//       p = exp(z - m); l += p (target included); P' = p * inv_nw in bf16, 0 in the target
-//       column; the warp keeps its own 16 columns as an A fragment (C -> A reuse) and stores
-//       them to P[64][72]
+//       p = exp(z - m); l += p; P' = p * inv_nw in bf16 (0 in the target column); the warp
+//       keeps its own 16 columns as an A fragment (C -> A reuse) and stores them to P[64][72]
 //   B3  P complete; O *= alpha; O[32 rows x depth panel wp*kDP/4..] += P @ w_tile (B operand
 //       = the same smem w tile through ldmatrix.trans; A = P, own k16 block from registers)
 // O (fp32) stays in registers: 2 x kDP/32 m16n8 tiles per warp (128 floats at kDP = 512).
 // The scores never leave the registers / the P buffer. Each block writes (m, l, O) per row to
-// the workspace; fused_pws_merge_kernel merges the splits in index order and adds the target
-// column's term in fp32 (exp(z_y - M) * w[y] * inv_nw[y]), as _target_terms does.
+// the workspace; fused_pws_merge_kernel merges the splits in index order. The target column is
+// left out of everything (the caller combines the statistics with the target logit in float64).
 // Every reduction has a fixed order: deterministic.
 #pragma once
 #include "margin_fused_kernels.cuh"  // fused::quad_max / quad_sum
@@ -111,7 +110,7 @@ __global__ void __launch_bounds__(fpws::kThreads, 1)
     const bool ok = row < B;
     const int64_t label = ok ? labels[row] : -1;
     row_inx[tid] = ok ? inv_nx[row] : 0.f;
-    row_tgt[tid] = ok ? target_logit[row] : 0.f;
+    row_tgt[tid] = -CUDART_INF_F;  // the target column is left out (target_logit is not read)
     row_lab[tid] = label >= c_begin && label < c_end ? static_cast<int>(label - c_begin) : -1;
   }
   load_rows<kBM, kDP, kLd, kAsync>(xs, x, m0, B - m0, d);
@@ -309,16 +308,14 @@ __global__ void __launch_bounds__(fpws::kThreads, 1)
   }
 }
 
-// Block = one row. M = max_s m_s, L = sum_s l_s exp(m_s - M), O = sum_s exp(m_s - M) O_s +
-// exp(target_logit - M) * (w[y] * inv_nw[y]) in fp32 (labels in [0, C); none where M = -inf),
-// over the splits in index order; lse = M + log L (-inf when every logit is -inf), pws = O / L.
+// Block = one row. M = max_s m_s, L = sum_s l_s exp(m_s - M), O = sum_s exp(m_s - M) O_s over
+// the splits in index order; lse = M + log L in double (-inf when every logit is -inf), pws =
+// O / L, all over the non-target columns: the caller combines them with the target logit in
+// float64 (p_y - 1 without cancellation).
 __global__ void __launch_bounds__(fpws::kMergeThreads)
     fused_pws_merge_kernel(const float* __restrict__ ws_m, const float* __restrict__ ws_l,
                            const float* __restrict__ ws_o, int64_t B, int d, int splits,
-                           const uint16_t* __restrict__ w, const float* __restrict__ inv_nw,
-                           const int64_t* __restrict__ labels,
-                           const float* __restrict__ target_logit, int64_t C,
-                           float* __restrict__ lse, float* __restrict__ pws) {
+                           double* __restrict__ lse, float* __restrict__ pws) {
   const int64_t i = blockIdx.x;
   float m = -CUDART_INF_F;
   for (int s = 0; s < splits; ++s) m = fmaxf(m, ws_m[s * B + i]);
@@ -326,17 +323,13 @@ __global__ void __launch_bounds__(fpws::kMergeThreads)
   float l = 0.f;
   if (finite)
     for (int s = 0; s < splits; ++s) l += ws_l[s * B + i] * expf(ws_m[s * B + i] - m);
-  if (threadIdx.x == 0) lse[i] = finite ? m + logf(l) : -CUDART_INF_F;
-  const int64_t y = labels[i];
-  const bool has_t = finite && y >= 0 && y < C;
-  const float t = has_t ? expf(target_logit[i] - m) : 0.f;
-  const float inw = has_t ? inv_nw[y] : 0.f;
+  if (threadIdx.x == 0)
+    lse[i] = finite ? static_cast<double>(m) + log(static_cast<double>(l)) : -CUDART_INF_F;
   for (int k = static_cast<int>(threadIdx.x); k < d; k += fpws::kMergeThreads) {
     float acc = 0.f;
     if (finite)
       for (int s = 0; s < splits; ++s)
         acc += expf(ws_m[s * B + i] - m) * ws_o[(s * B + i) * d + k];
-    if (has_t) acc += t * (mma::bf16_bits_to_float(w[y * d + k]) * inw);
     pws[i * d + k] = acc / l;
   }
 }

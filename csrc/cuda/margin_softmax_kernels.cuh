@@ -10,8 +10,10 @@ using namespace tile;
 
 // Block = (tile_rows rows of x) x (one class split). Streams the split's classes in tiles of
 // kCols with an online max / sum-exp per row; with kWithAcc it also keeps, in dynamic shared
-// memory, acc[r][:] = sum_j exp(z_rj - m_r) * w_hat_j, rescaled whenever the row max moves
-// (flash-attention style), so the frozen-classifier gradient needs no second pass.
+// memory, acc[r][:] = sum_{j != label_r} exp(z_rj - m_r) * w_hat_j, rescaled whenever the row
+// max moves (flash-attention style), so the frozen-classifier gradient needs no second pass.
+// Each row's target column is left out (its logit is -inf here): the statistics are those of
+// the other columns, and the caller combines them with the target logit in float64.
 template <typename T, bool kWithAcc>
 __global__ void __launch_bounds__(kThreads)
     stats_kernel(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ inv_nx,
@@ -53,7 +55,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t row = row0 + r;
       float z = -CUDART_INF_F;
       if (col_ok && row < B)
-        z = (labels[row] == col) ? target_logit[row] : scale * dot[i] * inv_nx[row] * inw;
+        z = (labels[row] == col) ? -CUDART_INF_F : scale * dot[i] * inv_nx[row] * inw;
       p[r][lane] = z;
     }
     __syncthreads();
@@ -148,11 +150,9 @@ __global__ void __launch_bounds__(kThreads)
       float v = 0.f;
       if (col_ok && row < B) {
         const float rc = row_coef[row];
-        if (rc != 0.f) {
-          const float z =
-              (labels[row] == col) ? target_logit[row] : scale * dot[i] * inv_nx[row] * inw;
-          v = rc * expf(z - lse[row]) * inv_nx[row];
-        }
+        // The target column is left out (0): the caller adds its coefficient in float64.
+        if (rc != 0.f && labels[row] != col)
+          v = rc * expf(scale * dot[i] * inv_nx[row] * inw - lse[row]) * inv_nx[row];
       }
       p[r][lane] = v;
     }

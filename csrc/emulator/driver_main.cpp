@@ -265,14 +265,14 @@ int main(int argc, char** argv) {
                                                        : bct_fast::margin_fused_workspace_floats(B, S);
     const std::string null_arg = g_req.count("null") ? req("null") : "";
     const FusedMarginInputs in = fused_margin_inputs(B, C, d, null_arg);
-    outs.push_back(output("lse", B * 4, 0xff));
+    outs.push_back(output("lse", B * 8, 0xff));  // double
     outs.push_back(output("ws", (ws_floats > 0 ? ws_floats : 0) * 4, 0xff));
     call = [=, &outs] {
       return bct_fast::margin_fused_lse(
           in.x, in.w, bct_fast::DType::kBFloat16, B, C, d, in.inv_nx, in.inv_nw, in.labels,
           in.target, scale, S,
           null_arg == "workspace" ? nullptr : static_cast<float*>(outs[1].buf), ws_floats,
-          null_arg == "lse" ? nullptr : static_cast<float*>(outs[0].buf), nullptr);
+          null_arg == "lse" ? nullptr : static_cast<double*>(outs[0].buf), nullptr);
     };
   } else if (op == "fused_mma_tile") {  // margin_fused.h: d = c + a @ b^T, one 16 x 16 tile
     const void* a = input("a", 16 * 16 * 2);
@@ -293,7 +293,7 @@ int main(int argc, char** argv) {
                                   : bct_fast::margin_fused_pws_workspace_floats(B, d, S);
     const std::string null_arg = g_req.count("null") ? req("null") : "";
     const FusedMarginInputs in = fused_margin_inputs(B, C, d, null_arg);
-    outs.push_back(output("lse", B * 4, 0xff));
+    outs.push_back(output("lse", B * 8, 0xff));  // double
     outs.push_back(output("pws", (B * d > 0 ? B * d : 0) * 4, 0xff));
     outs.push_back(output("ws", (ws_floats > 0 ? ws_floats : 0) * 4, 0xff));
     // By value: `call` runs after this block's locals are gone.
@@ -304,8 +304,8 @@ int main(int argc, char** argv) {
       return bct_fast::margin_fused_lse_pws(
           in.x, in.w, bct_fast::DType::kBFloat16, B, C, d, in.inv_nx, in.inv_nw, in.labels,
           in.target, scale, S,
-          nul("workspace", outs[2].buf), ws_floats, nul("lse", outs[0].buf),
-          nul("pws", outs[1].buf), nullptr);
+          nul("workspace", outs[2].buf), ws_floats,
+          reinterpret_cast<double*>(nul("lse", outs[0].buf)), nul("pws", outs[1].buf), nullptr);
     };
   } else if (op == "fused_pv_tile") {  // margin_fused.h: d = c + p @ w, w row-major [k][n]
     const void* p = input("p", 16 * 16 * 2);

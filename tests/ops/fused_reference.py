@@ -32,8 +32,9 @@ def fused_inputs(rng, B, C, d, scale):
 
 
 def logits64(a, x, w, scale):
-    """float64 logits of the launcher's arrays: scale * cos, each row's target column replaced."""
+    """float64 logits of the launcher's arrays: scale * cos, each row's target column left out
+    (-inf), as the kernels do (they do not read target_logit: the caller combines)."""
     z = scale * (x @ w.T) * a["inv_nx"].astype(F64)[:, None] * a["inv_nw"].astype(F64)[None, :]
     rows = np.nonzero(a["labels"] >= 0)[0]
-    z[rows, a["labels"][rows]] = a["target_logit"][rows]
+    z[rows, a["labels"][rows]] = -np.inf
     return z

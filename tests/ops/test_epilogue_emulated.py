@@ -58,11 +58,12 @@ def target_cells(a, c0, cols):
 
 
 def ref_z(a, c0, scale):
-    """float64 logits of the block."""
+    """float64 logits of the block, each row's target column left out (-inf) as the kernels do
+    (target_logit is not read: the caller combines the results with it)."""
     z = scale * a["scores"].astype(np.float64) * a["inv_nx"].astype(np.float64)[:, None] \
         * a["inv_nw"].astype(np.float64)[None, :]
     rows, cols = target_cells(a, c0, z.shape[1])
-    z[rows, cols] = a["target_logit"][rows]
+    z[rows, cols] = -np.inf
     return z
 
 
@@ -129,7 +130,8 @@ def test_stats_epilogue(B, cols, c0, e_dtype):
     z = ref_z(a, c0, scale)
     m_ref = np.maximum(m0.astype(np.float64), z.max(1))
     alpha_ref = np.where(np.isneginf(m0), 0.0, np.exp(m0 - m_ref))
-    e_ref = np.exp(z - m_ref[:, None])
+    with np.errstate(invalid="ignore"):  # a row with nothing finite yet: 0, not exp(-inf - -inf)
+        e_ref = np.where(np.isneginf(m_ref)[:, None], 0.0, np.exp(z - m_ref[:, None]))
     l_ref = l0 * alpha_ref + e_ref.sum(1)
     assert scaled_err(m, m_ref) == 0 or scaled_err(m, m_ref) < 1e-6
     assert scaled_err(l, l_ref) < 1e-5
@@ -144,8 +146,9 @@ def test_stats_epilogue(B, cols, c0, e_dtype):
 
 
 def test_stats_epilogue_all_neg_inf_rows():
-    """Rows whose logits are all -inf (target -inf in a one-column block) keep m=-inf, l=0, write
-    e=0 and alpha=0 (no NaN); a row whose running max is -inf picks up a finite block."""
+    """Rows whose logits are all -inf (a one-column block holding only their target, which is
+    left out) keep m=-inf, l=0, write e=0 and alpha=0 (no NaN); a row whose running max is -inf
+    picks up a finite block."""
     a = dict(scores=np.array([[1.0], [2.0], [0.5]], F32), inv_nx=np.ones(3, F32),
              inv_nw=np.ones(1, F32), labels=np.array([0, 0, -1], np.int64),
              target_logit=np.array([-np.inf, 3.0, 0.0], F32))
@@ -153,7 +156,7 @@ def test_stats_epilogue_all_neg_inf_rows():
     l0 = np.array([0.0, 0.0, 2.0], F32)
     m, l, e, alpha = run_stats(a, m0, l0, 0, 4.0, torch.float32)
     assert np.isneginf(m[0]) and l[0] == 0 and e[0, 0] == 0 and alpha[0] == 0
-    assert m[1] == 3.0 and l[1] == 1.0 and alpha[1] == 0.0
+    assert np.isneginf(m[1]) and l[1] == 0 and e[1, 0] == 0 and alpha[1] == 0
     assert m[2] == 2.0 and np.isclose(l[2], 2 * np.exp(-1.0) + 1.0, rtol=1e-6)
     assert not np.isnan(np.concatenate([m, l, e.ravel(), alpha])).any()
 

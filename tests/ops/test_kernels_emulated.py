@@ -54,18 +54,21 @@ def margin_inputs(rng, B, C, d, dtype, scale=16.0):
 
 
 def ref_logits(arrays, xv, wv, scale):
-    """float64 z [B, C]. A dot product beyond fp32's range is +-inf, as the kernel's fp32 one
-    (test_margin_stats_all_neg_inf builds -inf logits that way)."""
+    """float64 z [B, C] with each row's target column left out (-inf), as both kernels do (the
+    caller combines their results with target_logit, which they do not read). A dot product
+    beyond fp32's range is +-inf, as the kernel's fp32 one (test_margin_stats_all_neg_inf builds
+    -inf logits that way)."""
     dot = xv.astype(np.float64) @ wv.astype(np.float64).T
     dot[np.abs(dot) > np.finfo(F32).max] *= np.inf
     z = scale * dot
     z *= arrays["inv_nx"].astype(np.float64)[:, None] * arrays["inv_nw"].astype(np.float64)[None, :]
     rows = np.nonzero(arrays["labels"] >= 0)[0]
-    z[rows, arrays["labels"][rows]] = arrays["target_logit"][rows]
+    z[rows, arrays["labels"][rows]] = -np.inf
     return z
 
 
-def ref_stats(z, what, splits):
+def ref_stats(z, what, splits, labels):
+    """Per split: m, l over every column; acc leaves each row's target column out."""
     B, C = z.shape
     per = ((C + splits - 1) // splits + 31) // 32 * 32
     m = np.full((splits, B), -np.inf)
@@ -79,6 +82,9 @@ def ref_stats(z, what, splits):
         with np.errstate(invalid="ignore"):  # -inf - -inf in rows that are all -inf
             e = np.where(np.isneginf(m[s])[:, None], 0.0, np.exp(zs - m[s][:, None]))
         l[s] = e.sum(1)
+        local = labels - s * per
+        rows = np.nonzero((labels >= 0) & (local >= 0) & (local < zs.shape[1]))[0]
+        e[rows, local[rows]] = 0.0
         acc[s] = e @ what[s * per:min(C, (s + 1) * per)]
     return m, l, acc
 
@@ -106,7 +112,7 @@ def run_stats(arrays, B, C, d, dtype, scale, splits, with_acc):
 def check_stats(arrays, xv, wv, B, C, d, dtype, scale, splits):
     z = ref_logits(arrays, xv, wv, scale)
     what = wv.astype(np.float64) * arrays["inv_nw"].astype(np.float64)[:, None]
-    rm, rl, racc = ref_stats(z, what, splits)
+    rm, rl, racc = ref_stats(z, what, splits, arrays["labels"])
     for with_acc in (False, True):
         m, l, acc = run_stats(arrays, B, C, d, dtype, scale, splits, with_acc)
         assert_close(m, rm, 1e-5, f"m (with_acc={with_acc})")
@@ -130,6 +136,8 @@ def check_grad_weight(arrays, xv, z, B, C, d, dtype, scale, rng):
     live = row_coef != 0
     p = np.zeros((B, C))
     p[live] = row_coef[live, None] * np.exp(z[live] - lse[live, None].astype(np.float64))
+    rows = np.nonzero(arrays["labels"] >= 0)[0]
+    p[rows, arrays["labels"][rows]] = 0.0  # the target column is left out
     xhat = xv.astype(np.float64) * arrays["inv_nx"].astype(np.float64)[:, None]
     assert_close(gw, p.T @ xhat, 1e-5, "grad_weight")
 
@@ -193,7 +201,7 @@ def test_margin_stats_all_neg_inf():
     # Splits of 32: split 0 is -inf for every row, split 1 holds classes 32..63, split 2 64..69.
     check_stats(arrays, x, w, B, C, d, "float32", 16.0, 3)
 
-    # C=1 whose only class is the row's target with logit -inf: the whole row is -inf.
+    # C=1 whose only class is each row's target (left out): the whole row is -inf.
     arrays1, xv1, wv1 = margin_inputs(rng, 2, 1, 8, "float32")
     arrays1["labels"] = np.array([0, 0], np.int64)
     arrays1["target_logit"] = np.array([-np.inf, 1.5], F32)

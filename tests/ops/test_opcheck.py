@@ -60,5 +60,5 @@ def test_torch_compile_traces_the_loss(device):
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(x, w)
     gc = torch.autograd.grad(compiled, (x, w))
     assert torch.allclose(eager, compiled, rtol=1e-5)
-    for a, b in zip(ge, gc):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(ge, gc):  # torch 2.11 once gave all-zero compiled gradients here
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -1,6 +1,7 @@
 """The one place that picks a provider per op (bct_fast.ops.providers), the kernel-verification
 record, and the CUDA providers' host-side logic with the kernel launch replaced by a stub."""
 import json
+import math
 import warnings
 
 import pytest
@@ -147,8 +148,8 @@ def test_lse_merge_of_empty_and_all_minus_inf_splits():
     m = torch.tensor([[1.0, -inf], [-inf, -inf], [2.0, -inf]])   # [S=3, B=2]
     l = torch.tensor([[1.0, 0.0], [0.0, 0.0], [2.0, 0.0]])
     lse, w, l_all = margin_softmax_cuda.merge_class_splits(m, l)
-    ref = torch.logsumexp(torch.tensor([1.0, 2.0 + torch.log(torch.tensor(2.0)).item()]), 0)
-    assert torch.allclose(lse[0], ref) and lse[1] == -inf
+    ref = torch.logsumexp(torch.tensor([1.0, 2.0 + math.log(2.0)], dtype=torch.float64), 0)
+    assert lse.dtype == torch.float64 and torch.allclose(lse[0], ref) and lse[1] == -inf
     assert not torch.isnan(w).any() and not torch.isnan(lse).any()
 
 

@@ -2,8 +2,10 @@
 //
 // For x [B, d] and w [C, d] (bf16, contiguous row-major) the logits are, as in margin_epilogue.h:
 //   z_ij = scale * S_ij * inv_nx_i * inv_nw_j      (S = x @ w^T accumulated in fp32; this order)
-// except in the target column j == labels_i, where z = target_logit_i (labels_i < 0: none), and
-//   lse_i = log(sum_j exp(z_ij))                    (online max / sum-exp in fp32).
+// over the columns j != labels_i (each row's target column is left out; labels_i < 0: none;
+// target_logit is not read: the caller combines the result with it in float64), and
+//   lse_i = log(sum_j exp(z_ij))                    (online max / sum-exp in fp32; the merge
+//                                                     writes M + log L in double).
 // One kernel computes S on tensor cores (mma.sync m16n8k16 bf16, fp32 accumulation; needs sm_80)
 // and turns it into running statistics in registers: the B x C score matrix is never written.
 //
@@ -22,13 +24,13 @@
 
 namespace bct_fast {
 
-// Writes lse[B]. `dtype` must be kBFloat16. 1 <= splits; splits beyond the number of 128-class
+// Writes lse[B] (double). `dtype` must be kBFloat16. 1 <= splits; splits beyond the number of 128-class
 // tiles are clamped (the workspace needs margin_fused_workspace_floats(B, splits) floats either
 // way). workspace_floats is the caller's workspace size, checked.
 Status margin_fused_lse(const void* x, const void* w, DType dtype, int64_t B, int64_t C, int64_t d,
                         const float* inv_nx, const float* inv_nw, const int64_t* labels,
                         const float* target_logit, float scale, int64_t splits, float* workspace,
-                        int64_t workspace_floats, float* lse, void* stream);
+                        int64_t workspace_floats, double* lse, void* stream);
 
 // A split count that gives a few hundred blocks when B is small, without making a block's class
 // range shorter than 4 tiles (512 classes). A function of the shapes only (no device query), so
@@ -45,14 +47,13 @@ Status margin_fused_mma_tile_check(const void* a, const void* b, const float* c,
                                    void* stream);
 
 // ---- the frozen classifier's forward: lse AND pws (docs/design_fused_frozen_forward.md, v1) ----
-// With the logits z above: lse[B] and pws[B, d] = sum_j softmax_ij * w_hat_j, w_hat_j =
-// w_j * inv_nw_j (fp32), in one kernel that computes S = x w^T AND P @ W on tensor cores
-// (mma.sync; the B x C scores / probabilities never reach global memory): block = 64 rows x one
-// class range of whole 64-class tiles, O (64 x d fp32) in registers split into depth panels over
-// the warps. P' = exp(z - m) * inv_nw is rounded to bf16 for the second product (as the epilogue
-// provider's e block) EXCEPT the target column, whose term exp(z_y - M) * w_hat_y is added in
-// fp32 by the merge kernel (labels_i < 0 or >= C: none). A row whose logits are all -inf gets
-// lse = -inf and pws = NaN (0 / 0), like the other providers.
+// With the logits z above (target column left out): lse[B] (double) and pws[B, d] =
+// sum_j softmax_ij * w_hat_j, w_hat_j = w_j * inv_nw_j (fp32), in one kernel that computes
+// S = x w^T AND P @ W on tensor cores (mma.sync; the B x C scores / probabilities never reach
+// global memory): block = 64 rows x one class range of whole 64-class tiles, O (64 x d fp32) in
+// registers split into depth panels over the warps. P' = exp(z - m) * inv_nw is rounded to bf16
+// for the second product (as the epilogue provider's e block). A row
+// whose logits are all -inf gets lse = -inf and pws = NaN (0 / 0), like the other providers.
 // workspace = [m: splits x B | l: splits x B | O: splits x B x d] floats; the split merge has a
 // fixed order (deterministic; depends on `splits` at the fp32-rounding level). x and w take the
 // cp.async path when d % 8 == 0 and both are 16-byte aligned, plain loads otherwise.
@@ -63,7 +64,7 @@ constexpr int64_t kMarginFusedPwsMaxD = 512;
 Status margin_fused_lse_pws(const void* x, const void* w, DType dtype, int64_t B, int64_t C,
                             int64_t d, const float* inv_nx, const float* inv_nw,
                             const int64_t* labels, const float* target_logit, float scale,
-                            int64_t splits, float* workspace, int64_t workspace_floats, float* lse,
+                            int64_t splits, float* workspace, int64_t workspace_floats, double* lse,
                             float* pws, void* stream);
 
 // Splits giving ~256 blocks (about 2 waves at 1 block / SM on a 132-SM GPU; 16 splits at
