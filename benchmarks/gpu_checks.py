@@ -138,11 +138,10 @@ def read_record(record: Path) -> dict:
     return out
 
 
-def record_counts(record: Path) -> tuple[dict[str, dict[str, int]], list[str], int]:
-    """Per test file passed / failed / skipped CUDA tests of a record (read_record), the collected
-    CUDA tests that never finished (the deadline or a crash stopped the run), and the number of
-    collection errors."""
-    rec = read_record(record)
+def record_counts(rec: dict) -> tuple[dict[str, dict[str, int]], list[str], int]:
+    """Per test file passed / failed / skipped CUDA tests of a record (as read_record returns it),
+    the collected CUDA tests that never finished (the deadline or a crash stopped the run), and
+    the number of collection errors."""
     counts: dict[str, dict[str, int]] = {}
     for nodeid in rec["cuda"]:
         row = counts.setdefault(nodeid.split("::")[0], {"passed": 0, "failed": 0, "skipped": 0})
@@ -151,10 +150,9 @@ def record_counts(record: Path) -> tuple[dict[str, dict[str, int]], list[str], i
     return counts, unfinished, rec["collect_errors"]
 
 
-def family_counts(record: Path) -> dict[str, dict[str, int]]:
-    """Per kernel family (KERNEL_FAMILIES of the test files): its collected CUDA tests that
-    passed / failed / skipped / never finished."""
-    rec = read_record(record)
+def family_counts(rec: dict) -> dict[str, dict[str, int]]:
+    """Per kernel family (KERNEL_FAMILIES of the test files) of a record (as read_record returns
+    it): its collected CUDA tests that passed / failed / skipped / never finished."""
     out: dict[str, dict[str, int]] = {}
     for nodeid, families in rec["collected_cuda"].items():
         outcome = rec["outcome"].get(nodeid, "unfinished")
@@ -173,8 +171,9 @@ def check_cuda_tests(results: Path) -> dict:
     unfinished: list[str] = []
     per_family = None
     if str(results).endswith(".jsonl"):
-        counts, unfinished, suite_errors = record_counts(results)
-        per_family = family_counts(results)
+        rec = read_record(results)  # one read for both tallies
+        counts, unfinished, suite_errors = record_counts(rec)
+        per_family = family_counts(rec)
     else:
         counts = cuda_test_counts(results)
         suite_errors = sum(int(s.get("errors", 0)) for s in ET.parse(results).getroot().iter("testsuite"))
@@ -279,7 +278,7 @@ def main(argv: list[str]) -> int:
         verdict = sanitizer_verdict(log, int(args[1]))
         res = {"ok": verdict in ("clean", "refused"), "verdict": verdict}
         if len(args) > 2 and Path(args[2]).exists():  # the record of the tests it ran
-            res["per_family"] = family_counts(Path(args[2]))
+            res["per_family"] = family_counts(read_record(Path(args[2])))
     elif cmd == "ncu":
         res = ncu_summary([Path(a) for a in args])
     else:

@@ -86,7 +86,7 @@ def test_record_keeps_the_verdicts_of_a_stopped_run(tmp_path, monkeypatch):
     lines = record.read_text().splitlines()
     rec = gpu_checks.read_record(record)
     assert len(rec["collected_cuda"]) >= 8 and set(rec["collected_cuda"]) == rec["cuda"]
-    counts, unfinished, errors = gpu_checks.record_counts(record)
+    counts, unfinished, errors = gpu_checks.record_counts(rec)
     assert unfinished == [] and errors == 0
     assert sum(sum(r.values()) for r in counts.values()) == len(rec["collected_cuda"])
     cut = tmp_path / "cut.jsonl"
