@@ -212,19 +212,19 @@ fi
 # ---- 5. compute-sanitizer on the small kernel cases -----------------------------------------
 if want sanitizer; then
   for TOOL in memcheck racecheck; do
-    if T=$(budget 150 45); then
+    if T=$(budget 240 45); then
       echo "== compute-sanitizer --tool $TOOL (timeout $T s)"
       BCT_FAST_TEST_RECORD="$WORK/sanitizer_$TOOL.jsonl" timeout "$T" \
         compute-sanitizer --tool "$TOOL" --error-exitcode 1 \
         $PY -m pytest "${FIRST[@]}" \
           "tests/ops/test_margin_epilogue.py::test_cuda_kernels_match_their_twin" \
-          "tests/ops/test_topk_epilogue.py::test_cuda_nan_flag" \
-          "tests/ops/test_topk_epilogue.py::test_cuda_kernel_equals_twin[True-False-257-dtype1]" \
-          "tests/ops/test_topk_epilogue.py::test_cuda_kernel_equals_twin[False-True-4096-dtype0]" \
           "tests/ops/test_margin_fused.py::test_cuda_fused_lse_matches_float64" \
           "tests/ops/test_margin_fused.py::test_cuda_fused_lse_pws_matches_float64[1-1-16]" \
           "tests/ops/test_margin_fused.py::test_cuda_fused_lse_pws_matches_float64[65-3001-100]" \
           "tests/ops/test_margin_fused.py::test_cuda_fused_lse_pws_matches_float64[129-700-128]" \
+          "tests/ops/test_topk_epilogue.py::test_cuda_nan_flag" \
+          "tests/ops/test_topk_epilogue.py::test_cuda_kernel_equals_twin[True-False-257-dtype1]" \
+          "tests/ops/test_topk_epilogue.py::test_cuda_kernel_equals_twin[False-True-4096-dtype0]" \
           -q -p no:cacheprovider >"$WORK/sanitizer_$TOOL.log" 2>&1
       RC=$?
       tail -3 "$WORK/sanitizer_$TOOL.log"

@@ -64,7 +64,8 @@ def softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale: float, with
     lse, weights, l_all = merge_class_splits(m, l)
     if acc is None:
         return lse, x.new_empty((0,), dtype=torch.float32)
-    pws = torch.einsum("sb,sbd->bd", weights, acc) / l_all[:, None]
+    # A row with no non-target column (C = 1) has l_all = 0 and acc = 0: pws 0, not 0 / 0.
+    pws = torch.einsum("sb,sbd->bd", weights, acc) / torch.where(l_all > 0, l_all, 1.0)[:, None]
     return lse, pws
 
 
@@ -77,10 +78,13 @@ def softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, sca
     empty = x.new_empty((0,), dtype=torch.float32)
     gx, gw = empty, empty
     if need_x:
-        # The online sweep recomputes the softmax it needs; its result equals P @ W_hat for the
-        # given lse up to rounding.
-        _, pws = softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, True)
-        gx = pws * row_coef.to(torch.float32)[:, None]
+        # The online sweep recomputes the softmax over the non-target columns, normalized by their
+        # own sum; exp(lse_rest - lse) rescales it to the softmax of the given lse (0 for a row
+        # with no non-target column).
+        lse_rest, pws = softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, True)
+        ratio = torch.exp(lse_rest - lse.to(torch.float64))
+        ratio = torch.where(torch.isneginf(lse_rest), 0.0, ratio)
+        gx = pws * (ratio * row_coef.to(torch.float64)).to(torch.float32)[:, None]
     if need_w:
         x, w = x.contiguous(), w.contiguous()
         inv_nx, inv_nw, target_logit = f32(inv_nx), f32(inv_nw), f32(target_logit)

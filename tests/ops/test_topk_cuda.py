@@ -50,7 +50,7 @@ def test_low_precision_galleries(seed, q_dtype, g_dtype, atol):
 
 def test_host_gallery_streamed_to_device(seed, tmp_path):
     g = torch.randn(20000, 64)
-    mm = np.lib.format.open_memmap(tmp_path / "g.npy", mode="w+", dtype=np.float32, shape=g.shape)
+    mm = np.lib.format.open_memmap(tmp_path / "g.npy", mode="w+", dtype=np.float32, shape=tuple(g.shape))
     mm[:] = g.numpy()
     mm.flush()
     q = torch.randn(17, 64)
