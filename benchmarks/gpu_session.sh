@@ -70,8 +70,8 @@ BENCH_JSONS=()
 collect() {
   $PY benchmarks/collect_results.py --out "$RESULTS/gpu_${STAMP}.json" --bench "${BENCH_JSONS[@]}" \
     --tests "$WORK/tests.jsonl" --commit "${BCT_FAST_COMMIT:-unknown}" --steps "$STATUS" \
-    --attach "$WORK/first_checks.json" "$WORK/cuda_tests.json" "$WORK/sanitizer_memcheck.json" \
-    "$WORK/sanitizer_racecheck.json" "$WORK/installed.json" "$WORK/ncu_summary.json" \
+    --attach "$WORK/first_checks.json" "$WORK/cuda_tests.json" "$WORK"/sanitizer_*.json \
+    "$WORK/installed.json" "$WORK/ncu_summary.json" \
     >>"$WORK/collect.log" 2>&1 || echo "== collect failed (see collect.log)"
   tar -czf "$RESULTS/logs_${STAMP}.tar.gz.tmp" -C "$WORK" . 2>/dev/null &&
     mv -f "$RESULTS/logs_${STAMP}.tar.gz.tmp" "$RESULTS/logs_${STAMP}.tar.gz"
@@ -210,29 +210,43 @@ if want tests; then
 fi
 
 # ---- 5. compute-sanitizer on the small kernel cases -----------------------------------------
+# One process per tool and group, each with its own verdict: a slow or failing case of one group
+# (the first run's racecheck timed out on a large top-k case) cannot take another group's
+# verdict with it. verify_gpu_run.py reads every group whose cases name a family.
+SAN_MARGIN=(
+  "tests/ops/test_margin_fused.py::test_cuda_mma_tile_matches_a_host_matmul"
+  "tests/ops/test_margin_fused.py::test_cuda_pv_tile_matches_a_host_matmul"
+  "tests/ops/test_kernels_small_cuda.py::test_margin_kernels_small"
+  "tests/ops/test_margin_epilogue.py::test_cuda_kernels_match_their_twin"
+  "tests/ops/test_margin_fused.py::test_cuda_fused_lse_matches_float64"
+  "tests/ops/test_margin_fused.py::test_cuda_fused_lse_pws_matches_float64[1-1-16]"
+  "tests/ops/test_margin_fused.py::test_cuda_fused_lse_pws_matches_float64[65-3001-100]"
+  "tests/ops/test_margin_fused.py::test_cuda_fused_lse_pws_matches_float64[129-700-128]"
+)
+SAN_TOPK=(
+  "tests/ops/test_kernels_small_cuda.py::test_topk_kernel_small"
+  "tests/ops/test_kernels_small_cuda.py::test_topk_kernel_small_exclude_self"
+  "tests/ops/test_topk_fused.py::test_cuda_fused_small"
+  "tests/ops/test_topk_epilogue.py::test_cuda_nan_flag"
+  "tests/ops/test_topk_epilogue.py::test_cuda_kernel_equals_twin_sanitizer_sized"
+)
 if want sanitizer; then
   for TOOL in memcheck racecheck; do
-    if T=$(budget 240 45); then
-      echo "== compute-sanitizer --tool $TOOL (timeout $T s)"
-      BCT_FAST_TEST_RECORD="$WORK/sanitizer_$TOOL.jsonl" timeout "$T" \
-        compute-sanitizer --tool "$TOOL" --error-exitcode 1 \
-        $PY -m pytest "${FIRST[@]}" \
-          "tests/ops/test_margin_epilogue.py::test_cuda_kernels_match_their_twin" \
-          "tests/ops/test_margin_fused.py::test_cuda_fused_lse_matches_float64" \
-          "tests/ops/test_margin_fused.py::test_cuda_fused_lse_pws_matches_float64[1-1-16]" \
-          "tests/ops/test_margin_fused.py::test_cuda_fused_lse_pws_matches_float64[65-3001-100]" \
-          "tests/ops/test_margin_fused.py::test_cuda_fused_lse_pws_matches_float64[129-700-128]" \
-          "tests/ops/test_topk_epilogue.py::test_cuda_nan_flag" \
-          "tests/ops/test_topk_epilogue.py::test_cuda_kernel_equals_twin[True-False-257-dtype1]" \
-          "tests/ops/test_topk_epilogue.py::test_cuda_kernel_equals_twin[False-True-4096-dtype0]" \
-          -q -p no:cacheprovider >"$WORK/sanitizer_$TOOL.log" 2>&1
-      RC=$?
-      tail -3 "$WORK/sanitizer_$TOOL.log"
-      $CHECK sanitizer "$WORK/sanitizer_$TOOL.log" "$RC" "$WORK/sanitizer_$TOOL.jsonl" \
-        | tee "$WORK/sanitizer_$TOOL.json"
-      step "sanitizer_$TOOL" "$(sed -n 's/.*"verdict": "\([a-z]*\)".*/\1/p' "$WORK/sanitizer_$TOOL.json")"
-    else skipped "sanitizer_$TOOL"; fi
-    collect
+    for GROUP in margin topk; do
+      NAME="sanitizer_${TOOL}_${GROUP}"
+      if T=$(budget 150 30); then
+        echo "== compute-sanitizer --tool $TOOL, $GROUP cases (timeout $T s)"
+        if [ "$GROUP" = margin ]; then CASES=("${SAN_MARGIN[@]}"); else CASES=("${SAN_TOPK[@]}"); fi
+        BCT_FAST_TEST_RECORD="$WORK/$NAME.jsonl" timeout "$T" \
+          compute-sanitizer --tool "$TOOL" --error-exitcode 1 \
+          $PY -m pytest "${CASES[@]}" -q -p no:cacheprovider >"$WORK/$NAME.log" 2>&1
+        RC=$?
+        tail -3 "$WORK/$NAME.log"
+        $CHECK sanitizer "$WORK/$NAME.log" "$RC" "$WORK/$NAME.jsonl" | tee "$WORK/$NAME.json"
+        step "$NAME" "$(sed -n 's/.*"verdict": "\([a-z]*\)".*/\1/p' "$WORK/$NAME.json")"
+      else skipped "$NAME"; fi
+      collect
+    done
   done
 fi
 

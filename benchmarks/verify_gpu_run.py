@@ -11,8 +11,11 @@ A run verifies a family when all of these hold:
   - no collection error, no CUDA test from a file without ``KERNEL_FAMILIES``, and every
     collected CUDA test that names the family (its file's ``KERNEL_FAMILIES``) finished and
     passed: none failed, skipped or unfinished;
-  - compute-sanitizer memcheck and racecheck each said ``refused`` (the machine does not run it),
-    or ``clean`` with at least one of the family's tests passing under it and none failing.
+  - compute-sanitizer memcheck and racecheck: for each tool, the machine ``refused`` it, or the
+    family's cases ran under it, at least one passed, and every process of that tool in which
+    the family's cases ran (``sanitizer_<tool>`` or one group ``sanitizer_<tool>_<group>``) said
+    ``clean`` with none of them failing or unfinished. A group with no case of the family
+    (whatever its verdict) does not count for it: the groups are separate processes.
 Anything missing (a step skipped for time, say) verifies nothing. Prints one JSON object.
 """
 from __future__ import annotations
@@ -26,7 +29,36 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "bct_fast" / "_core" / "gpu_verified.json"
-SANITIZERS = ("sanitizer_memcheck", "sanitizer_racecheck")
+SANITIZERS = ("memcheck", "racecheck")
+
+
+def sanitizer_runs(run: dict, tool: str) -> dict[str, dict]:
+    """The run's sanitizer processes of one tool: ``sanitizer_<tool>`` (one process for all
+    cases, the earlier layout) and ``sanitizer_<tool>_<group>`` (one per group)."""
+    name = f"sanitizer_{tool}"
+    return {k: v for k, v in run.items()
+            if (k == name or k.startswith(name + "_")) and isinstance(v, dict)}
+
+
+def _sanitizer_reasons(run: dict, tool: str, family: str) -> list[str]:
+    procs = sanitizer_runs(run, tool)
+    if not procs:
+        return [f"sanitizer {tool}: not run"]
+    if any(p.get("verdict") == "refused" for p in procs.values()):
+        return []
+    reasons, passed = [], 0
+    for name, p in sorted(procs.items()):
+        row = (p.get("per_family") or {}).get(family) or {}
+        if not any(row.get(key) for key in ("passed", "failed", "skipped", "unfinished")):
+            continue  # none of the family's cases in this process
+        if p.get("verdict") != "clean":
+            reasons.append(f"{name}: {p.get('verdict') or 'no verdict'}")
+        elif row.get("failed") or row.get("unfinished"):
+            reasons.append(f"{name}: this family's cases did not all pass under it ({row})")
+        passed += row.get("passed", 0)
+    if not reasons and not passed:
+        reasons.append(f"sanitizer {tool}: none of this family's cases passed under it")
+    return reasons
 
 
 def _source_hashes(root: Path) -> dict[str, str]:
@@ -65,22 +97,13 @@ def family_verdicts(run: dict, hashes: dict[str, str]) -> dict[str, dict]:
         elif row.get("failed") or row.get("skipped") or row.get("unfinished"):
             reasons.append(f"CUDA tests: {row}")
         for tool in SANITIZERS:
-            san = run.get(tool) or {}
-            verdict = san.get("verdict")
-            if verdict == "refused":
-                continue
-            if verdict != "clean":
-                reasons.append(f"{tool}: {verdict or 'not run'}")
-                continue
-            srow = (san.get("per_family") or {}).get(family) or {}
-            if not srow.get("passed") or srow.get("failed") or srow.get("unfinished"):
-                reasons.append(f"{tool}: none of this family's cases passed under it ({srow or 'none ran'})")
+            reasons.extend(_sanitizer_reasons(run, tool, family))
         out[family] = {"verified": not reasons, "reasons": reasons}
     return out
 
 
 def entry(run: dict, run_path: Path, sha: str) -> dict:
-    verdicts = {(run.get(t) or {}).get("verdict") for t in SANITIZERS}
+    verdicts = {p.get("verdict") for t in SANITIZERS for p in sanitizer_runs(run, t).values()}
     try:
         result = run_path.resolve().relative_to(ROOT).as_posix()
     except ValueError:

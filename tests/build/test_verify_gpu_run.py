@@ -92,8 +92,51 @@ def test_run_wide_failures_verify_nothing(breakage):
 def test_a_machine_that_refuses_the_sanitizer_still_verifies():
     run = good_run()
     for tool in verify.SANITIZERS:
-        run[tool] = {"verdict": "refused"}
+        run[f"sanitizer_{tool}"] = {"verdict": "refused"}
     assert verified(run) == set(FAMILIES)
+
+
+MARGIN_GROUP = ("margin_softmax", "cosine_topk", "margin_epilogue", "margin_fused")
+TOPK_GROUP = ("margin_softmax", "cosine_topk", "topk_fused", "topk_epilogue")  # test_kernels_small_cuda: both
+
+
+def grouped_run() -> dict:
+    """The sanitizer as gpu_session.sh runs it now: one process per tool and group."""
+    run = good_run()
+    passed = {"passed": 2, "failed": 0, "skipped": 0, "unfinished": 0}
+    for tool in verify.SANITIZERS:
+        del run[f"sanitizer_{tool}"]
+        for group, families in (("margin", MARGIN_GROUP), ("topk", TOPK_GROUP)):
+            run[f"sanitizer_{tool}_{group}"] = {"verdict": "clean",
+                                                "per_family": {f: dict(passed) for f in families}}
+    return run
+
+
+def test_grouped_sanitizer_processes_verify_every_family():
+    assert verified(grouped_run()) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("verdict", ["failed", "errors"])
+@pytest.mark.parametrize("group,families", [("margin", MARGIN_GROUP), ("topk", TOPK_GROUP)])
+def test_a_broken_group_keeps_out_only_the_families_with_cases_in_it(verdict, group, families):
+    """A racecheck group cut off by its timeout (the first GPU run's fate) or finding hazards:
+    every family with a case in that process stays out, whatever its row says; the others not."""
+    run = grouped_run()
+    run[f"sanitizer_racecheck_{group}"]["verdict"] = verdict
+    assert verified(run) == set(FAMILIES) - set(families)
+
+
+def test_an_unfinished_case_in_a_clean_looking_group_keeps_its_family_out():
+    run = grouped_run()
+    run["sanitizer_memcheck_topk"]["per_family"]["topk_epilogue"]["unfinished"] = 1
+    assert verified(run) == set(FAMILIES) - {"topk_epilogue"}
+
+
+def test_grouped_sanitizer_missing_a_tool_verifies_nothing():
+    run = grouped_run()
+    for key in [k for k in run if k.startswith("sanitizer_racecheck")]:
+        del run[key]
+    assert verified(run) == set()
 
 
 def test_write_adds_entries_once_and_the_provider_logic_reads_them(tmp_path, monkeypatch):

@@ -195,13 +195,27 @@ def _gpu_inputs(Q, N, d, dtype, seed, ties=False):
 @pytest.mark.parametrize("exclude_self,ties", [(False, False), (True, False), (False, True)])
 def test_cuda_kernel_equals_twin(dtype, k, exclude_self, ties):
     """The kernel and the twin on the same GEMM blocks: bit for bit."""
-    q, g = _gpu_inputs(300, 9000, 64, dtype, k, ties)
+    _assert_kernel_equals_twin(300, 128, dtype, k, exclude_self, ties)
+
+
+def _assert_kernel_equals_twin(Q, query_block, dtype, k, exclude_self, ties=False):
+    q, g = _gpu_inputs(Q, 9000, 64, dtype, k, ties)
     if exclude_self:
-        q = g[:300].clone()
-    kw = dict(k=k, exclude_self=exclude_self, chunk_size=2048, query_block=128)
+        q = g[:Q].clone()
+    kw = dict(k=k, exclude_self=exclude_self, chunk_size=2048, query_block=query_block)
     got = tke.cosine_topk_epilogue(q, g, selector=tke.CUDA_SELECTOR, **kw)
     ref = tke.cosine_topk_epilogue(q, g, selector=tke.TORCH_SELECTOR, **kw)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k,exclude_self,dtype", [(257, True, torch.bfloat16), (4096, False, torch.float32)])
+def test_cuda_kernel_equals_twin_sanitizer_sized(k, exclude_self, dtype):
+    """Two of the sweep's cases with the largest kept lists (k = 257: the 1024-entry instantiation,
+    with exclude_self; k = 4096: the largest, more than a chunk's 2048 columns), on 24 queries:
+    small enough for racecheck, which was still on the 300-query k = 4096 case after 38 s on the
+    first GPU run. Bit for bit, as above."""
+    _assert_kernel_equals_twin(24, 16, dtype, k, exclude_self)
 
 
 @pytest.mark.cuda
