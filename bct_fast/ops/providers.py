@@ -29,9 +29,11 @@ recorded GPU run (then before the SIMT kernels); ``BCT_FAST_UNVERIFIED_KERNELS=1
 select it. Margin softmax also has a ``fused`` provider (``margin_softmax_fused``, family
 ``margin_fused``: tensor-core tiles with the forward statistics in registers; the sweeps it does
 not fuse go to the epilogue provider). ``backend="fused"`` requests it (CUDA bf16 tensors only, an
-error otherwise); under ``"auto"`` it comes first once its own family passed a recorded GPU run.
-So does cosine top-k (``topk_fused``, family ``topk_fused``: tensor-core score tiles with the
-selection in shared memory; bf16 queries and gallery, k <= 128).
+error otherwise). So does cosine top-k (``topk_fused``, family ``topk_fused``: tensor-core score
+tiles with the selection in shared memory; bf16 queries and gallery, k <= 128). Under ``"auto"``
+the verified tensor-core providers come first, in the order of ``AUTO_ORDER`` (the faster first
+on the measured GPU rows), then the verified SIMT kernels, except where those were measured
+slower than the torch path (``SIMT_SLOWER_THAN_TORCH``).
 """
 from __future__ import annotations
 
@@ -51,6 +53,15 @@ BACKENDS = ("auto", "torch", "cuda", "epilogue", "fused")
 FUSED_FAMILIES = {"margin_softmax": "margin_fused", "cosine_topk": "topk_fused"}
 # Family of the epilogue provider of an op family that has one.
 EPILOGUE_FAMILIES = {"margin_softmax": "margin_epilogue", "cosine_topk": "topk_epilogue"}
+# The order in which `auto` tries an op family's verified tensor-core providers: the faster first
+# on the first GPU measurements (H200, 2026-11-26, benchmarks/results/gpu_2026-11-26_h200.md,
+# the goal rows only): margin forward fused 6.7 ms vs epilogue 12.1 ms; search epilogue 585 ms
+# vs fused 1101 ms.
+AUTO_ORDER = {"margin_softmax": ("fused", "epilogue"), "cosine_topk": ("epilogue", "fused")}
+# Op families whose SIMT kernels `auto` leaves alone even once verified: measured slower than the
+# chunked torch path (same run).
+SIMT_SLOWER_THAN_TORCH = {"margin_softmax": "H200, B = 1024, C = 1M, d = 512, bf16: 140 ms vs "
+                                            "95 ms forward, 1008 ms vs 230 ms forward + backward"}
 UNVERIFIED_ENV = "BCT_FAST_UNVERIFIED_KERNELS"
 
 
@@ -140,13 +151,17 @@ def choose(family: str, device: torch.device, backend: str,
         return Choice("torch", why.reason, warn=not why.expected)
     if backend == "cuda":
         return Choice("cuda", "backend='cuda' requested")
-    if (fused_unsupported is not None and family in FUSED_FAMILIES
-            and _verified(FUSED_FAMILIES[family]) and fused_unsupported() is None):
-        return Choice("fused", "its fused kernels passed a recorded GPU run")
-    if (epilogue_unsupported is not None and family in EPILOGUE_FAMILIES
-            and _verified(EPILOGUE_FAMILIES[family]) and epilogue_unsupported() is None):
-        return Choice("epilogue", "its epilogue kernels passed a recorded GPU run")
+    candidates = {"fused": (FUSED_FAMILIES, fused_unsupported),
+                  "epilogue": (EPILOGUE_FAMILIES, epilogue_unsupported)}
+    for provider in AUTO_ORDER.get(family, ()):
+        families, unsupported_fn = candidates[provider]
+        if unsupported_fn is not None and _verified(families[family]) and unsupported_fn() is None:
+            return Choice(provider, f"its {provider} kernels passed a recorded GPU run")
     if _verified(family):
+        if family in SIMT_SLOWER_THAN_TORCH:
+            return Choice("torch", f"its SIMT kernels passed a recorded GPU run but were slower than "
+                                   f"this path there ({SIMT_SLOWER_THAN_TORCH[family]}); "
+                                   f"backend='cuda' runs them")
         return Choice("cuda", "its sources passed a recorded GPU run")
     if os.environ.get(UNVERIFIED_ENV) == "1":
         return Choice("cuda", f"{UNVERIFIED_ENV}=1")

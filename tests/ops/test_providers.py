@@ -62,8 +62,17 @@ def test_unverified_kernels_run_only_on_request(compiled, monkeypatch):
 
 def test_verified_kernels_are_the_default(compiled, monkeypatch):
     monkeypatch.setattr(providers, "_verified", lambda family: True)
-    c = providers.choose("margin_softmax", CUDA, "auto", lambda: None)
+    c = providers.choose("cosine_topk", CUDA, "auto", lambda: None)
     assert c.provider == "cuda" and not c.warn
+
+
+def test_verified_simt_margin_kernels_stay_on_request(compiled, monkeypatch):
+    """Measured slower than the chunked torch path on the H200: `auto` keeps the torch path and
+    says why (no warning: nothing unexpected); backend='cuda' and the env variable still run them."""
+    monkeypatch.setattr(providers, "_verified", lambda family: True)
+    c = providers.choose("margin_softmax", CUDA, "auto", lambda: None)
+    assert c.provider == "torch" and "slower" in c.reason and not c.warn
+    assert providers.choose("margin_softmax", CUDA, "cuda", lambda: None).provider == "cuda"
 
 
 def test_float64_stays_on_torch_without_a_warning(compiled):

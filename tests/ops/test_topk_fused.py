@@ -49,12 +49,15 @@ def test_auto_picks_fused_search_only_once_its_family_is_verified(monkeypatch):
     monkeypatch.setattr(providers, "cuda_kernels_compiled", lambda: True)
     monkeypatch.setenv(providers.UNVERIFIED_ENV, "1")  # the SIMT kernels, never the fused ones
     assert providers.choose("cosine_topk", CUDA, "auto", ok, ok, ok).provider == "cuda"
-    monkeypatch.setattr(providers, "_verified", lambda family: family in ("topk_fused", "topk_epilogue"))
+    monkeypatch.setattr(providers, "_verified", lambda family: family == "topk_fused")
     c = providers.choose("cosine_topk", CUDA, "auto", ok, ok, ok)
     assert c.provider == "fused" and not c.warn
-    # a call it cannot serve (k > 128) falls to the verified epilogue provider
-    no = lambda: tkf.Unsupported("k", expected=True)  # noqa: E731
-    assert providers.choose("cosine_topk", CUDA, "auto", ok, ok, no).provider == "epilogue"
+    # both verified: the epilogue provider first (585 ms vs 1101 ms on the H200's goal row) ...
+    monkeypatch.setattr(providers, "_verified", lambda family: family in ("topk_fused", "topk_epilogue"))
+    assert providers.choose("cosine_topk", CUDA, "auto", ok, ok, ok).provider == "epilogue"
+    # ... and the fused one where the epilogue provider cannot serve the call
+    no = lambda: tkf.Unsupported("gallery", expected=True)  # noqa: E731
+    assert providers.choose("cosine_topk", CUDA, "auto", ok, no, ok).provider == "fused"
 
 
 def test_unsupported_says_why():
