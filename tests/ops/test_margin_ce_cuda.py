@@ -36,7 +36,11 @@ def test_kernel_is_used_and_matches_chunked_path(seed):
     for u, v in zip(a, b):
         assert torch.allclose(u, v, rtol=1e-4, atol=1e-5)
     r = torch.rand(50, device="cuda")
-    ga = cuda_provider.softmax_grads(x, w, inv_nx, inv_nw, y, target, b[0], r, 20.0, True, True)
-    gb = torch_provider.softmax_grads(x, w, inv_nx, inv_nw, y, target, b[0], r, 20.0, True, True)
+    # The full lse (target column included), as the loss passes it: with lse_rest alone the
+    # rescale of the SIMT provider's gx would be 1 and a missing one would go unseen.
+    z_y = b[0] + torch.empty(50, device="cuda", dtype=torch.float64).uniform_(-1, 3)
+    lse = torch.logaddexp(b[0], z_y)
+    ga = cuda_provider.softmax_grads(x, w, inv_nx, inv_nw, y, target, lse, r, 20.0, True, True)
+    gb = torch_provider.softmax_grads(x, w, inv_nx, inv_nw, y, target, lse, r, 20.0, True, True)
     for u, v in zip(ga, gb):
         assert torch.allclose(u, v, rtol=1e-4, atol=1e-6)
