@@ -1,4 +1,5 @@
-"""``a @ b.T`` for fp32 CPU tensors through oneDNN when that is exact and available.
+"""The library's GEMM helpers: ``a @ b.T`` for fp32 CPU tensors through oneDNN when that is
+exact and available, and :func:`mm_f32` (bf16 operands, fp32 products on any device).
 
 PyTorch's CPU ``mm`` calls MKL, which takes its AVX2 code path on non-Intel CPUs; oneDNN (also
 inside every x86 PyTorch wheel) dispatches by instruction set and runs the same fp32 GEMM about
@@ -67,3 +68,17 @@ def mm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # oneDNN reads a transposed left operand slowly; one copy of it is cheaper.
         return torch.ops.mkldnn._linear_pointwise(a.T.contiguous(), b.T, None, "none", [], "")
     return a.T @ b
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as fp32 with a, b in the operand dtype: cuBLAS bf16 x bf16 -> fp32 on CUDA (tensor
+    cores, fp32 accumulation); elsewhere the bf16 values are upcast (exact products, fp32 sums:
+    the same arithmetic)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except TypeError:  # a torch without mm(out_dtype=): exact upcast, slower, same arithmetic
+            pass
+    return torch.mm(a.float(), b.float())

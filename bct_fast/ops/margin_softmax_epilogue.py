@@ -45,6 +45,7 @@ from torch import Tensor
 
 from bct_fast._core.extension import native
 from bct_fast.ops import margin_epilogue_torch
+from bct_fast.ops.cpu_gemm import mm_f32
 from bct_fast.ops.native_call import DTYPE_CODES, f32, stream_of
 from bct_fast.ops.providers import Unsupported
 from bct_fast.ops.rows import normalized_rows
@@ -77,19 +78,6 @@ def epilogue_chunk(rows: int, classes: int) -> int:
     """Classes per chunk: about 4M scores per block, a multiple of 256 (at least 256)."""
     cols = max(_COL_ALIGN, _BLOCK_ELEMS // max(rows, 1) // _COL_ALIGN * _COL_ALIGN)
     return max(1, min(classes, cols))
-
-
-def mm_f32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b as fp32 with a, b in the operand dtype: cuBLAS bf16 x bf16 -> fp32 on CUDA; on the
-    CPU the bf16 values are upcast (exact products, fp32 sums: the same arithmetic)."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b)
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except TypeError:  # a torch without mm(out_dtype=): exact upcast, slower, same arithmetic
-            pass
-    return torch.mm(a.float(), b.float())
 
 
 # ---- the CUDA epilogue functions (raw pointers into bct_fast._C) ---------------------------

@@ -3,7 +3,8 @@
 Same contract as the CUDA launchers in csrc/include/bct_fast/margin_softmax.h, computed over
 class chunks of ``chunk`` rows so that at most B x chunk logits exist at a time. fp16/bf16
 inputs are upcast chunk by chunk; accumulation is in the dtype of the inverse norms
-(fp32, or fp64 for float64 inputs so that gradcheck can run on this path). Every sweep leaves
+(fp32, or fp64 for float64 inputs so that gradcheck can run on this path). bf16 inputs on CUDA
+keep their logit GEMM in bf16 (:func:`tensor_core_logits`); the P @ W and P.T @ X products stay fp32. Every sweep leaves
 each row's target column out: the statistics are over the other columns (lse in float64,
 ``m + log l``) and the gradient sweep gives it 0; the caller combines them with the target
 logit in float64 (``target_logit`` is not read here).
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from bct_fast.ops.cpu_gemm import mm_nt, mm_tn
+from bct_fast.ops.cpu_gemm import mm_f32, mm_nt, mm_tn
 from bct_fast.ops.margin_epilogue_torch import target_cells
 from bct_fast.ops.rows import normalized_rows
 
@@ -25,13 +26,44 @@ def auto_chunk(rows: int, classes: int) -> int:
     return max(1, min(classes, max(256, _BLOCK_ELEMS // max(rows, 1))))
 
 
+def tensor_core_logits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the logit GEMMs take the bf16 rows as they are: bf16 embeddings and classifier on
+    CUDA, bf16 x bf16 -> fp32 on the tensor cores (exact products, fp32 sums: the arithmetic of
+    the fp32 GEMM of the same values), the inverse norms and the scale applied to the fp32
+    products. The upcast fp32 route measured ~5x slower than plain PyTorch on an H200
+    (benchmarks/results/gpu_2026-11-26_h200.md)."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+
+
+def _leave_targets_out(z: torch.Tensor, c0: int, labels: torch.Tensor) -> torch.Tensor:
+    rows, cols = target_cells(labels, c0, z.shape[1])
+    z[rows, cols] = float("-inf")
+    return z
+
+
 def _chunk_logits(xh: torch.Tensor, wc: torch.Tensor, c0: int, labels: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """scale * xh @ wc.T with each row's target column left out (-inf)."""
-    z = mm_nt(xh, wc).mul_(scale)
-    rows, cols = target_cells(labels, c0, wc.shape[0])
-    z[rows, cols] = float("-inf")
-    return z
+    return _leave_targets_out(mm_nt(xh, wc).mul_(scale), c0, labels)
+
+
+def _class_chunk(x, w, xh, inv_nx, inv_nw, labels, scale: float, c0: int, chunk: int, raw: bool,
+                 need_wc: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One class chunk: (its normalized rows, fp32, when ``need_wc`` or the logits need them;
+    else None) and its logits, from the raw bf16 rows when ``raw``."""
+    cs = slice(c0, c0 + chunk)
+    wc = normalized_rows(w[cs], inv_nw[cs]) if (need_wc or not raw) else None
+    if raw:
+        return wc, _raw_chunk_logits(x, w[cs], inv_nx, inv_nw[cs], c0, labels, scale)
+    return wc, _chunk_logits(xh, wc, c0, labels, scale)
+
+
+def _raw_chunk_logits(x: torch.Tensor, w_c: torch.Tensor, inv_nx: torch.Tensor, inv_nw_c: torch.Tensor,
+                      c0: int, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    """The same logits from the raw bf16 rows (:func:`tensor_core_logits`): the fp32 product
+    x @ w_c.T scaled by the inverse norms afterwards."""
+    z = mm_f32(x, w_c.T).mul_(inv_nx[:, None]).mul_((scale * inv_nw_c)[None, :])
+    return _leave_targets_out(z, c0, labels)
 
 
 def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw: torch.Tensor,
@@ -42,14 +74,14 @@ def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
     B, d = x.shape
     C = w.shape[0]
     chunk = chunk or auto_chunk(B, C)
-    xh = normalized_rows(x, inv_nx)
+    raw = tensor_core_logits(x, w)
+    xh = None if raw else normalized_rows(x, inv_nx)
     f = dict(device=x.device, dtype=inv_nx.dtype)
     m = torch.full((B,), float("-inf"), **f)
     l = torch.zeros(B, **f)
     acc = torch.zeros(B, d, **f) if with_pws else None
     for c0 in range(0, C, chunk):
-        wc = normalized_rows(w[c0:c0 + chunk], inv_nw[c0:c0 + chunk])
-        z = _chunk_logits(xh, wc, c0, labels, scale)
+        wc, z = _class_chunk(x, w, xh, inv_nx, inv_nw, labels, scale, c0, chunk, raw, with_pws)
         m_new = torch.maximum(m, z.amax(1))
         # Rows with no finite logit yet (C = 1: only the target column) add 0, never NaN.
         alpha = torch.where(m == float("-inf"), 0.0, torch.exp(m - m_new))
@@ -73,7 +105,8 @@ def softmax_grads(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
     B, d = x.shape
     C = w.shape[0]
     chunk = chunk or auto_chunk(B, C)
-    xh = normalized_rows(x, inv_nx)
+    raw = tensor_core_logits(x, w)
+    xh = normalized_rows(x, inv_nx) if (need_w or not raw) else None
     f = dict(device=x.device, dtype=inv_nx.dtype)
     lse = lse.to(inv_nx.dtype)
     gx = torch.zeros(B, d, **f) if need_x else torch.empty(0, **f)
@@ -81,8 +114,7 @@ def softmax_grads(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
     if not (need_x or need_w):
         return gx, gw
     for c0 in range(0, C, chunk):
-        wc = normalized_rows(w[c0:c0 + chunk], inv_nw[c0:c0 + chunk])
-        z = _chunk_logits(xh, wc, c0, labels, scale)
+        wc, z = _class_chunk(x, w, xh, inv_nx, inv_nw, labels, scale, c0, chunk, raw, need_x)
         p = z.sub_(lse[:, None]).exp_().mul_(row_coef[:, None])
         if need_x:
             gx.add_(mm_nt(p, wc.T))

@@ -220,9 +220,25 @@ def _block_product(qb: Tensor, gb: Tensor) -> tuple[Tensor, Tensor]:
     return s, s
 
 
-def _score_block(qb: Tensor, gb: Tensor, inv_ng: Tensor | None, q0: int, n0: int, exclude_self: bool) -> Tensor:
-    """Scores of one query block against one gallery chunk (own rows at -inf with exclude_self)."""
-    s, st = _block_product(qb, gb)
+def tensor_core_scores(q: Tensor, g_dtype: torch.dtype) -> bool:
+    """Whether this path's score GEMMs take the bf16 operands as they are: bf16 queries and
+    gallery on CUDA, bf16 x bf16 -> fp32 on the tensor cores (exact products, fp32 sums: the
+    arithmetic of the fp32 GEMM of the same values), norms applied to the fp32 scores. Upcasting
+    them for an fp32 GEMM measured ~5x slower than plain PyTorch on an H200
+    (benchmarks/results/gpu_2026-11-26_h200.md)."""
+    return q.is_cuda and q.dtype == torch.bfloat16 and g_dtype == torch.bfloat16
+
+
+def _score_block(qb: Tensor, gb: Tensor, inv_ng: Tensor | None, q0: int, n0: int, exclude_self: bool,
+                 inv_nq: Tensor | None = None) -> Tensor:
+    """Scores of one query block against one gallery chunk (own rows at -inf with exclude_self).
+    bf16 blocks (:func:`tensor_core_scores`) get fp32 scores, scaled by ``inv_nq`` per row."""
+    if qb.dtype == torch.bfloat16:
+        s = st = topk_epilogue.default_product(qb, gb)
+    else:
+        s, st = _block_product(qb, gb)
+    if inv_nq is not None:
+        s *= inv_nq[:, None]
     if inv_ng is not None:
         if st is s:
             s *= inv_ng
@@ -318,6 +334,9 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
     if choice.provider == "epilogue":  # library GEMMs + the selection kernel (or its twin on a CPU)
         return topk_epilogue.cosine_topk_epilogue(q, g, k, normalize, exclude_self, chunk_size)
     use_kernel = choice.provider == "cuda"
+    bf16_scores = not use_kernel and tensor_core_scores(q, g_dtype)
+    # bf16 GEMMs: the raw query rows, their norms applied to the scores (the gallery's likewise).
+    q_rows, inv_nq = (q, inv_row_norms(q, acc) if normalize else None) if bf16_scores else (qn, None)
 
     plan = None if use_kernel else _screen_plan(qn, g, k, chunk, q_block, normalize, exclude_self)
     if plan is not None:
@@ -329,24 +348,25 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
     out_s = torch.empty(Q, k, dtype=acc, device=q.device)
     out_i = torch.empty(Q, k, dtype=torch.int64, device=q.device)
     # Gallery-chunk-major order: the gallery is read (and streamed) once, the queries stay put.
-    chunks = _progress(_gallery_chunks(g, chunk, q.device, None if use_kernel else acc, reuse=True), N, chunk,
-                       progress)
+    chunks = _progress(_gallery_chunks(g, chunk, q.device, None if (use_kernel or bf16_scores) else acc,
+                                       reuse=True), N, chunk, progress)
     native_select = (q.device.type == "cpu" and not use_kernel and acc == torch.float32
                      and topk_select.cpu_select_available())
     running = [topk_select.CpuRunningTopk(min(q_block, Q - q0), k) if native_select else RunningTopk(k)
                for q0 in range(0, Q, q_block)]
     for n0, gb in chunks:
         # Scale the scores instead of normalizing the chunk: one pass over it fewer.
-        inv_ng = inv_row_norms(gb) if (normalize and not use_kernel) else None
+        inv_ng = inv_row_norms(gb, acc) if (normalize and not use_kernel) else None
         for b, q0 in enumerate(range(0, Q, q_block)):
-            qb = qn[q0:q0 + q_block]
+            qb = q_rows[q0:q0 + q_block]
             try:
                 if use_kernel:
                     new = topk_cuda.cosine_topk_block(q[q0:q0 + q_block], gb, min(k, gb.shape[0]), normalize,
                                                     q0 if exclude_self else -1, n0)
                     running[b].merge(new)
                 else:
-                    running[b].add(_score_block(qb, gb, inv_ng, q0, n0, exclude_self), n0)
+                    running[b].add(_score_block(qb, gb, inv_ng, q0, n0, exclude_self,
+                                                None if inv_nq is None else inv_nq[q0:q0 + q_block]), n0)
             except NonFiniteScores:
                 raise nonfinite_error({"queries": q[q0:q0 + q_block], "gallery": _rows(g, n0, gb.shape[0])}) from None
     for b, q0 in enumerate(range(0, Q, q_block)):

@@ -163,22 +163,53 @@ def test_gradcheck_float64(seed):
 def test_low_precision_error_at_most_twice_torch(seed, device, dtype, frozen):
     """flash-attention rule: our error vs float64 <= 2x the same-dtype plain-PyTorch error."""
     x, w, y = inputs(16, 300, 64, device, dtype=dtype)
-    kw = dict(scale=32.0, margin_type="cosface", margin=0.35)
-    ref = run(cosine_margin_cross_entropy_ref, x, w, y, frozen, **kw)
+    check_low_precision(x, w, y, frozen, scale=32.0, margin_type="cosface", margin=0.35)
 
-    def plain_torch(a, b, t, **k):  # the naive same-dtype computation
+
+def check_low_precision(x, w, y, frozen, **kw):
+    """Loss and gradients vs float64: error <= 2x that of the naive computation in x's dtype."""
+    ref_kw = {k: v for k, v in kw.items() if k not in ("chunk_size", "backend")}
+    ref = run(cosine_margin_cross_entropy_ref, x, w, y, frozen, **ref_kw)
+
+    def plain_torch(a, b, t, **k):  # the naive same-dtype computation (cosface form; margin 0 for others)
         logits = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
         logits = logits - k["margin"] * F.one_hot(t, b.shape[0]).to(logits.dtype)
         return F.cross_entropy(k["scale"] * logits.float(), t)
 
-    peer = run(plain_torch, x, w, y, frozen, **kw)
+    peer = run(plain_torch, x, w, y, frozen, **ref_kw)
     ours = run(cosine_margin_cross_entropy, x, w, y, frozen, **kw)
     for name, o, p, r in zip(("loss", "grad_embeddings", "grad_weight"), ours, peer, ref):
         if r is None:
             continue
-        assert o.dtype == (torch.float32 if name == "loss" else dtype)
+        assert o.dtype == (torch.float32 if name == "loss" else x.dtype)
         err_o, err_p = rel_err(o, r), rel_err(p, r)
         assert err_o <= 2 * err_p + 1e-6, f"{name}: ours {err_o:.2e} vs torch {err_p:.2e}"
+    return ours
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_bf16_logit_route(seed, monkeypatch, device, frozen):
+    """bf16 on CUDA: the torch provider's logit GEMMs take the bf16 rows as they are (fp32
+    output, norms applied after), forced here on CPU tensors (where the product upcasts: the same
+    arithmetic). Odd sizes over 3 class chunks; the bf16 rule against float64, and within fp32
+    noise of the upcast route."""
+    from bct_fast.ops import margin_softmax_torch as mst
+
+    taken, real = [], mst.mm_f32
+    monkeypatch.setattr(mst, "mm_f32", lambda a, b: taken.append(1) or real(a, b))
+    if device == "cpu":
+        monkeypatch.setattr(mst, "tensor_core_logits", lambda a, b: a.dtype == b.dtype == torch.bfloat16)
+    x, w, y = inputs(33, 700, 40, device, dtype=torch.bfloat16)
+    kw = dict(scale=32.0, margin_type="cosface", margin=0.35, chunk_size=256, backend="torch")
+    ours = check_low_precision(x, w, y, frozen, **kw)
+    assert taken
+    monkeypatch.setattr(mst, "tensor_core_logits", lambda a, b: False)
+    upcast = run(cosine_margin_cross_entropy, x, w, y, frozen, **kw)
+    assert torch.allclose(ours[0], upcast[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours[1:], upcast[1:]):  # bf16 gradients: at most one bf16 rounding apart
+        if b is not None:
+            assert torch.allclose(a.float(), b.float(), rtol=2 ** -7, atol=1e-6)
 
 
 def test_mixed_dtypes_keep_parameter_dtype(seed):

@@ -84,6 +84,31 @@ def test_bf16_gallery_scores_in_fp32(seed):
     assert s.dtype == torch.float32 and torch.allclose(s.double(), rs, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_bf16_route_scores_in_fp32(seed, monkeypatch, device, normalize, exclude_self):
+    """bf16 queries and gallery on CUDA: the torch path's GEMMs take the bf16 values as they are
+    (bf16 x bf16 -> fp32) and apply the norms to the fp32 scores. On CPU tensors the route is
+    forced (its product upcasts there: the same arithmetic); on CUDA it is the default. The lists
+    are the float64 top-k of the same bf16 values, within fp32 noise, odd chunk and tail sizes."""
+    import bct_fast.ops.topk as topk_mod
+
+    taken = []
+    if device == "cpu":
+        monkeypatch.setattr(topk_mod, "tensor_core_scores", lambda q, g_dtype: q.dtype == g_dtype == torch.bfloat16)
+    real = topk_mod.topk_epilogue.default_product
+    monkeypatch.setattr(topk_mod.topk_epilogue, "default_product", lambda a, b: taken.append(1) or real(a, b))
+    g = torch.randn(1000, 40).bfloat16()
+    g[7] = 0  # a zero row scores 0
+    q = g[:37].clone() if exclude_self else torch.randn(37, 40).bfloat16()
+    s, i = cosine_topk(q.to(device), g.to(device), 9, normalize=normalize, exclude_self=exclude_self,
+                       chunk_size=300, backend="torch")
+    assert taken and s.dtype == torch.float32
+    assert_topk_matches_reference(s.cpu(), i.cpu(), q.float(), g.float(), 9, atol=1e-5 if normalize else 1e-4,
+                                  exclude_self=exclude_self, normalize=normalize)
+
+
 @pytest.mark.parametrize("kw,exc,needle", [
     (dict(k=0), ValueError, "k"),
     (dict(k=11), ValueError, "k"),
