@@ -18,17 +18,24 @@
 # The lease, prepared before the first call (here: bash benchmarks/fetch_gpu_wheels.sh, then
 # carry=[".whl"] on every call):
 #   1. timeout_s=590: BCT_FAST_COMMIT=<sha> bash benchmarks/gpu_session.sh
-#        build, first, tests, sanitizer, bench: bench_floors, then the goal rows (search
-#        10k x 10M k=100 bf16; loss 1024 x 1M d=512 bf16)
+#        build, first, tests, sanitizer (memcheck / racecheck x margin / top-k cases, one process
+#        each), trace (benchmarks/trace_providers.py: GPU busy time vs wall per provider), bench:
+#        bench_floors, then the goal rows (search 10k x 10M k=100 bf16; loss 1024 x 1M d=512 bf16)
 #   2. at once, while the machine is warm (given back after ~30 s idle), with what is left
 #      (status's budget_left_s minus ~60 s): BCT_FAST_GPU_BUDGET_S=<that> BCT_FAST_GPU_STEPS=bench
-#        BCT_FAST_GPU_BENCH="benchmarks/bench_search_cuda_bf16.py benchmarks/bench_margin_ce.py"
-#        (a cold machine rebuilds by itself: the installed check fails, so the build runs)
+#        BCT_FAST_GPU_BENCH="benchmarks/bench_search_cuda_bf16.py@not+Q10000-N10000000
+#        benchmarks/bench_margin_ce.py@C200000+and+bf16+and+not+bct_fast_cuda+and+not+liger"
+#        (the shapes beyond the goal rows: one query, k 10 / 4096, d 128 / 1024, C 200k;
+#        a cold machine rebuilds by itself: the installed check fails, so the build runs)
 #   3. give_back.
 #   4. here: python benchmarks/verify_gpu_run.py benchmarks/results/gpu_<stamp>.json --write adds the
 #      families the run verified (CUDA tests of each test file's KERNEL_FAMILIES all passed, the
 #      sanitizer clean or refused, this checkout's sources) to bct_fast/_core/gpu_verified.json;
 #      commit both files together.
+#
+# The first lease (H200, 2026-11-26; benchmarks/results/gpu_2026-11-26_h200.md): build 33 s,
+# first 18 s, CUDA tests 34-40 s, memcheck 26 s, racecheck > 145 s (one 300-query case alone
+# over 38 s: now 24-query cases), goal-row benchmarks 205 s; each device start ~30 s.
 #
 # Other uses:
 #   BCT_FAST_GPU_DRY_RUN=1 CUDAARCHS=90a-real bash benchmarks/gpu_session.sh   # no GPU: stops
@@ -49,7 +56,7 @@ WORK="${BCT_FAST_GPU_WORK:-/tmp/bct_gpu_$STAMP}" # every log and intermediate fi
 mkdir -p "$RESULTS" "$WORK"
 PY="${PYTHON:-python3}"
 DRY="${BCT_FAST_GPU_DRY_RUN:-}"
-STEPS=",${BCT_FAST_GPU_STEPS:-build,first,tests,sanitizer,bench},"
+STEPS=",${BCT_FAST_GPU_STEPS:-build,first,tests,sanitizer,trace,bench},"
 want() { case "$STEPS" in *",$1,"*) return 0;; *) return 1;; esac; }
 export PYTHONUNBUFFERED=1
 export PYTHONSAFEPATH=1          # never put the current folder (the source tree) on sys.path
@@ -71,7 +78,7 @@ collect() {
   $PY benchmarks/collect_results.py --out "$RESULTS/gpu_${STAMP}.json" --bench "${BENCH_JSONS[@]}" \
     --tests "$WORK/tests.jsonl" --commit "${BCT_FAST_COMMIT:-unknown}" --steps "$STATUS" \
     --attach "$WORK/first_checks.json" "$WORK/cuda_tests.json" "$WORK"/sanitizer_*.json \
-    "$WORK/installed.json" "$WORK/ncu_summary.json" \
+    "$WORK/installed.json" "$WORK/ncu_summary.json" "$WORK/trace_providers.json" \
     >>"$WORK/collect.log" 2>&1 || echo "== collect failed (see collect.log)"
   tar -czf "$RESULTS/logs_${STAMP}.tar.gz.tmp" -C "$WORK" . 2>/dev/null &&
     mv -f "$RESULTS/logs_${STAMP}.tar.gz.tmp" "$RESULTS/logs_${STAMP}.tar.gz"
@@ -248,6 +255,18 @@ if want sanitizer; then
       collect
     done
   done
+fi
+
+# ---- 5b. where each provider's time goes: GPU busy vs wall, launches, top ops -------------------
+if want trace; then
+  if T=$(budget 120 40); then
+    echo "== trace (benchmarks/trace_providers.py, timeout $T s)"
+    timeout "$T" $PY benchmarks/trace_providers.py "$WORK/trace_providers.json" >"$WORK/trace.log" 2>&1
+    RC=$?
+    tail -12 "$WORK/trace.log"
+    step trace "$RC"
+  else skipped trace; fi
+  collect
 fi
 
 # ---- 6. CUDA benchmarks ----------------------------------------------------------------------

@@ -1,0 +1,36 @@
+"""benchmarks/trace_providers.py (gpu_session.sh, step "trace"): its summary, checked on a CPU
+profile (no GPU here: GPU time 0), and its refusals."""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("trace_providers", ROOT / "benchmarks" / "trace_providers.py")
+tp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tp)
+
+
+def test_summary_of_a_cpu_profile():
+    a, b = torch.randn(300, 300), torch.randn(300, 300)
+    out = tp.trace(lambda: (a @ b).relu_(), [torch.profiler.ProfilerActivity.CPU], lambda: None)
+    assert out["wall_ms"] > 0 and out["gpu_kernel_ms"] == 0 and out["gpu_busy"] == 0
+    assert out["kernel_launches"] == 0 and out["top_gpu"] == []
+    ops = [r["op"] for r in out["top_cpu"]]
+    assert any("mm" in op for op in ops) and any("relu" in op for op in ops)
+    assert all(r["count"] >= 1 and r["self_cpu_ms"] >= 0 for r in out["top_cpu"])
+
+
+def test_refuses_unknown_workloads_and_a_machine_without_gpu(capsys):
+    assert tp.main([]) == 2
+    assert tp.main(["out.json", "search_nonsense"]) == 2
+    if not torch.cuda.is_available():
+        assert tp.main(["out.json", "search_epilogue"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_every_workload_names_a_backend_the_ops_accept():
+    from bct_fast.ops.providers import BACKENDS
+
+    for w in tp.WORKLOADS:
+        assert w.split("_")[1] in BACKENDS
