@@ -17,13 +17,17 @@ from bct_fast.ops.cpu_gemm import mm_f32, mm_nt, mm_tn
 from bct_fast.ops.margin_epilogue_torch import target_cells
 from bct_fast.ops.rows import normalized_rows
 
-# Elements of one B x chunk logit block: 4M fp32 = 16 MiB, a few such blocks live at a time.
+# Elements of one B x chunk logit block: 4M fp32 = 16 MiB on a CPU (cache-friendly), 32M fp32 =
+# 128 MiB on a GPU (a few such blocks live at a time), where each chunk costs ~10 kernel launches
+# and 4M-logit chunks of a 1M-class classifier at B = 1024 meant ~250 of them per sweep.
 _BLOCK_ELEMS = 1 << 22
+_CUDA_BLOCK_ELEMS = 1 << 25
 
 
-def auto_chunk(rows: int, classes: int) -> int:
-    """Classes per chunk: about 4M logits per block, at least 256 classes."""
-    return max(1, min(classes, max(256, _BLOCK_ELEMS // max(rows, 1))))
+def auto_chunk(rows: int, classes: int, cuda: bool = False) -> int:
+    """Classes per chunk: about 4M (CPU) / 32M (GPU) logits per block, at least 256 classes."""
+    elems = _CUDA_BLOCK_ELEMS if cuda else _BLOCK_ELEMS
+    return max(1, min(classes, max(256, elems // max(rows, 1))))
 
 
 def tensor_core_logits(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -73,7 +77,7 @@ def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
     ``with_pws``, sum_j softmax_ij * w_hat_j (softmax over those columns)."""
     B, d = x.shape
     C = w.shape[0]
-    chunk = chunk or auto_chunk(B, C)
+    chunk = chunk or auto_chunk(B, C, x.is_cuda)
     raw = tensor_core_logits(x, w)
     xh = None if raw else normalized_rows(x, inv_nx)
     f = dict(device=x.device, dtype=inv_nx.dtype)
@@ -104,7 +108,7 @@ def softmax_grads(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
     empty when not needed). One logit recompute serves both (3 GEMMs per chunk)."""
     B, d = x.shape
     C = w.shape[0]
-    chunk = chunk or auto_chunk(B, C)
+    chunk = chunk or auto_chunk(B, C, x.is_cuda)
     raw = tensor_core_logits(x, w)
     xh = normalized_rows(x, inv_nx) if (need_w or not raw) else None
     f = dict(device=x.device, dtype=inv_nx.dtype)

@@ -221,6 +221,24 @@ def test_mixed_dtypes_keep_parameter_dtype(seed):
     assert x.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("device", available_devices())
+def test_normalization_backward_rows_is_row_wise(seed, device):
+    """Against float64 autograd through t / |t|, and the same result (to fp32 rounding: a GPU's
+    row reductions may order their sums by shape) for every chunk size (the GPU default takes
+    ~16M elements a chunk, the CPU one 4096 rows)."""
+    from bct_fast.ops import normalization_backward_rows
+    from bct_fast.ops.rows import inv_row_norms
+
+    t, g = torch.randn(5000, 24, device=device), torch.randn(5000, 24, device=device)
+    inv = inv_row_norms(t)
+    one = normalization_backward_rows(t, inv, g.clone())
+    for chunk in (1, 7, 4096, 10**6):
+        assert torch.allclose(normalization_backward_rows(t, inv, g.clone(), chunk), one, rtol=1e-6, atol=1e-7)
+    t64 = t.double().requires_grad_(True)
+    (t64 / t64.norm(dim=1, keepdim=True)).backward(g.double())
+    assert torch.allclose(one.double(), t64.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_chunk_size_does_not_change_result(seed):
     x, w, y = inputs(10, 333, 20, "cpu")
     a = run(cosine_margin_cross_entropy, x, w, y, False, scale=20.0, chunk_size=1)
