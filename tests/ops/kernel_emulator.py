@@ -86,6 +86,18 @@ def _cache_root() -> Path:
     return Path(os.environ.get("BCT_FAST_EMU_CACHE", Path(tempfile.gettempdir()) / "bct_fast_emu"))
 
 
+def require_built() -> Path:
+    """For a test fixture: skip where the emulator cannot run (not Linux, no ``CXX``), else the
+    default driver, built once and cached."""
+    import sys
+
+    import pytest
+
+    if sys.platform != "linux" or shutil.which(CXX) is None:
+        pytest.skip("the kernel emulator needs Linux (ucontext, mmap) and g++")
+    return build()
+
+
 def build(variant: str | None = None) -> Path:
     """The driver executable for ``variant`` (None, or a key of BREAKS), built once and cached."""
     extra = BREAKS[variant]

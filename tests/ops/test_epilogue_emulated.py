@@ -8,8 +8,6 @@ loop itself with the emulated kernels injected as its epilogue.
 """
 from __future__ import annotations
 
-import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -30,9 +28,7 @@ OUT_CODES = {torch.float32: 0, torch.bfloat16: 2}
 
 @pytest.fixture(scope="session", autouse=True)
 def _built():
-    if sys.platform != "linux" or shutil.which(emu.CXX) is None:
-        pytest.skip("the kernel emulator needs Linux (ucontext, mmap) and g++")
-    emu.build()
+    emu.require_built()
 
 
 def block_inputs(rng, B, cols, c0, scale=16.0, d=24):

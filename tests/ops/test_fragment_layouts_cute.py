@@ -18,8 +18,6 @@ NumericArrayConverter<bfloat16_t, float, 2>, by reading), and the hardware's rou
 """
 from __future__ import annotations
 
-import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -47,9 +45,7 @@ def cute() -> dict:
 
 @pytest.fixture(scope="module", autouse=True)
 def _built():
-    if sys.platform != "linux" or shutil.which(emu.CXX) is None:
-        pytest.skip("the kernel emulator needs Linux (ucontext, mmap) and g++")
-    emu.build()
+    emu.require_built()
 
 
 def probe(case: str, variant=None, **arrays) -> np.ndarray:

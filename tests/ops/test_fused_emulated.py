@@ -10,8 +10,6 @@ cp.async has not been waited for) fails the test.
 """
 from __future__ import annotations
 
-import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -29,9 +27,7 @@ BK, BN = 32, 128  # depth slice and class tile of the kernel (margin_fused_kerne
 
 @pytest.fixture(scope="session", autouse=True)
 def _built():
-    if sys.platform != "linux" or shutil.which(emu.CXX) is None:
-        pytest.skip("the kernel emulator needs Linux (ucontext, mmap) and g++")
-    emu.build()
+    emu.require_built()
 
 
 

@@ -11,8 +11,6 @@ softmax; lse within 1e-5 of plain float64.
 """
 from __future__ import annotations
 
-import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -30,9 +28,7 @@ BN = 64  # classes per tile of the kernel (fpws::kBN)
 
 @pytest.fixture(scope="session", autouse=True)
 def _built():
-    if sys.platform != "linux" or shutil.which(emu.CXX) is None:
-        pytest.skip("the kernel emulator needs Linux (ucontext, mmap) and g++")
-    emu.build()
+    emu.require_built()
 
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 import signal
-import sys
 
 import numpy as np
 import pytest
@@ -30,9 +28,7 @@ F32 = np.float32
 
 @pytest.fixture(scope="session", autouse=True)
 def _built():
-    if sys.platform != "linux" or shutil.which(emu.CXX) is None:
-        pytest.skip("the kernel emulator needs Linux (ucontext, mmap) and g++")
-    emu.build()  # once per session (cached across sessions too)
+    emu.require_built()
 
 
 # ---- margin softmax: stats (with / without the accumulator) and grad_weight ------------------

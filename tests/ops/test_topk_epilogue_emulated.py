@@ -11,8 +11,6 @@ injected as its selector.
 from __future__ import annotations
 
 import math
-import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -29,9 +27,7 @@ SEEDS = (1, 2, 3)
 
 @pytest.fixture(scope="session", autouse=True)
 def _built():
-    if sys.platform != "linux" or shutil.which(emu.CXX) is None:
-        pytest.skip("the kernel emulator needs Linux (ucontext, mmap) and g++")
-    emu.build()
+    emu.require_built()
 
 
 def emu_select(scores, inv_nq, inv_ng, k, n0, exclude, self_col0, run_s, run_i, nonfinite,

@@ -142,14 +142,8 @@ def emu_launch(q, g, inv_nq, inv_ng, k, n0, exclude, self_col0, run_s, run_i, fl
 
 @pytest.fixture
 def emulator():
-    import shutil
-    import sys
-
     import kernel_emulator as emu
-
-    if sys.platform != "linux" or shutil.which(emu.CXX) is None:
-        pytest.skip("the kernel emulator needs Linux (ucontext, mmap) and g++")
-    emu.build()
+    emu.require_built()
 
 
 @pytest.mark.emulated

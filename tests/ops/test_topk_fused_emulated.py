@@ -19,8 +19,6 @@ csrc/emulator/README.md); on a GPU the hardware's rounding inside an mma may dif
 """
 from __future__ import annotations
 
-import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -36,9 +34,7 @@ BN = 128  # chunk columns per tile (topk_fused_kernels.cuh)
 
 @pytest.fixture(scope="session", autouse=True)
 def _built():
-    if sys.platform != "linux" or shutil.which(emu.CXX) is None:
-        pytest.skip("the kernel emulator needs Linux (ucontext, mmap) and g++")
-    emu.build()
+    emu.require_built()
 
 
 # ---- references --------------------------------------------------------------------------------
