@@ -75,7 +75,8 @@ def make_case(B, C, device, dtype, frozen, d=D):
 
 
 def step_fn(provider, mode, x, w, y):
-    fn = PROVIDERS[provider]
+    """One timed step; ``provider`` names one of PROVIDERS or is the loss function itself."""
+    fn = PROVIDERS[provider] if isinstance(provider, str) else provider
     params = [t for t in (x, w) if t.requires_grad]
 
     def step():
@@ -117,3 +118,26 @@ def test_margin_ce_cuda(measure, B, C, d, dtype, provider, mode, classifier):
     if d != D and (dtype != torch.bfloat16 or provider == "bct_fast_cuda"):
         pytest.skip("d off 512: bf16 and the tensor-core providers only (keeps the file in time)")
     _bench(measure, "cuda", dtype, B, C, provider, mode, classifier, d)
+
+
+# Classes per chunk of the epilogue sweeps (None: the default, ~4M scores at B = 1024 = 4096
+# classes, sized for the L2). The trainable step's backward took ~44 ms on the H200 against
+# ~15 ms of GPU work by the arithmetic: larger chunks mean fewer launches per sweep.
+EPILOGUE_CHUNKS = [None, 16_384, 65_536]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("chunk", EPILOGUE_CHUNKS, ids=[f"chunk{c or 'default'}" for c in EPILOGUE_CHUNKS])
+@pytest.mark.parametrize("provider", ["bct_fast_fused", "bct_fast_epilogue"])
+def test_margin_ce_cuda_epilogue_chunks(measure, provider, chunk):
+    """B = 1024, C = 1M, d = 512, bf16, trainable forward + backward."""
+    x, w, y = make_case(1024, 1_000_000, "cuda", torch.bfloat16, False)
+    backend = provider.rsplit("_", 1)[1]
+
+    def fn(x_, w_, y_):
+        return cosine_margin_cross_entropy(x_, w_, y_, scale=SCALE, margin_type="cosface", margin=MARGIN,
+                                           backend=backend, chunk_size=chunk)
+
+    measure(step_fn(fn, "full", x, w, y), "cuda", rounds=3, B=1024, C=1_000_000, d=D,
+            dtype=str(torch.bfloat16), provider=f"{provider}_chunk{chunk or 'default'}", mode="full",
+            classifier="trainable", chunk=chunk or 0)

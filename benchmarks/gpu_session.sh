@@ -273,10 +273,14 @@ fi
 # One pytest run (and JSON) per entry, each under what is left of the budget: pytest-benchmark
 # writes its JSON only at the end, so an entry that runs out of time loses its own figures only.
 # FILE@K restricts FILE to pytest -k K ('+' for spaces). Default: the device's floors, then the
-# goal rows of issue 15 (bf16 search 10k x 10M k=100; bf16 loss 1024 x 1M, d = 512).
+# goal rows of issue 15 (bf16 search 10k x 10M k=100; bf16 loss 1024 x 1M, d = 512; Liger's rows
+# there took 3 s a call on the H200 and are known), then the epilogue providers' block / chunk
+# sweeps (is the chunk loop host-bound?).
 DEFAULT_BENCH="benchmarks/bench_floors.py \
 benchmarks/bench_search_cuda_bf16.py@Q10000-N10000000-k100-d512 \
-benchmarks/bench_margin_ce.py@B1024-C1000000-d512+and+bf16"
+benchmarks/bench_margin_ce.py@B1024-C1000000-d512+and+bf16+and+not+liger \
+benchmarks/bench_search_cuda_bf16.py@epilogue_blocks \
+benchmarks/bench_margin_ce.py@epilogue_chunks"
 if want bench; then
   for ENTRY in ${BCT_FAST_GPU_BENCH:-$DEFAULT_BENCH}; do
     F="${ENTRY%%@*}"; K=""
