@@ -92,12 +92,16 @@ def cpu_gemm(request, monkeypatch) -> str:
     return request.param
 
 
-@pytest.fixture(params=["native", "torch"])
+@pytest.fixture(params=["native", "torch", "device"])
 def cpu_select(request, monkeypatch) -> str:
-    """Run a CPU search test once with the C++ running top-k and once with the PyTorch one."""
-    from bct_fast.ops import topk_select
+    """Run a CPU search test with the C++ running top-k, the PyTorch one, and the fixed-shape
+    one a GPU uses (topk_select.DeviceRunningTopk, deferred non-finite check), forced on CPU."""
+    from bct_fast.ops import topk, topk_select
 
     monkeypatch.setattr(topk_select, "USE_CPU_SELECT", request.param == "native")
+    if request.param == "device":
+        monkeypatch.setattr(topk, "_sync_free", lambda q, acc, N: acc == torch.float32
+                            and N - 1 <= topk_select.MAX_COMPOSITE_INDEX)
     if request.param == "native" and not topk_select.cpu_select_available():
         pytest.fail("the extension's TopkSelector is missing (bct_fast._C not built?)")
     return request.param

@@ -6,20 +6,23 @@ and merges, so the Q x N score matrix never exists. The provider is picked by
 CUDA tensors when it is verified or requested, else this chunked PyTorch path. On a CPU the
 score blocks come from oneDNN (:mod:`bct_fast.ops.cpu_gemm`) and the running top-k is kept by
 the extension's C++ selector when it is built, else by the PyTorch one
-(:mod:`bct_fast.ops.topk_select`). Results are exact, sorted by score descending, ties to the
-lower gallery index.
+(:mod:`bct_fast.ops.topk_select`). On a GPU the running top-k keeps fixed shapes
+(``DeviceRunningTopk``: no host sync per block; rows tied at a block's k-th place are redone
+exactly at the end) and non-finite scores are checked once, after the loop. Results are exact,
+sorted by score descending, ties to the lower gallery index.
 
 Galleries larger than device memory: pass the gallery as a CPU tensor or a numpy array / memmap
 with CUDA queries; chunks are copied through pinned memory and merged on the device.
 """
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import numbers
 import os
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,7 +34,7 @@ from bct_fast.ops import topk_cuda, topk_epilogue, topk_fused, topk_screen, topk
 from bct_fast.ops.cpu_gemm import mm_nt
 from bct_fast.ops.providers import Unsupported, check_backend, choose, note_fallback
 from bct_fast.ops.rows import inv_row_norms, normalize_rows
-from bct_fast.ops.topk_select import NonFiniteScores, RunningTopk
+from bct_fast.ops.topk_select import DeviceRunningTopk, NonFiniteScores, RunningTopk
 
 __all__ = ["cosine_topk"]
 
@@ -230,9 +233,13 @@ def tensor_core_scores(q: Tensor, g_dtype: torch.dtype) -> bool:
 
 
 def _score_block(qb: Tensor, gb: Tensor, inv_ng: Tensor | None, q0: int, n0: int, exclude_self: bool,
-                 inv_nq: Tensor | None = None) -> Tensor:
-    """Scores of one query block against one gallery chunk (own rows at -inf with exclude_self).
-    bf16 blocks (:func:`tensor_core_scores`) get fp32 scores, scaled by ``inv_nq`` per row."""
+                 inv_nq: Tensor | None = None, query_ids: Tensor | None = None,
+                 on_nonfinite: Callable[[Tensor], None] | None = None) -> Tensor:
+    """Scores of one query block against one gallery chunk (own rows at -inf with exclude_self:
+    query j of the block is gallery row ``q0 + j``, or ``query_ids[j]``). bf16 blocks
+    (:func:`tensor_core_scores`) get fp32 scores, scaled by ``inv_nq`` per row. NaN / inf scores
+    raise :class:`NonFiniteScores`, or, with ``on_nonfinite``, go to it as a device-side flag
+    (all finite?) without a host sync."""
     if qb.dtype == torch.bfloat16:
         s = st = topk_epilogue.default_product(qb, gb)
     else:
@@ -246,13 +253,25 @@ def _score_block(qb: Tensor, gb: Tensor, inv_ng: Tensor | None, q0: int, n0: int
             st *= inv_ng[:, None]
     # One cheap reduction instead of an isfinite pass: min/max propagate NaN and expose +-inf.
     lo, hi = torch.aminmax(st)
-    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    if on_nonfinite is not None:
+        on_nonfinite(finite)
+    elif not bool(finite):
         raise NonFiniteScores()
     if exclude_self:
-        rows = torch.arange(q0, q0 + qb.shape[0], device=qb.device)
+        rows = torch.arange(q0, q0 + qb.shape[0], device=qb.device) if query_ids is None else query_ids
         own = (rows >= n0) & (rows < n0 + gb.shape[0])
-        s[own.nonzero()[:, 0], rows[own] - n0] = -math.inf
+        # In fixed shapes (no nonzero): each row rewrites one column, its own score at -inf.
+        col = (rows - n0).clamp(0, gb.shape[0] - 1)[:, None]
+        s.scatter_(1, col, torch.where(own[:, None], -math.inf, s.gather(1, col)))
     return s
+
+
+def _sync_free(q: Tensor, acc: torch.dtype, N: int) -> bool:
+    """On a GPU the chunked path keeps fixed shapes (:class:`topk_select.DeviceRunningTopk`) and
+    checks for non-finite scores once, at the end: each host sync of the CPU selection stalls
+    the GPU once per block."""
+    return q.is_cuda and acc == torch.float32 and N - 1 <= topk_select.MAX_COMPOSITE_INDEX
 
 
 def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_self: bool = False,
@@ -352,26 +371,72 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
                                        reuse=True), N, chunk, progress)
     native_select = (q.device.type == "cpu" and not use_kernel and acc == torch.float32
                      and topk_select.cpu_select_available())
-    running = [topk_select.CpuRunningTopk(min(q_block, Q - q0), k) if native_select else RunningTopk(k)
-               for q0 in range(0, Q, q_block)]
+    deferred = not use_kernel and not native_select and _sync_free(q, acc, N)
+    starts = range(0, Q, q_block)
+    if deferred:
+        running = [DeviceRunningTopk(min(q_block, Q - q0), k, q.device) for q0 in starts]
+    else:
+        running = [topk_select.CpuRunningTopk(min(q_block, Q - q0), k) if native_select else RunningTopk(k)
+                   for q0 in starts]
+    first_bad = torch.full((), -1, dtype=torch.int64, device=q.device)  # deferred: first non-finite block
+    blocks: list[tuple[int, int, int]] = []                            # deferred: (q0, n0, rows) per block
     for n0, gb in chunks:
         # Scale the scores instead of normalizing the chunk: one pass over it fewer.
         inv_ng = inv_row_norms(gb, acc) if (normalize and not use_kernel) else None
-        for b, q0 in enumerate(range(0, Q, q_block)):
+        for b, q0 in enumerate(starts):
             qb = q_rows[q0:q0 + q_block]
             try:
                 if use_kernel:
                     new = topk_cuda.cosine_topk_block(q[q0:q0 + q_block], gb, min(k, gb.shape[0]), normalize,
                                                     q0 if exclude_self else -1, n0)
                     running[b].merge(new)
-                else:
-                    running[b].add(_score_block(qb, gb, inv_ng, q0, n0, exclude_self,
-                                                None if inv_nq is None else inv_nq[q0:q0 + q_block]), n0)
+                    continue
+                note = None
+                if deferred:
+                    blocks.append((q0, n0, gb.shape[0]))
+                    note = functools.partial(_note_first_bad, first_bad, len(blocks) - 1)
+                running[b].add(_score_block(qb, gb, inv_ng, q0, n0, exclude_self,
+                                            None if inv_nq is None else inv_nq[q0:q0 + q_block],
+                                            on_nonfinite=note), n0)
             except NonFiniteScores:
                 raise nonfinite_error({"queries": q[q0:q0 + q_block], "gallery": _rows(g, n0, gb.shape[0])}) from None
-    for b, q0 in enumerate(range(0, Q, q_block)):
+    for b, q0 in enumerate(starts):
         out_s[q0:q0 + q_block], out_i[q0:q0 + q_block] = running[b].flush()
+    if deferred:
+        bad = int(first_bad)  # the one host sync of the loop
+        if bad >= 0:
+            q0, n0, rows = blocks[bad]
+            raise nonfinite_error({"queries": q[q0:q0 + q_block], "gallery": _rows(g, n0, rows)})
+        redo = torch.cat([r.ambiguous for r in running]).nonzero()[:, 0]
+        if redo.numel():  # a tie at some block's k-th place: the exact selection for those rows
+            out_s[redo], out_i[redo] = _exact_rows(redo, q_rows, inv_nq, g, k, chunk, q_block,
+                                                   acc, bf16_scores, normalize, exclude_self)
     return out_s.to(torch.float32), out_i
+
+
+def _note_first_bad(first_bad: Tensor, block: int, finite: Tensor) -> None:
+    """Record ``block`` as the first with non-finite scores (on the device, no sync)."""
+    first_bad.copy_(torch.where((first_bad < 0) & ~finite, block, first_bad))
+
+
+def _exact_rows(redo: Tensor, q_rows: Tensor, inv_nq: Tensor | None, g, k: int, chunk: int, q_block: int,
+                acc: torch.dtype, bf16_scores: bool, normalize: bool,
+                exclude_self: bool) -> tuple[Tensor, Tensor]:
+    """The top-k of the query rows ``redo`` (sorted ids) by :class:`RunningTopk` (exact ties; host
+    syncs per block), over a second pass of the gallery. The query blocks that hold them are
+    scored again whole, so their scores have the first pass's bits; the inputs are known finite."""
+    which = (redo // q_block).tolist()
+    local = {b: redo[redo // q_block == b] - b * q_block for b in sorted(set(which))}
+    running = {b: RunningTopk(k) for b in local}
+    for n0, gb in _gallery_chunks(g, chunk, q_rows.device, None if bf16_scores else acc, reuse=True):
+        inv_ng = inv_row_norms(gb, acc) if normalize else None
+        for b, rows in local.items():
+            q0 = b * q_block
+            s = _score_block(q_rows[q0:q0 + q_block], gb, inv_ng, q0, n0, exclude_self,
+                             None if inv_nq is None else inv_nq[q0:q0 + q_block])
+            running[b].add(s[rows], n0)
+    parts = [running[b].flush() for b in local]  # blocks in ascending order, as ``redo``
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _epilogue_unsupported(g, g_dtype: torch.dtype, q_dtype: torch.dtype, k: int, streamed: bool):

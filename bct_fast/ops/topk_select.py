@@ -1,7 +1,8 @@
 """Exact running top-k selection: the tie rule (equal scores -> lower gallery index) in one place.
 
-``RunningTopk`` (PyTorch, any device) and ``CpuRunningTopk`` (the extension's C++ selector,
-csrc/cpu/topk_select_cpu.cpp) keep the best k of a query block over gallery chunks; both return
+``RunningTopk`` (PyTorch, any device), ``DeviceRunningTopk`` (PyTorch in fixed shapes, for
+GPUs: no host sync per block) and ``CpuRunningTopk`` (the extension's C++ selector,
+csrc/cpu/topk_select_cpu.cpp) keep the best k of a query block over gallery chunks; all return
 rows sorted by score descending, ties by ascending gallery index.
 """
 from __future__ import annotations
@@ -134,6 +135,63 @@ def _select_unordered(s: Tensor, idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
         c = _first_k_columns(rs, kth[rows], k)
         out[0][rows], out[1][rows] = rs.gather(1, c), ri.gather(1, c)
     return out
+
+
+# ---- running top-k without host synchronization (for GPUs) -------------------------------------
+# RunningTopk sizes its candidate buffers from the data (nonzero, a max read back): on a GPU each
+# block then waits for the host. DeviceRunningTopk keeps only fixed shapes: each block's top-k by
+# torch.topk, merged as composite int64 keys (orderable score bits, then the inverted gallery
+# index), which order (score desc, index asc) exactly. torch.topk alone breaks a tie at a block's
+# k-th place arbitrarily; such rows are flagged (on the device) and recomputed by the caller.
+
+_INDEX_BITS = 31
+_INDEX_MASK = (1 << _INDEX_BITS) - 1
+MAX_COMPOSITE_INDEX = _INDEX_MASK  # gallery indices up to 2^31 - 1
+
+
+def composite_keys(scores: Tensor, index: Tensor) -> Tensor:
+    """int64 keys with key order = (score descending, index ascending): the fp32 bits mapped to
+    an unsigned order (-0 counted as +0) in the high bits, 2^31 - 1 - index in the low 31."""
+    bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    ordered = torch.where(bits >= 1 << 31, (~bits) & 0xFFFFFFFF, bits | (1 << 31))
+    return (ordered << _INDEX_BITS) | (_INDEX_MASK - index)
+
+
+def decode_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """(fp32 scores, int64 indices) of :func:`composite_keys`."""
+    ordered = keys >> _INDEX_BITS
+    bits = torch.where(ordered >= 1 << 31, ordered & 0x7FFFFFFF, (~ordered) & 0xFFFFFFFF)
+    bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits)  # as a signed 32-bit value
+    return bits.to(torch.int32).view(torch.float32), _INDEX_MASK - (keys & _INDEX_MASK)
+
+
+class DeviceRunningTopk:
+    """The running top-k of one query block over gallery chunks, in fixed shapes (no host sync).
+
+    Exact except where a block holds more scores equal to its k-th best than the k places take:
+    those rows are set in :attr:`ambiguous` (the tie rule needs the lower indices among them),
+    and the caller recomputes them with :class:`RunningTopk`."""
+
+    def __init__(self, rows: int, k: int, device: torch.device):
+        self.k = k
+        self.keys: Tensor | None = None  # [rows, <= k] composite keys, descending
+        self.ambiguous = torch.zeros(rows, dtype=torch.bool, device=device)
+
+    def add(self, s: Tensor, n0: int) -> None:
+        """Scores [rows, n] (fp32) of gallery rows n0 .. n0 + n - 1 (n0 + n <= 2^31)."""
+        kk = min(self.k, s.shape[1])
+        vals, cols = torch.topk(s, kk, dim=1)
+        if kk < s.shape[1]:
+            kth = vals[:, -1:]
+            self.ambiguous |= (s == kth).sum(1) > (vals == kth).sum(1)
+        keys = composite_keys(vals, cols + n0)
+        if self.keys is not None:
+            keys = torch.cat([self.keys, keys], 1)
+        self.keys = torch.topk(keys, min(self.k, keys.shape[1]), dim=1).values
+
+    def flush(self) -> tuple[Tensor, Tensor]:
+        """(scores, indices) sorted by score descending, ties by ascending gallery index."""
+        return decode_keys(self.keys)
 
 
 # ---- CPU running top-k (csrc/cpu/topk_select_cpu.cpp) -----------------------------------------

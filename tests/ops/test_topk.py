@@ -392,3 +392,69 @@ def test_selector_threads_come_from_torchs_openmp_pool(tmp_path):
     assert pool in ("openmp", "std::thread")
     if pool == "openmp":
         assert runtimes == "1", f"{runtimes} OpenMP runtimes loaded: the selector does not share torch's pool"
+
+
+# ---- the fixed-shape running top-k of GPUs (forced on CPU tensors here) -------------------------
+
+@pytest.fixture
+def device_select(monkeypatch):
+    from bct_fast.ops import topk as topk_mod, topk_select
+
+    monkeypatch.setattr(topk_select, "USE_CPU_SELECT", False)
+    monkeypatch.setattr(topk_mod, "_sync_free", lambda q, acc, N: acc == torch.float32)
+    calls = []
+    real = topk_mod._exact_rows
+    monkeypatch.setattr(topk_mod, "_exact_rows", lambda ids, *a: calls.append(ids.tolist()) or real(ids, *a))
+    return calls
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_device_selection_redoes_only_rows_tied_at_a_blocks_kth_place(seed, device_select, device, exclude_self):
+    """Ties at a block's k-th place (torch.topk picks among them arbitrarily) are recomputed
+    exactly, and only those rows: the result is the lexicographic (score desc, index asc) top-k.
+    On CUDA tensors this selection is the default of the chunked path."""
+    g = torch.randint(-2, 3, (500, 3)).float()
+    q = g[:30].clone() if exclude_self else torch.randint(-2, 3, (30, 3)).float()
+    full = (q @ g.T).numpy().astype(np.float64)
+    if exclude_self:
+        full[np.arange(30), np.arange(30)] = -np.inf
+    for k in (1, 7, 64):
+        device_select.clear()
+        s, i = cosine_topk(q.to(device), g.to(device), k, normalize=False, exclude_self=exclude_self,
+                           chunk_size=37, backend="torch")
+        ri = np.lexsort((np.broadcast_to(np.arange(500), full.shape), -full), axis=1)[:, :k]
+        assert torch.equal(i.cpu(), torch.from_numpy(ri)), k
+        if k < 37:  # some rows, once
+            assert len(device_select) == 1 and 0 < len(device_select[0]) <= 30
+        else:  # a block's every column is kept: the keys alone decide, no second pass
+            assert device_select == []
+    device_select.clear()
+    q, g = torch.randn(30, 16), torch.randn(500, 16)  # continuous values: no tie, no second pass
+    s, i = cosine_topk(q.to(device), g.to(device), 10, chunk_size=37, backend="torch")
+    assert device_select == []
+    assert_topk_matches_reference(s.cpu(), i.cpu(), q, g, 10)
+
+
+def test_device_selection_names_non_finite_input_after_the_loop(seed, device_select):
+    g = torch.randn(1000, 8)
+    g[777, 3] = float("inf")
+    with pytest.raises(ValueError, match="gallery"):
+        cosine_topk(torch.randn(5, 8), g, 3, chunk_size=100)
+
+
+def test_composite_keys_order_and_round_trip(seed):
+    """Key order = (score descending, index ascending) over random and special fp32 values (-0
+    counts as +0); decoding returns the scores and indices."""
+    from bct_fast.ops.topk_select import MAX_COMPOSITE_INDEX, composite_keys, decode_keys
+
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0, 1.0])
+    s = torch.cat([special, torch.randn(500), torch.randint(-3, 4, (300,)).float()])
+    idx = torch.randint(0, MAX_COMPOSITE_INDEX + 1, (s.numel(),))
+    idx[:3] = torch.tensor([0, MAX_COMPOSITE_INDEX, 5])
+    keys = composite_keys(s, idx)
+    order = torch.argsort(keys, descending=True).numpy()
+    expect = np.lexsort((idx.numpy(), -(s + 0.0).double().numpy()))
+    assert np.array_equal(order, expect)
+    v, j = decode_keys(keys)
+    assert torch.equal(v, s + 0.0) and torch.equal(j, idx)
