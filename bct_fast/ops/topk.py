@@ -33,7 +33,7 @@ from bct_fast._core.checks import check_matrix, nonfinite_error
 from bct_fast.ops import topk_cuda, topk_epilogue, topk_fused, topk_screen, topk_select
 from bct_fast.ops.cpu_gemm import mm_nt
 from bct_fast.ops.providers import Unsupported, check_backend, choose, note_fallback
-from bct_fast.ops.rows import inv_row_norms, normalize_rows
+from bct_fast.ops.rows import inv_row_norms, inv_row_norms_stepped, normalize_rows
 from bct_fast.ops.topk_select import DeviceRunningTopk, NonFiniteScores, RunningTopk
 
 __all__ = ["cosine_topk"]
@@ -380,9 +380,16 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
                    for q0 in starts]
     first_bad = torch.full((), -1, dtype=torch.int64, device=q.device)  # deferred: first non-finite block
     blocks: list[tuple[int, int, int]] = []                            # deferred: (q0, n0, rows) per block
+    # A GPU-resident gallery's inverse norms up front (row_norms checks its rows on the host:
+    # once per million rows instead of once per chunk); on a CPU each chunk's, while it is cached.
+    inv_ng_all = (inv_row_norms_stepped(g, acc) if deferred and normalize and isinstance(g, Tensor)
+                  and g.device == q.device else None)
     for n0, gb in chunks:
         # Scale the scores instead of normalizing the chunk: one pass over it fewer.
-        inv_ng = inv_row_norms(gb, acc) if (normalize and not use_kernel) else None
+        if inv_ng_all is not None:
+            inv_ng = inv_ng_all[n0:n0 + gb.shape[0]]
+        else:
+            inv_ng = inv_row_norms(gb, acc) if (normalize and not use_kernel) else None
         for b, q0 in enumerate(starts):
             qb = q_rows[q0:q0 + q_block]
             try:

@@ -94,7 +94,7 @@ from bct_fast.ops import topk_epilogue_torch, topk_screen
 from bct_fast.ops.cpu_gemm import mm_nt
 from bct_fast.ops.native_call import stream_of
 from bct_fast.ops.providers import Unsupported
-from bct_fast.ops.rows import inv_row_norms, normalize_rows
+from bct_fast.ops.rows import inv_row_norms, inv_row_norms_stepped, normalize_rows
 from bct_fast.ops.topk_select import topk_lowest_index_ties
 
 __all__ = ["cosine_topk_epilogue", "unsupported", "block_shape", "Selector", "CUDA_SELECTOR",
@@ -258,14 +258,15 @@ def cosine_topk_epilogue(queries: Tensor, gallery: Tensor, k: int, normalize: bo
         raise nonfinite_error({"queries": q})
     cols, rows = block_shape(Q, N, chunk_size)
     rows = query_block or rows
+    # Every inverse gallery norm up front: one host check per million rows, not one per chunk.
+    inv_ng_all = inv_row_norms_stepped(g_op, torch.float32) if normalize else None
     run_s = torch.full((Q, k), -math.inf, dtype=torch.float32, device=q.device)
     run_i = torch.full((Q, k), -1, dtype=torch.int64, device=q.device)
     flag = torch.zeros(1, dtype=torch.int32, device=q.device)
     # Gallery-chunk-major: each chunk is read once; every query block's list stays resident.
     for n0 in range(0, N, cols):
         gb = g_op[n0:n0 + cols].to(op)  # a row slice of a contiguous gallery: contiguous
-        # fp32: the exact path's own call (same bits); bf16: norms accumulated in fp32
-        inv_ng = inv_row_norms(gb, torch.float32 if op == torch.bfloat16 else None) if normalize else None
+        inv_ng = None if inv_ng_all is None else inv_ng_all[n0:n0 + cols]
         for q0 in range(0, Q, rows):
             s = mm(qn[q0:q0 + rows], gb)
             sel.select(s, None if inv_nq is None else inv_nq[q0:q0 + rows], inv_ng, k, n0,

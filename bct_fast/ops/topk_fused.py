@@ -31,7 +31,7 @@ from bct_fast._core.checks import check_matrix, nonfinite_error
 from bct_fast._core.extension import native
 from bct_fast.ops.native_call import DTYPE_CODES, stream_of
 from bct_fast.ops.providers import Unsupported
-from bct_fast.ops.rows import inv_row_norms
+from bct_fast.ops.rows import inv_row_norms, inv_row_norms_stepped
 
 __all__ = ["cosine_topk_fused", "unsupported", "MAX_K", "Launch", "native_launch"]
 
@@ -77,12 +77,6 @@ def unsupported(q: Tensor, g_dtype: torch.dtype, k: int) -> Unsupported | None:
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return Unsupported("a GPU older than compute capability 8.0 (bf16 mma.sync needs sm_80)")
     return None
-
-
-def _inv_norms(rows: Tensor, step: int = 1 << 20) -> Tensor:
-    """fp32 inverse row norms, a million rows at a time: a reduction that upcasts its input
-    first would otherwise hold an fp32 copy of the whole gallery (20 GiB at 10M x 512)."""
-    return torch.cat([inv_row_norms(rows[i:i + step], torch.float32) for i in range(0, rows.shape[0], step)])
 
 
 def _positive(name: str, v: object) -> None:
@@ -151,7 +145,7 @@ def cosine_topk_fused(queries: Tensor, gallery: Tensor, k: int, normalize: bool 
     run_i = torch.full((Q, k), -1, dtype=torch.int64, device=q.device)
     flag = torch.zeros(1, dtype=torch.int32, device=q.device)
     # Once for the whole gallery (N floats), so a row's factor cannot depend on the chunking.
-    inv_ng_all = _inv_norms(g) if normalize else None
+    inv_ng_all = inv_row_norms_stepped(g) if normalize else None
     for n0 in range(0, N, cols):  # ascending gallery order: the lists' tie rule needs it
         gb = g[n0:n0 + cols]
         inv_ng = None if inv_ng_all is None else inv_ng_all[n0:n0 + cols]
