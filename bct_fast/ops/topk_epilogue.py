@@ -263,14 +263,16 @@ def cosine_topk_epilogue(queries: Tensor, gallery: Tensor, k: int, normalize: bo
     run_s = torch.full((Q, k), -math.inf, dtype=torch.float32, device=q.device)
     run_i = torch.full((Q, k), -1, dtype=torch.int64, device=q.device)
     flag = torch.zeros(1, dtype=torch.int32, device=q.device)
+    # Each query block's views, made once: the loop below runs ~12k times at the goal row, where
+    # the first GPU run measured ~48 us per iteration for ~20 us of GPU work.
+    qblocks = [(q0, qn[q0:q0 + rows], None if inv_nq is None else inv_nq[q0:q0 + rows],
+                run_s[q0:q0 + rows], run_i[q0:q0 + rows]) for q0 in range(0, Q, rows)]
     # Gallery-chunk-major: each chunk is read once; every query block's list stays resident.
     for n0 in range(0, N, cols):
         gb = g_op[n0:n0 + cols].to(op)  # a row slice of a contiguous gallery: contiguous
         inv_ng = None if inv_ng_all is None else inv_ng_all[n0:n0 + cols]
-        for q0 in range(0, Q, rows):
-            s = mm(qn[q0:q0 + rows], gb)
-            sel.select(s, None if inv_nq is None else inv_nq[q0:q0 + rows], inv_ng, k, n0,
-                       exclude_self, q0 - n0, run_s[q0:q0 + rows], run_i[q0:q0 + rows], flag)
+        for q0, qb, inq, rs, ri in qblocks:
+            sel.select(mm(qb, gb), inq, inv_ng, k, n0, exclude_self, q0 - n0, rs, ri, flag)
     if bool(flag.item()):  # one sync, at the end: the flag is sticky
         raise nonfinite_error({"queries": q, "gallery": g})
     return run_s, run_i
