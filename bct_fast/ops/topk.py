@@ -233,10 +233,10 @@ def tensor_core_scores(q: Tensor, g_dtype: torch.dtype) -> bool:
 
 
 def _score_block(qb: Tensor, gb: Tensor, inv_ng: Tensor | None, q0: int, n0: int, exclude_self: bool,
-                 inv_nq: Tensor | None = None, query_ids: Tensor | None = None,
+                 inv_nq: Tensor | None = None,
                  on_nonfinite: Callable[[Tensor], None] | None = None) -> Tensor:
     """Scores of one query block against one gallery chunk (own rows at -inf with exclude_self:
-    query j of the block is gallery row ``q0 + j``, or ``query_ids[j]``). bf16 blocks
+    query j of the block is gallery row ``q0 + j``). bf16 blocks
     (:func:`tensor_core_scores`) get fp32 scores, scaled by ``inv_nq`` per row. NaN / inf scores
     raise :class:`NonFiniteScores`, or, with ``on_nonfinite``, go to it as a device-side flag
     (all finite?) without a host sync."""
@@ -259,7 +259,7 @@ def _score_block(qb: Tensor, gb: Tensor, inv_ng: Tensor | None, q0: int, n0: int
     elif not bool(finite):
         raise NonFiniteScores()
     if exclude_self:
-        rows = torch.arange(q0, q0 + qb.shape[0], device=qb.device) if query_ids is None else query_ids
+        rows = torch.arange(q0, q0 + qb.shape[0], device=qb.device)
         own = (rows >= n0) & (rows < n0 + gb.shape[0])
         # In fixed shapes (no nonzero): each row rewrites one column, its own score at -inf.
         col = (rows - n0).clamp(0, gb.shape[0] - 1)[:, None]
@@ -386,10 +386,7 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
                   and g.device == q.device else None)
     for n0, gb in chunks:
         # Scale the scores instead of normalizing the chunk: one pass over it fewer.
-        if inv_ng_all is not None:
-            inv_ng = inv_ng_all[n0:n0 + gb.shape[0]]
-        else:
-            inv_ng = inv_row_norms(gb, acc) if (normalize and not use_kernel) else None
+        inv_ng = _chunk_inv_norms(inv_ng_all, gb, n0, acc, normalize and not use_kernel)
         for b, q0 in enumerate(starts):
             qb = q_rows[q0:q0 + q_block]
             try:
@@ -416,9 +413,17 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
             raise nonfinite_error({"queries": q[q0:q0 + q_block], "gallery": _rows(g, n0, rows)})
         redo = torch.cat([r.ambiguous for r in running]).nonzero()[:, 0]
         if redo.numel():  # a tie at some block's k-th place: the exact selection for those rows
-            out_s[redo], out_i[redo] = _exact_rows(redo, q_rows, inv_nq, g, k, chunk, q_block,
+            out_s[redo], out_i[redo] = _exact_rows(redo, q_rows, inv_nq, inv_ng_all, g, k, chunk, q_block,
                                                    acc, bf16_scores, normalize, exclude_self)
     return out_s.to(torch.float32), out_i
+
+
+def _chunk_inv_norms(inv_ng_all: Tensor | None, gb: Tensor, n0: int, acc: torch.dtype,
+                     normalize: bool) -> Tensor | None:
+    """The chunk's inverse norms: a slice of the precomputed ones, else computed now."""
+    if inv_ng_all is not None:
+        return inv_ng_all[n0:n0 + gb.shape[0]]
+    return inv_row_norms(gb, acc) if normalize else None
 
 
 def _note_first_bad(first_bad: Tensor, block: int, finite: Tensor) -> None:
@@ -426,17 +431,18 @@ def _note_first_bad(first_bad: Tensor, block: int, finite: Tensor) -> None:
     first_bad.copy_(torch.where((first_bad < 0) & ~finite, block, first_bad))
 
 
-def _exact_rows(redo: Tensor, q_rows: Tensor, inv_nq: Tensor | None, g, k: int, chunk: int, q_block: int,
-                acc: torch.dtype, bf16_scores: bool, normalize: bool,
+def _exact_rows(redo: Tensor, q_rows: Tensor, inv_nq: Tensor | None, inv_ng_all: Tensor | None, g, k: int,
+                chunk: int, q_block: int, acc: torch.dtype, bf16_scores: bool, normalize: bool,
                 exclude_self: bool) -> tuple[Tensor, Tensor]:
     """The top-k of the query rows ``redo`` (sorted ids) by :class:`RunningTopk` (exact ties; host
     syncs per block), over a second pass of the gallery. The query blocks that hold them are
-    scored again whole, so their scores have the first pass's bits; the inputs are known finite."""
+    scored again whole, with the first pass's norms, so their scores have the first pass's bits;
+    the inputs are known finite."""
     which = (redo // q_block).tolist()
     local = {b: redo[redo // q_block == b] - b * q_block for b in sorted(set(which))}
     running = {b: RunningTopk(k) for b in local}
     for n0, gb in _gallery_chunks(g, chunk, q_rows.device, None if bf16_scores else acc, reuse=True):
-        inv_ng = inv_row_norms(gb, acc) if normalize else None
+        inv_ng = _chunk_inv_norms(inv_ng_all, gb, n0, acc, normalize)
         for b, rows in local.items():
             q0 = b * q_block
             s = _score_block(q_rows[q0:q0 + q_block], gb, inv_ng, q0, n0, exclude_self,
