@@ -108,6 +108,26 @@ def trace(fn: Callable[[], None], activities, sync: Callable[[], None]) -> dict:
     return summarize(prof, wall_ms)
 
 
+def host_us_per_op(device: str = "cuda", ops: int = 2000) -> dict:
+    """The host's cost of one small tensor op and of one small matmul (us, median of 3 timings of
+    ``ops`` calls each, synchronized once at the end): what each launch of a chunk loop costs
+    before the GPU does anything."""
+    a = torch.ones(256, device=device)
+    m = torch.ones(64, 64, device=device, dtype=torch.bfloat16)
+    out = {}
+    for name, fn in (("add", lambda: a.add_(1.0)), ("mm_bf16", lambda: torch.mm(m, m))):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(ops):
+                fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) / ops * 1e6)
+        out[name] = round(sorted(times)[1], 2)
+    return out
+
+
 def _write(path: str, out: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -123,7 +143,7 @@ def main(argv: list[str]) -> int:
         print("trace_providers.py: needs a CUDA GPU", file=sys.stderr)
         return 2
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    out = {"device": torch.cuda.get_device_name(), "workloads": {}}
+    out = {"device": torch.cuda.get_device_name(), "host_us_per_op": host_us_per_op(), "workloads": {}}
     for w in argv[1:] or WORKLOADS:
         try:
             out["workloads"][w] = trace(make(w), acts, torch.cuda.synchronize)

@@ -44,3 +44,8 @@ def test_a_profiler_failure_keeps_the_wall_time(monkeypatch):
     monkeypatch.setattr(tp.torch.profiler, "profile", Broken)
     out = tp.trace(lambda: None, [], lambda: None)
     assert out["wall_ms"] >= 0 and "CUPTI" in out["profile_error"]
+
+
+def test_host_cost_per_op_on_cpu():
+    out = tp.host_us_per_op("cpu", ops=50)
+    assert set(out) == {"add", "mm_bf16"} and all(v > 0 for v in out.values())
