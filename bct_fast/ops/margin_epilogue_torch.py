@@ -14,11 +14,13 @@ import torch
 from torch import Tensor
 
 
-def target_cells(labels: Tensor, c0: int, cols: int) -> tuple[Tensor, Tensor]:
-    """(rows, local columns) of the rows whose target column lies in this chunk."""
+def leave_targets_out(z: Tensor, labels: Tensor, c0: int) -> Tensor:
+    """``z`` [B, cols] with each row's target column, where it lies in this chunk (``labels - c0``
+    in [0, cols)), set to -inf; in place and in fixed shapes (no host sync on a GPU)."""
     local = labels - c0
-    rows = ((labels >= 0) & (local >= 0) & (local < cols)).nonzero()[:, 0]
-    return rows, local[rows]
+    inside = (labels >= 0) & (local >= 0) & (local < z.shape[1])
+    col = local.clamp(0, z.shape[1] - 1)[:, None]
+    return z.scatter_(1, col, torch.where(inside[:, None], float("-inf"), z.gather(1, col)))
 
 
 def chunk_logits(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor, c0: int,
@@ -26,10 +28,7 @@ def chunk_logits(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
     """z = scale * S * inv_nx * inv_nw (that order) with each row's target column in this chunk
     (``labels - c0`` in [0, cols)) left out as -inf, as the kernels do (the caller combines the
     statistics with the target logit in float64). A new fp32 tensor."""
-    z = scores.mul(scale).mul_(inv_nx[:, None]).mul_(inv_nw[None, :])
-    rows, cols = target_cells(labels, c0, scores.shape[1])
-    z[rows, cols] = float("-inf")
-    return z
+    return leave_targets_out(scores.mul(scale).mul_(inv_nx[:, None]).mul_(inv_nw[None, :]), labels, c0)
 
 
 def stats_epilogue(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from bct_fast.ops.cpu_gemm import mm_f32, mm_nt, mm_tn
-from bct_fast.ops.margin_epilogue_torch import target_cells
+from bct_fast.ops.margin_epilogue_torch import leave_targets_out
 from bct_fast.ops.rows import normalized_rows
 
 # Elements of one B x chunk logit block: 4M fp32 = 16 MiB on a CPU (cache-friendly), 32M fp32 =
@@ -39,16 +39,10 @@ def tensor_core_logits(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
 
 
-def _leave_targets_out(z: torch.Tensor, c0: int, labels: torch.Tensor) -> torch.Tensor:
-    rows, cols = target_cells(labels, c0, z.shape[1])
-    z[rows, cols] = float("-inf")
-    return z
-
-
 def _chunk_logits(xh: torch.Tensor, wc: torch.Tensor, c0: int, labels: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """scale * xh @ wc.T with each row's target column left out (-inf)."""
-    return _leave_targets_out(mm_nt(xh, wc).mul_(scale), c0, labels)
+    return leave_targets_out(mm_nt(xh, wc).mul_(scale), labels, c0)
 
 
 def _class_chunk(x, w, xh, inv_nx, inv_nw, labels, scale: float, c0: int, chunk: int, raw: bool,
@@ -67,7 +61,7 @@ def _raw_chunk_logits(x: torch.Tensor, w_c: torch.Tensor, inv_nx: torch.Tensor, 
     """The same logits from the raw bf16 rows (:func:`tensor_core_logits`): the fp32 product
     x @ w_c.T scaled by the inverse norms afterwards."""
     z = mm_f32(x, w_c.T).mul_(inv_nx[:, None]).mul_((scale * inv_nw_c)[None, :])
-    return _leave_targets_out(z, c0, labels)
+    return leave_targets_out(z, labels, c0)
 
 
 def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw: torch.Tensor,
