@@ -4,10 +4,10 @@ Same contract as the CUDA launchers in csrc/include/bct_fast/margin_softmax.h, c
 class chunks of ``chunk`` rows so that at most B x chunk logits exist at a time. fp16/bf16
 inputs are upcast chunk by chunk; accumulation is in the dtype of the inverse norms
 (fp32, or fp64 for float64 inputs so that gradcheck can run on this path). bf16 inputs on CUDA
-keep their logit GEMM in bf16 (:func:`tensor_core_logits`); the P @ W and P.T @ X products stay fp32. Every sweep leaves
-each row's target column out: the statistics are over the other columns (lse in float64,
-``m + log l``) and the gradient sweep gives it 0; the caller combines them with the target
-logit in float64 (``target_logit`` is not read here).
+keep their logit GEMM in bf16 (:func:`tensor_core_logits`); the P @ W and P.T @ X products stay
+fp32. Every sweep leaves each row's target column out: the statistics are over the other columns
+(lse in float64, ``m + log l``) and the gradient sweep gives it 0; the caller combines them with
+the target logit in float64 (``target_logit`` is not read here).
 """
 from __future__ import annotations
 
