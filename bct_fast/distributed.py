@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from bct_fast._core.autocast import without_autocast
 from bct_fast._core.checks import check_labels, check_matrix
 from bct_fast._core.io import atomic_write
 from bct_fast.ops import (MarginValue, check_loss_options, cosine_topk, inv_row_norms,
@@ -69,6 +70,7 @@ def _all_gather_rows(t: Tensor, group) -> tuple[Tensor, list[int]]:
 
 class _ShardedMarginCE(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, x_local, w_shard, labels_local, class_start, scale, margin,
                 straight_through, group, chunk_size):
         rank, world = _world(group)
@@ -113,6 +115,7 @@ class _ShardedMarginCE(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @without_autocast
     def backward(ctx, grad_out):
         x, w, inv_nx, inv_nw, xh, wyh, lab_local, safe, local, z_y, df, lse, t = ctx.saved_tensors
         scale, chunk_size, group, offset, b_local, x_dtype, w_dtype = ctx.cfg

@@ -30,6 +30,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from bct_fast._core.autocast import without_autocast
 from bct_fast._core.checks import check_choice, check_labels, check_matrix, check_same_device, nonfinite_error
 from bct_fast.ops import margin_softmax_cuda
 from bct_fast.ops import margin_softmax_epilogue
@@ -151,6 +152,7 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
     """Fused normalized-softmax margin cross-entropy; see :func:`cosine_margin_cross_entropy`."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, x: Tensor, w: Tensor, labels: Tensor, scale: float, margin: Margin,
                 straight_through: bool, reduction: str, ignore_index: int, label_smoothing: float,
                 chunk_size: int, validate: bool, fuse_grad: bool, backend: str) -> Tensor:
@@ -223,6 +225,7 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @without_autocast
     def backward(ctx, grad_out: Tensor):
         (x, w, inv_nx, inv_nw, lab_eff, safe, valid, xh, wyh, z_y, df, lse, t, pws, wsum,
          n_valid) = ctx.saved_tensors

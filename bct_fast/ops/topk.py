@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from bct_fast._core.arrays import host_tensor
+from bct_fast._core.autocast import without_autocast
 from bct_fast._core.checks import check_matrix, nonfinite_error
 from bct_fast.ops import topk_cuda, topk_epilogue, topk_fused, topk_screen, topk_select
 from bct_fast.ops.cpu_gemm import mm_nt
@@ -274,6 +275,7 @@ def _sync_free(q: Tensor, acc: torch.dtype, N: int) -> bool:
     return q.is_cuda and acc == torch.float32 and N - 1 <= topk_select.MAX_COMPOSITE_INDEX
 
 
+@without_autocast
 def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_self: bool = False,
                 chunk_size: int | None = None, progress: bool = False,
                 backend: str = "auto") -> tuple[Tensor, Tensor]:

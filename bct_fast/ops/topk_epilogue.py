@@ -88,6 +88,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from bct_fast._core.autocast import without_autocast
 from bct_fast._core.checks import check_matrix, nonfinite_error
 from bct_fast._core.extension import cuda_kernels_compiled, native
 from bct_fast.ops import topk_epilogue_torch, topk_screen
@@ -200,6 +201,7 @@ def _check_args(q: Tensor, g: Tensor, k: object, exclude_self: bool,
     return int(k)
 
 
+@without_autocast
 def cosine_topk_epilogue(queries: Tensor, gallery: Tensor, k: int, normalize: bool = True,
                          exclude_self: bool = False, chunk_size: int | None = None,
                          selector: Selector | None = None, *, query_block: int | None = None,

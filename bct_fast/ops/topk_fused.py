@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from bct_fast._core.autocast import without_autocast
 from bct_fast._core.checks import check_matrix, nonfinite_error
 from bct_fast._core.extension import native
 from bct_fast.ops.native_call import DTYPE_CODES, stream_of
@@ -84,6 +85,7 @@ def _positive(name: str, v: object) -> None:
         raise ValueError(f"{name}: expected a positive integer, got {v!r}")
 
 
+@without_autocast
 def cosine_topk_fused(queries: Tensor, gallery: Tensor, k: int, normalize: bool = True,
                       exclude_self: bool = False, *, chunk_size: int | None = None,
                       query_block: int | None = None, splits: int | None = None,
