@@ -9,6 +9,10 @@ from bct_fast.ops import cosine_margin_cross_entropy, cosine_topk
 from bct_fast.ops.topk_epilogue import cosine_topk_epilogue
 from bct_fast.testing import available_devices
 
+# On a GPU run (BCT_FAST_UNVERIFIED_KERNELS=1) the CUDA cases' `auto` runs the SIMT kernels of
+# both ops (benchmarks/verify_gpu_run.py attributes these tests to them).
+KERNEL_FAMILIES = ("margin_softmax", "cosine_topk")
+
 
 def _autocast(device):
     return torch.autocast(device, dtype=torch.bfloat16 if device == "cpu" else torch.float16)
