@@ -70,12 +70,19 @@ def _device_us(e) -> float:
     return 0.0
 
 
+def _on_gpu(e) -> bool:
+    """A profiler event that ran on the GPU (a kernel, memcpy or memset), not a host operator."""
+    return str(getattr(e, "device_type", "")).endswith("CUDA")
+
+
 def summarize(prof, wall_ms: float) -> dict:
     """The figures of one profiled call (see the module docstring); works on a CPU-only profile
     too (GPU time 0), which is how tests/build checks it."""
     rows = [e for e in prof.key_averages() if e.key]
-    gpu_ms = sum(_device_us(e) for e in rows) / 1e3
-    kernels = sum(1 for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA"))
+    # Kernel rows only: an operator's row also carries the GPU time of the kernels it launched,
+    # so summing every row would count each kernel twice (torch's own table total sums these).
+    gpu_ms = sum(_device_us(e) for e in rows if _on_gpu(e)) / 1e3
+    kernels = sum(1 for e in prof.events() if _on_gpu(e))
 
     def top(key: Callable, n: int = TOP) -> list[dict]:
         return [{"op": e.key[:120], "count": e.count, "self_gpu_ms": round(_device_us(e) / 1e3, 3),

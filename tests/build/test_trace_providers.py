@@ -49,3 +49,17 @@ def test_a_profiler_failure_keeps_the_wall_time(monkeypatch):
 def test_host_cost_per_op_on_cpu():
     out = tp.host_us_per_op("cpu", ops=50)
     assert set(out) == {"add", "mm_bf16"} and all(v > 0 for v in out.values())
+
+
+def test_gpu_time_counts_kernel_rows_only():
+    """An operator row carries its kernels' GPU time too: the total must not count it twice."""
+    from types import SimpleNamespace as Row
+
+    op = Row(key="aten::mm", count=3, self_device_time_total=900.0, self_cpu_time_total=60.0,
+             device_type="DeviceType.CPU")
+    kernel = Row(key="sm90_gemm", count=3, self_device_time_total=900.0, self_cpu_time_total=0.0,
+                 device_type="DeviceType.CUDA")
+    prof = Row(key_averages=lambda: [op, kernel], events=lambda: [kernel] * 3)
+    out = tp.summarize(prof, wall_ms=2.0)
+    assert out["gpu_kernel_ms"] == 0.9 and out["gpu_busy"] == 0.45 and out["kernel_launches"] == 3
+    assert [r["op"] for r in out["top_gpu"]] == ["aten::mm", "sm90_gemm"]
