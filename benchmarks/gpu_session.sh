@@ -28,7 +28,9 @@
 #        (the shapes beyond the goal rows: one query, k 10 / 4096, d 128 / 1024, C 200k;
 #        a cold machine rebuilds by itself: the installed check fails, so the build runs)
 #   3. give_back.
-#   4. here: python benchmarks/verify_gpu_run.py benchmarks/results/gpu_<stamp>.json --write adds the
+#   4. here: python benchmarks/gpu_run_report.py benchmarks/results/gpu_<stamp>.json (the page to read
+#      first: tests, sanitizer, what would verify, trace, tables), then
+#      python benchmarks/verify_gpu_run.py benchmarks/results/gpu_<stamp>.json --write adds the
 #      families the run verified (CUDA tests of each test file's KERNEL_FAMILIES all passed, the
 #      sanitizer clean or refused, this checkout's sources) to bct_fast/_core/gpu_verified.json;
 #      commit both files together.

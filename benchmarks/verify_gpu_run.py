@@ -128,6 +128,15 @@ def write_record(record_path: Path, additions: dict[str, dict]) -> dict:
     return record
 
 
+def read_run(path: Path) -> dict | None:
+    """A run's JSON, or None after saying on stderr why it cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"{path}: cannot read the run's JSON ({e})", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="gpu_<stamp>.json from benchmarks/gpu_session.sh")
@@ -135,10 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--record", type=Path, default=RECORD, help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    try:
-        run = json.loads(a.run.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"{a.run}: cannot read the run's JSON ({e})", file=sys.stderr)
+    run = read_run(a.run)
+    if run is None:
         return 2
     hashes = _source_hashes(a.root)
     verdicts = family_verdicts(run, hashes)
