@@ -92,7 +92,7 @@ from bct_fast._core.autocast import without_autocast
 from bct_fast._core.checks import check_matrix, nonfinite_error
 from bct_fast._core.extension import cuda_kernels_compiled, native
 from bct_fast.ops import topk_epilogue_torch, topk_screen
-from bct_fast.ops.cpu_gemm import mm_nt
+from bct_fast.ops.cpu_gemm import mm_f32, mm_nt
 from bct_fast.ops.native_call import stream_of
 from bct_fast.ops.providers import Unsupported
 from bct_fast.ops.rows import inv_row_norms, inv_row_norms_stepped, normalize_rows
@@ -162,14 +162,11 @@ def block_shape(Q: int, N: int, chunk_size: int | None = None) -> tuple[int, int
 def default_product(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b.T`` as fp32: cuBLAS (bf16 x bf16 -> fp32 output where torch has ``out_dtype``),
     oneDNN / MKL on a CPU (bf16 upcast there: exact products, the same arithmetic)."""
+    if a.is_cuda:
+        return mm_f32(a, b.T)
     if a.dtype == torch.bfloat16:
-        if a.is_cuda:
-            try:
-                return torch.mm(a, b.T, out_dtype=torch.float32)
-            except TypeError:  # a torch without mm(out_dtype=): exact upcast, slower
-                pass
         a, b = a.float(), b.float()
-    return torch.mm(a, b.T) if a.is_cuda else mm_nt(a, b)
+    return mm_nt(a, b)
 
 
 def _operand_dtype(q: Tensor, g: Tensor) -> torch.dtype:
