@@ -13,14 +13,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bct_fast.ops.rows import mask_one_column
+
 
 def leave_targets_out(z: Tensor, labels: Tensor, c0: int) -> Tensor:
     """``z`` [B, cols] with each row's target column, where it lies in this chunk (``labels - c0``
     in [0, cols)), set to -inf; in place and in fixed shapes (no host sync on a GPU)."""
-    local = labels - c0
-    inside = (labels >= 0) & (local >= 0) & (local < z.shape[1])
-    col = local.clamp(0, z.shape[1] - 1)[:, None]
-    return z.scatter_(1, col, torch.where(inside[:, None], float("-inf"), z.gather(1, col)))
+    return mask_one_column(z, labels - c0)
 
 
 def chunk_logits(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor, c0: int,

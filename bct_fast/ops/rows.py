@@ -1,4 +1,4 @@
-"""Row norms shared by every op: the one definition of "normalized".
+"""Row helpers shared by every op: the one definition of "normalized", and one masked column per row.
 
 ``F.normalize`` squares in the input's precision, so a finite fp32 row scaled by 1e20 has an
 infinite norm (the row becomes 0) and a row of norm below ~1e-19 underflows (and below 1e-12 it
@@ -74,3 +74,12 @@ def normalize_rows(t: torch.Tensor) -> torch.Tensor:
         return t / n.clamp_min(_NORM_FLOOR)
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     return normalized_rows(t, inv_row_norms(t, acc)).to(t.dtype)
+
+
+def mask_one_column(t: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``t`` [R, cols] with ``t[i, local[i]] = -inf`` for the rows whose ``local[i]`` lies in
+    [0, cols) (a loss row's target class, a search query's own gallery row); in place, in fixed
+    shapes: no ``nonzero``, so no host sync on a GPU. Returns ``t``."""
+    inside = (local >= 0) & (local < t.shape[1])
+    col = local.clamp(0, t.shape[1] - 1)[:, None]
+    return t.scatter_(1, col, torch.where(inside[:, None], float("-inf"), t.gather(1, col)))

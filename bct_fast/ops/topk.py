@@ -34,7 +34,7 @@ from bct_fast._core.checks import check_matrix, nonfinite_error
 from bct_fast.ops import topk_cuda, topk_epilogue, topk_fused, topk_screen, topk_select
 from bct_fast.ops.cpu_gemm import mm_nt
 from bct_fast.ops.providers import Unsupported, check_backend, choose, note_fallback
-from bct_fast.ops.rows import inv_row_norms, inv_row_norms_stepped, normalize_rows
+from bct_fast.ops.rows import inv_row_norms, inv_row_norms_stepped, mask_one_column, normalize_rows
 from bct_fast.ops.topk_select import DeviceRunningTopk, NonFiniteScores, RunningTopk
 
 __all__ = ["cosine_topk"]
@@ -260,11 +260,7 @@ def _score_block(qb: Tensor, gb: Tensor, inv_ng: Tensor | None, q0: int, n0: int
     elif not bool(finite):
         raise NonFiniteScores()
     if exclude_self:
-        rows = torch.arange(q0, q0 + qb.shape[0], device=qb.device)
-        own = (rows >= n0) & (rows < n0 + gb.shape[0])
-        # In fixed shapes (no nonzero): each row rewrites one column, its own score at -inf.
-        col = (rows - n0).clamp(0, gb.shape[0] - 1)[:, None]
-        s.scatter_(1, col, torch.where(own[:, None], -math.inf, s.gather(1, col)))
+        mask_one_column(s, torch.arange(q0 - n0, q0 - n0 + qb.shape[0], device=qb.device))
     return s
 
 
@@ -380,7 +376,7 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
     else:
         running = [topk_select.CpuRunningTopk(min(q_block, Q - q0), k) if native_select else RunningTopk(k)
                    for q0 in starts]
-    first_bad = torch.full((), -1, dtype=torch.int64, device=q.device)  # deferred: first non-finite block
+    first_bad = torch.full((), -1, dtype=torch.int64, device=q.device) if deferred else None  # first non-finite block
     blocks: list[tuple[int, int, int]] = []                            # deferred: (q0, n0, rows) per block
     # A GPU-resident gallery's inverse norms up front (row_norms checks its rows on the host:
     # once per million rows instead of once per chunk); on a CPU each chunk's, while it is cached.
