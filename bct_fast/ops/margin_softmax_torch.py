@@ -3,18 +3,28 @@
 Same contract as the CUDA launchers in csrc/include/bct_fast/margin_softmax.h, computed over
 class chunks of ``chunk`` rows so that at most B x chunk logits exist at a time. fp16/bf16
 inputs are upcast chunk by chunk; accumulation is in the dtype of the inverse norms
-(fp32, or fp64 for float64 inputs so that gradcheck can run on this path). bf16 inputs on CUDA
-keep their logit GEMM in bf16 (:func:`tensor_core_logits`); the P @ W and P.T @ X products stay
-fp32. Every sweep leaves each row's target column out: the statistics are over the other columns
-(lse in float64, ``m + log l``) and the gradient sweep gives it 0; the caller combines them with
-the target logit in float64 (``target_logit`` is not read here).
+(fp32, or fp64 for float64 inputs so that gradcheck can run on this path). Every sweep leaves
+each row's target column out: the statistics are over the other columns (lse in float64,
+``m + log l``) and the gradient sweep gives it 0; the caller combines them with the target
+logit in float64 (``target_logit`` is not read here).
+
+bf16 embeddings and classifier on CUDA (:func:`tensor_core_blocks`) take the tensor cores for
+every GEMM: the sweeps run the epilogue provider's chunk loop
+(:mod:`bct_fast.ops.margin_softmax_epilogue`) with the PyTorch twin of its kernels, in this
+provider's larger chunks: bf16 x bf16 -> fp32 logit GEMMs on the raw rows (norms applied to the
+fp32 products), and bf16 e / p / pw blocks for the P @ W and P.T @ X products, the arithmetic
+whose error the epilogue provider's tests hold to at most 2x plain bf16 PyTorch's. Upcast to
+fp32, those two products ran on the SIMT units (~60 TFLOP/s on an H200 against ~750 for bf16
+tensor cores): at B = 1024, C = 1M they alone would take ~35 ms of a trainable step.
 """
 from __future__ import annotations
 
 import torch
 
-from bct_fast.ops.cpu_gemm import mm_f32, mm_nt, mm_tn
+from bct_fast.ops import margin_softmax_epilogue
+from bct_fast.ops.cpu_gemm import mm_nt, mm_tn
 from bct_fast.ops.margin_epilogue_torch import leave_targets_out
+from bct_fast.ops.margin_softmax_epilogue import TORCH_EPILOGUE
 from bct_fast.ops.rows import normalized_rows
 
 # Elements of one B x chunk logit block: 4M fp32 = 16 MiB on a CPU (cache-friendly), 32M fp32 =
@@ -30,11 +40,9 @@ def auto_chunk(rows: int, classes: int, cuda: bool = False) -> int:
     return max(1, min(classes, max(256, elems // max(rows, 1))))
 
 
-def tensor_core_logits(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the logit GEMMs take the bf16 rows as they are: bf16 embeddings and classifier on
-    CUDA, bf16 x bf16 -> fp32 on the tensor cores (exact products, fp32 sums: the arithmetic of
-    the fp32 GEMM of the same values), the inverse norms and the scale applied to the fp32
-    products. The upcast fp32 route measured ~5x slower than plain PyTorch on an H200
+def tensor_core_blocks(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the sweeps run on bf16 tensor-core GEMMs (module docstring): bf16 embeddings and
+    classifier on CUDA. The upcast fp32 route measured ~5x slower than plain PyTorch on an H200
     (benchmarks/results/gpu_2026-11-26_h200.md)."""
     return x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
 
@@ -45,25 +53,6 @@ def _chunk_logits(xh: torch.Tensor, wc: torch.Tensor, c0: int, labels: torch.Ten
     return leave_targets_out(mm_nt(xh, wc).mul_(scale), labels, c0)
 
 
-def _class_chunk(x, w, xh, inv_nx, inv_nw, labels, scale: float, c0: int, chunk: int, raw: bool,
-                 need_wc: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """One class chunk: (its normalized rows, fp32, when ``need_wc`` or the logits need them;
-    else None) and its logits, from the raw bf16 rows when ``raw``."""
-    cs = slice(c0, c0 + chunk)
-    wc = normalized_rows(w[cs], inv_nw[cs]) if (need_wc or not raw) else None
-    if raw:
-        return wc, _raw_chunk_logits(x, w[cs], inv_nx, inv_nw[cs], c0, labels, scale)
-    return wc, _chunk_logits(xh, wc, c0, labels, scale)
-
-
-def _raw_chunk_logits(x: torch.Tensor, w_c: torch.Tensor, inv_nx: torch.Tensor, inv_nw_c: torch.Tensor,
-                      c0: int, labels: torch.Tensor, scale: float) -> torch.Tensor:
-    """The same logits from the raw bf16 rows (:func:`tensor_core_logits`): the fp32 product
-    x @ w_c.T scaled by the inverse norms afterwards."""
-    z = mm_f32(x, w_c.T).mul_(inv_nx[:, None]).mul_((scale * inv_nw_c)[None, :])
-    return leave_targets_out(z, labels, c0)
-
-
 def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw: torch.Tensor,
                   labels: torch.Tensor, target_logit: torch.Tensor, scale: float, with_pws: bool,
                   chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,14 +61,17 @@ def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
     B, d = x.shape
     C = w.shape[0]
     chunk = chunk or auto_chunk(B, C, x.is_cuda)
-    raw = tensor_core_logits(x, w)
-    xh = None if raw else normalized_rows(x, inv_nx)
+    if tensor_core_blocks(x, w):
+        return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale,
+                                                     with_pws, chunk, epilogue=TORCH_EPILOGUE)
+    xh = normalized_rows(x, inv_nx)
     f = dict(device=x.device, dtype=inv_nx.dtype)
     m = torch.full((B,), float("-inf"), **f)
     l = torch.zeros(B, **f)
     acc = torch.zeros(B, d, **f) if with_pws else None
     for c0 in range(0, C, chunk):
-        wc, z = _class_chunk(x, w, xh, inv_nx, inv_nw, labels, scale, c0, chunk, raw, with_pws)
+        wc = normalized_rows(w[c0:c0 + chunk], inv_nw[c0:c0 + chunk])
+        z = _chunk_logits(xh, wc, c0, labels, scale)
         m_new = torch.maximum(m, z.amax(1))
         # Rows with no finite logit yet (C = 1: only the target column) add 0, never NaN.
         alpha = torch.where(m == float("-inf"), 0.0, torch.exp(m - m_new))
@@ -103,8 +95,11 @@ def softmax_grads(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
     B, d = x.shape
     C = w.shape[0]
     chunk = chunk or auto_chunk(B, C, x.is_cuda)
-    raw = tensor_core_logits(x, w)
-    xh = normalized_rows(x, inv_nx) if (need_w or not raw) else None
+    if tensor_core_blocks(x, w):
+        return margin_softmax_epilogue.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse,
+                                                     row_coef, scale, need_x, need_w, chunk,
+                                                     epilogue=TORCH_EPILOGUE)
+    xh = normalized_rows(x, inv_nx)
     f = dict(device=x.device, dtype=inv_nx.dtype)
     lse = lse.to(inv_nx.dtype)
     gx = torch.zeros(B, d, **f) if need_x else torch.empty(0, **f)
@@ -112,7 +107,8 @@ def softmax_grads(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
     if not (need_x or need_w):
         return gx, gw
     for c0 in range(0, C, chunk):
-        wc, z = _class_chunk(x, w, xh, inv_nx, inv_nw, labels, scale, c0, chunk, raw, need_x)
+        wc = normalized_rows(w[c0:c0 + chunk], inv_nw[c0:c0 + chunk])
+        z = _chunk_logits(xh, wc, c0, labels, scale)
         p = z.sub_(lse[:, None]).exp_().mul_(row_coef[:, None])
         if need_x:
             gx.add_(mm_nt(p, wc.T))

@@ -189,27 +189,53 @@ def check_low_precision(x, w, y, frozen, **kw):
 
 @pytest.mark.parametrize("device", available_devices())
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
-def test_bf16_logit_route(seed, monkeypatch, device, frozen):
-    """bf16 on CUDA: the torch provider's logit GEMMs take the bf16 rows as they are (fp32
-    output, norms applied after), forced here on CPU tensors (where the product upcasts: the same
-    arithmetic). Odd sizes over 3 class chunks; the bf16 rule against float64, and within fp32
-    noise of the upcast route."""
+def test_bf16_tensor_core_route(seed, monkeypatch, device, frozen):
+    """bf16 on CUDA: the torch provider runs every GEMM on the bf16 tensor cores (the epilogue
+    chunk loop with the kernels' PyTorch twin), forced here on CPU tensors (where the products
+    upcast: the same arithmetic). Odd sizes over 3 class chunks: the bf16 rule against float64,
+    and well-classified rows keep their small gradient."""
+    from bct_fast.ops import margin_softmax_epilogue as mse
     from bct_fast.ops import margin_softmax_torch as mst
 
-    taken, real = [], mst.mm_f32
-    monkeypatch.setattr(mst, "mm_f32", lambda a, b: taken.append(1) or real(a, b))
+    taken, real = [], mse.mm_f32
+    monkeypatch.setattr(mse, "mm_f32", lambda a, b: taken.append(a.dtype) or real(a, b))
     if device == "cpu":
-        monkeypatch.setattr(mst, "tensor_core_logits", lambda a, b: a.dtype == b.dtype == torch.bfloat16)
+        monkeypatch.setattr(mst, "tensor_core_blocks", lambda a, b: a.dtype == b.dtype == torch.bfloat16)
     x, w, y = inputs(33, 700, 40, device, dtype=torch.bfloat16)
     kw = dict(scale=32.0, margin_type="cosface", margin=0.35, chunk_size=256, backend="torch")
-    ours = check_low_precision(x, w, y, frozen, **kw)
-    assert taken
-    monkeypatch.setattr(mst, "tensor_core_logits", lambda a, b: False)
-    upcast = run(cosine_margin_cross_entropy, x, w, y, frozen, **kw)
-    assert torch.allclose(ours[0], upcast[0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(ours[1:], upcast[1:]):  # bf16 gradients: at most one bf16 rounding apart
-        if b is not None:
-            assert torch.allclose(a.float(), b.float(), rtol=2 ** -7, atol=1e-6)
+    check_low_precision(x, w, y, frozen, **kw)
+    # Every product (logits, and P @ W, P.T @ X or the frozen forward's e @ W) on bf16 operands.
+    assert taken and set(taken) == {torch.bfloat16}
+    # 3 chunks. Frozen: the forward's S and e @ W (its backward reuses them); trainable: the
+    # forward's S, then S, P @ W and P.T @ X.
+    assert len(taken) == (3 * 2 if frozen else 3 + 3 * 3)
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=["xw", "x", "w"])
+def test_bf16_tensor_core_route_is_the_epilogue_loop_with_the_twin(seed, monkeypatch, device, frozen, need):
+    """The route's sweeps are the epilogue provider's loop with the PyTorch twin, in the torch
+    provider's chunks: the same tensors (bitwise on a CPU; a GPU may pick other GEMM kernels for
+    the two calls' allocations, so within fp32 rounding there)."""
+    from bct_fast.ops import margin_softmax_epilogue as mse
+    from bct_fast.ops import margin_softmax_torch as mst
+    from bct_fast.ops.rows import inv_row_norms
+
+    if device == "cpu":
+        monkeypatch.setattr(mst, "tensor_core_blocks", lambda a, b: a.dtype == b.dtype == torch.bfloat16)
+    x, w, y = inputs(9, 517, 24, device, dtype=torch.bfloat16)
+    args = (x, w, inv_row_norms(x, torch.float32), inv_row_norms(w, torch.float32), y,
+            torch.zeros(9, device=device))
+    same = (lambda a, b: torch.equal(a, b)) if device == "cpu" else (
+        lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=1e-7))
+    lse, pws = mst.softmax_stats(*args, 20.0, frozen, 200)
+    lse_e, pws_e = mse.softmax_stats(*args, 20.0, frozen, 200, epilogue=mse.TORCH_EPILOGUE)
+    assert same(lse, lse_e) and same(pws, pws_e)
+    row_coef = torch.rand(9, device=device)
+    got = mst.softmax_grads(*args, lse, row_coef, 20.0, *need, 200)
+    want = mse.softmax_grads(*args, lse, row_coef, 20.0, *need, 200, epilogue=mse.TORCH_EPILOGUE)
+    assert all(same(a, b) for a, b in zip(got, want))
 
 
 def test_mixed_dtypes_keep_parameter_dtype(seed):
