@@ -48,6 +48,7 @@ def test_fused_backend_names_what_it_cannot_serve(monkeypatch):
 def test_auto_picks_fused_search_only_once_its_family_is_verified(monkeypatch):
     monkeypatch.setattr(providers, "cuda_kernels_compiled", lambda: True)
     monkeypatch.setenv(providers.UNVERIFIED_ENV, "1")  # the SIMT kernels, never the fused ones
+    monkeypatch.setattr(providers, "_verified", lambda family: False)  # whatever the record says
     assert providers.choose("cosine_topk", CUDA, "auto", ok, ok, ok).provider == "cuda"
     monkeypatch.setattr(providers, "_verified", lambda family: family == "topk_fused")
     c = providers.choose("cosine_topk", CUDA, "auto", ok, ok, ok)
