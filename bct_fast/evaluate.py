@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from torch import Tensor
 
+from bct_fast._core.arrays import dlpack_view, label_tensor
 from bct_fast._core.io import atomic_write
 from bct_fast._core.checks import check_matrix
 from bct_fast.metrics import evaluate_retrieval
@@ -84,6 +85,9 @@ def cross_test(old_query: Tensor, new_query: Tensor, query_labels: Tensor, *,
     same = old_gallery is None and new_gallery is None
     if not same and (old_gallery is None or new_gallery is None or gallery_labels is None):
         raise ValueError("old_gallery, new_gallery, gallery_labels: give all three or none")
+    # cupy / JAX / any DLPack producer: viewed, not copied (numpy galleries stay numpy: memmaps).
+    old_query, new_query = dlpack_view(old_query, "old_query"), dlpack_view(new_query, "new_query")
+    old_gallery, new_gallery = dlpack_view(old_gallery, "old_gallery"), dlpack_view(new_gallery, "new_gallery")
     for name, t in (("old_query", old_query), ("new_query", new_query), ("old_gallery", old_gallery),
                     ("new_gallery", new_gallery)):
         if t is not None and not isinstance(t, np.ndarray):  # numpy memmap galleries: cosine_topk checks
@@ -219,6 +223,13 @@ def save_png(fig, path: str | Path) -> Path:
         pyplot().close(fig)
 
 
+def _viewed(embeddings: object, name: str) -> object:
+    """The mapping with DLPack producers (cupy, ...) viewed as tensors, no copy."""
+    if not isinstance(embeddings, Mapping):
+        return embeddings  # _check_model_embeddings names the problem
+    return {model: dlpack_view(emb, f"{name}[{model!r}]") for model, emb in embeddings.items()}
+
+
 def _check_model_embeddings(embeddings: object, name: str, labels: object) -> None:
     """A non-empty {model name: [n, d] tensor or numpy array (memmap)} with one row per label."""
     if not isinstance(embeddings, Mapping):
@@ -242,6 +253,10 @@ def compatibility_matrix(embeddings: Mapping[str, Tensor], labels: Tensor, *,
     first (dict order). Without ``gallery_embeddings`` the query set is its own gallery
     (leave-one-out). ``lower_only`` skips pairs where the gallery model is newer than the query
     model (not needed for AC/AM)."""
+    embeddings, labels = _viewed(embeddings, "embeddings"), label_tensor(labels, "labels")
+    if gallery_embeddings is not None:
+        gallery_embeddings = _viewed(gallery_embeddings, "gallery_embeddings")
+        gallery_labels = label_tensor(gallery_labels, "gallery_labels")
     _check_model_embeddings(embeddings, "embeddings", labels)
     names = list(embeddings)
     same = gallery_embeddings is None

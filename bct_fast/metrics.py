@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from bct_fast._core.arrays import dlpack_view, label_tensor
 from bct_fast._core.checks import check_choice, check_int, check_labels, check_matrix
 from bct_fast.ops import cosine_topk
 
@@ -37,6 +38,12 @@ RETRIEVAL_METRICS = ("precision_at_1", "hit_rate_at_K", "recall_at_K", "mean_ave
                      "r_precision", "mean_average_precision_at_r")
 EMPTY_QUERIES = ("skip", "zero", "error")
 AP_NORMALIZATIONS = ("relevant", "retrieved")
+
+
+def _ranked_tensors(indices: object, query_labels: object, gallery_labels: object) -> tuple:
+    """numpy arrays and DLPack producers (cupy, ...) as tensors (views where possible)."""
+    return (label_tensor(indices, "indices"), label_tensor(query_labels, "query_labels"),
+            label_tensor(gallery_labels, "gallery_labels"))
 
 
 def _check_ranked(indices: object, query_labels: object, gallery_labels: object) -> None:
@@ -79,6 +86,7 @@ def _hits(indices: Tensor, query_labels: Tensor, gallery_labels: Tensor) -> Tens
 def cmc_curve(indices: Tensor, query_labels: Tensor, gallery_labels: Tensor, *,
               exclude_self: bool = False) -> Tensor:
     """[k] fraction of (non-lone) queries with a relevant item within the first r ranks."""
+    indices, query_labels, gallery_labels = _ranked_tensors(indices, query_labels, gallery_labels)
     _check_ranked(indices, query_labels, gallery_labels)
     R = relevant_counts(query_labels.to(indices.device), gallery_labels, exclude_self)
     hits = _hits(indices, query_labels, gallery_labels)[R > 0]
@@ -96,6 +104,7 @@ def retrieval_metrics(indices: Tensor, query_labels: Tensor, gallery_labels: Ten
     r_precision / mAP@R with k < max R raises ValueError (their value would be wrong), as does a
     rank K > k. With ``empty_queries="skip"`` and no query with a relevant item, every metric is
     NaN."""
+    indices, query_labels, gallery_labels = _ranked_tensors(indices, query_labels, gallery_labels)
     _check_ranked(indices, query_labels, gallery_labels)
     recall_at = _check_recall_at(recall_at)
     check_choice(empty_queries, "empty_queries", EMPTY_QUERIES)
@@ -187,6 +196,10 @@ def evaluate_retrieval(query: Tensor, query_labels: Tensor, gallery: Tensor | No
     same = gallery is None
     if not same and gallery_labels is None:
         raise ValueError("gallery_labels: required when a gallery is given")
+    # cupy / JAX / any DLPack producer: viewed, not copied; numpy labels as tensors.
+    query, gallery = dlpack_view(query, "query"), dlpack_view(gallery, "gallery")
+    query_labels = label_tensor(query_labels, "query_labels")
+    gallery_labels = label_tensor(gallery_labels, "gallery_labels")
     gallery = query if same else gallery
     gallery_labels = query_labels if same else gallery_labels
     exclude_self = same if exclude_self is None else exclude_self
@@ -209,6 +222,7 @@ def evaluate_retrieval(query: Tensor, query_labels: Tensor, gallery: Tensor | No
 def pair_scores(a: Tensor, b: Tensor) -> Tensor:
     """Cosine similarity of row i of ``a`` with row i of ``b`` (verification pairs; ``a`` may
     come from the new model and ``b`` from the old one for a cross-model test)."""
+    a, b = dlpack_view(a, "a"), dlpack_view(b, "b")
     check_matrix(a, "a")
     if not isinstance(b, Tensor) or a.shape != b.shape or b.dim() != 2:
         raise ValueError(f"b: expected the same [pairs, dim] shape as a {tuple(a.shape)}, got {tuple(b.shape)}")
@@ -221,8 +235,8 @@ def tar_at_far(scores: Tensor, is_same: Tensor, fars: Sequence[float] = (1e-4, 1
     A pair is accepted when its score is strictly above the threshold; for each target FAR the
     threshold is the lowest one that accepts at most ``floor(far * impostors)`` impostor pairs,
     i.e. the best TAR on the ROC curve with FAR <= target. Keys: ``tar_at_far_1e-03`` etc."""
-    scores = torch.as_tensor(scores).double().flatten()
-    is_same = torch.as_tensor(is_same)
+    scores = torch.as_tensor(dlpack_view(scores, "scores")).double().flatten()
+    is_same = torch.as_tensor(dlpack_view(is_same, "is_same"))
     if is_same.dtype.is_floating_point and not bool(((is_same == 0) | (is_same == 1)).all()):
         raise ValueError("is_same: expected booleans (or 0/1), got other values")
     is_same = is_same.bool().flatten()

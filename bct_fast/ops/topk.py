@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bct_fast._core.arrays import host_tensor
+from bct_fast._core.arrays import dlpack_view, host_tensor
 from bct_fast._core.autocast import without_autocast
 from bct_fast._core.checks import check_matrix, nonfinite_error
 from bct_fast.ops import topk_cuda, topk_epilogue, topk_fused, topk_screen, topk_select
@@ -83,17 +83,6 @@ def _check_gallery(g, name: str):
             raise TypeError(f"{name}: numpy dtype {g.dtype} is not supported (float16/32/64)")
         return g
     return check_matrix(g, name)
-
-
-def _from_dlpack(x, name: str):
-    """A tensor viewing ``x`` when it is a DLPack producer (cupy, JAX, ...: no copy), else ``x``.
-    numpy arrays keep their own path (memmaps are read by chunks, never wrapped whole)."""
-    if isinstance(x, (Tensor, np.ndarray)) or not hasattr(x, "__dlpack__"):
-        return x
-    try:
-        return torch.from_dlpack(x)
-    except (RuntimeError, TypeError, BufferError) as e:
-        raise TypeError(f"{name}: a DLPack object torch cannot import ({type(x).__name__}: {e})") from None
 
 
 def _torch_dtype(g) -> torch.dtype:
@@ -309,7 +298,7 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
         dim mismatch, mixed devices, NaN/inf rows.
     """
     check_backend(backend)
-    queries, gallery = _from_dlpack(queries, "queries"), _from_dlpack(gallery, "gallery")
+    queries, gallery = dlpack_view(queries, "queries"), dlpack_view(gallery, "gallery")
     q = host_tensor(queries) if isinstance(queries, np.ndarray) else queries
     q = check_matrix(q, "queries")
     g = _check_gallery(gallery, "gallery")
