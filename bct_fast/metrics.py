@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -155,6 +156,21 @@ def retrieval_metrics(indices: Tensor, query_labels: Tensor, gallery_labels: Ten
     return {name: float(v.sum() / n_total) if n_total else float("nan") for name, v in per_query.items()}
 
 
+def _real_tensor(x: object, name: str) -> Tensor:
+    """A tensor of real numbers or booleans from a tensor, numpy array, DLPack producer or
+    sequence; anything else is a TypeError naming ``name``."""
+    x = dlpack_view(x, name)
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name}: expected a tensor or array of numbers, got {type(x).__name__}")
+    try:
+        t = torch.as_tensor(x)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise TypeError(f"{name}: expected a tensor or array of numbers, got {type(x).__name__} ({e})") from None
+    if t.dtype.is_complex:
+        raise TypeError(f"{name}: expected real numbers, got {t.dtype}")
+    return t
+
+
 def _check_recall_at(recall_at: Sequence[int]) -> tuple[int, ...]:
     if isinstance(recall_at, (str, bytes)) or not isinstance(recall_at, Iterable):
         raise TypeError(f"recall_at: expected a sequence of ranks K >= 1, got {recall_at!r}")
@@ -204,7 +220,7 @@ def evaluate_retrieval(query: Tensor, query_labels: Tensor, gallery: Tensor | No
     gallery_labels = query_labels if same else gallery_labels
     exclude_self = same if exclude_self is None else exclude_self
     for name, t in (("query", query), ("gallery", gallery)):
-        if isinstance(t, Tensor):  # numpy arrays / memmaps are checked by cosine_topk
+        if not isinstance(t, np.ndarray):  # numpy arrays / memmaps are checked by cosine_topk
             check_matrix(t, "query" if same else name)
     recall_at = _check_recall_at(recall_at)
     if exclude_self and gallery.shape[0] < 2:
@@ -224,7 +240,8 @@ def pair_scores(a: Tensor, b: Tensor) -> Tensor:
     come from the new model and ``b`` from the old one for a cross-model test)."""
     a, b = dlpack_view(a, "a"), dlpack_view(b, "b")
     check_matrix(a, "a")
-    if not isinstance(b, Tensor) or a.shape != b.shape or b.dim() != 2:
+    check_matrix(b, "b")
+    if a.shape != b.shape:
         raise ValueError(f"b: expected the same [pairs, dim] shape as a {tuple(a.shape)}, got {tuple(b.shape)}")
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1, eps=1e-12)
 
@@ -235,8 +252,8 @@ def tar_at_far(scores: Tensor, is_same: Tensor, fars: Sequence[float] = (1e-4, 1
     A pair is accepted when its score is strictly above the threshold; for each target FAR the
     threshold is the lowest one that accepts at most ``floor(far * impostors)`` impostor pairs,
     i.e. the best TAR on the ROC curve with FAR <= target. Keys: ``tar_at_far_1e-03`` etc."""
-    scores = torch.as_tensor(dlpack_view(scores, "scores")).double().flatten()
-    is_same = torch.as_tensor(dlpack_view(is_same, "is_same"))
+    scores = _real_tensor(scores, "scores").double().flatten()
+    is_same = _real_tensor(is_same, "is_same")
     if is_same.dtype.is_floating_point and not bool(((is_same == 0) | (is_same == 1)).all()):
         raise ValueError("is_same: expected booleans (or 0/1), got other values")
     is_same = is_same.bool().flatten()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from bct_fast._core.arrays import host_tensor
-from bct_fast._core.checks import check_choice, check_int
+from bct_fast._core.checks import check_choice, check_fits, check_int
 from bct_fast.gallery import GalleryIndex, IndexFileError
 from bct_fast.ops import cosine_topk
 
@@ -103,6 +103,8 @@ class FlatIndex:
         q = self._as_tensor(x, "x")
         k = check_int(k, "k", 1)
         n, total = q.shape[0], self.ntotal
+        # faiss pads k beyond ntotal: the [n, k] results exist whatever k is (12 bytes each).
+        check_fits(12 * n * k, "k", f"the [{n}, {k}] results", q.device)
         D = torch.full((n, k), float(_FAISS_PAD_SCORE), dtype=torch.float32, device=q.device)
         I = torch.full((n, k), -1, dtype=torch.int64, device=q.device)
         if n and total:

@@ -88,3 +88,28 @@ def embedding_output(out: object, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: expected it to return embeddings [batch, dim] (or a tuple whose "
                          f"first element is), got {shape}")
     return out
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory that can still be allocated on ``device`` (CUDA: free device memory; CPU: the
+    kernel's MemAvailable), or None where it cannot be read."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return None
+
+
+def check_fits(nbytes: int, name: str, what: str, device: torch.device) -> None:
+    """ValueError naming ``name`` when ``nbytes`` for ``what`` exceed the memory left on
+    ``device``: a clear error instead of an allocator failure or, on a Linux host that
+    overcommits, the process killed while the buffer is filled."""
+    free = free_bytes(device)
+    if free is not None and nbytes > free:
+        raise ValueError(f"{name}: {what} would take {nbytes / 2**30:.1f} GiB, more than the "
+                         f"{free / 2**30:.1f} GiB free on {device}")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from bct_fast import losses, train
 from bct_fast.evaluate import cross_test
-from bct_fast.metrics import evaluate_retrieval, retrieval_metrics, tar_at_far
+from bct_fast.metrics import evaluate_retrieval, pair_scores, retrieval_metrics, tar_at_far
 from bct_fast.ops import cosine_margin_cross_entropy, cosine_topk
 from bct_fast.ops.reference import cosine_margin_cross_entropy_ref
 from topk_reference import assert_topk_matches_reference
@@ -267,3 +267,49 @@ def test_low_precision_cpu_inputs(seed, dtype):
     assert abs(float(loss.detach()) - float(ref)) < 1e-4 * abs(float(ref))
     loss.backward()
     assert x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
+
+
+# ---- arguments of the wrong kind: a TypeError naming them, never a raw AttributeError -------------
+# (found by a sweep of None / list / str / complex values over the public entry points, 2026-11-26)
+
+WRONG_KIND = [None, [[1.0, 2.0]], "abc"]
+
+
+@pytest.mark.parametrize("value", WRONG_KIND, ids=["None", "list", "str"])
+def test_wrong_kind_of_embeddings_is_named(value):
+    lab = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(TypeError, match="query: expected a torch.Tensor"):
+        evaluate_retrieval(value, lab)
+    if value is not None:  # gallery=None is leave-one-out retrieval
+        with pytest.raises(TypeError, match="gallery: expected a torch.Tensor"):
+            evaluate_retrieval(torch.randn(4, 3), lab, value, lab)
+    with pytest.raises(TypeError, match="old_query: expected a torch.Tensor"):
+        cross_test(value, torch.randn(4, 3), lab)
+    with pytest.raises(TypeError, match="b: expected a torch.Tensor"):
+        pair_scores(torch.randn(4, 3), value)
+
+
+@pytest.mark.parametrize("value,why", [(None, "got NoneType"), ("abc", "got str"), ([1.0, None], "got list"),
+                                       (torch.ones(3, dtype=torch.complex64), "expected real numbers")])
+def test_wrong_kind_of_pair_scores_is_named(value, why):
+    with pytest.raises(TypeError, match=f"scores: .*{why}"):
+        tar_at_far(value, torch.tensor([True, False, True]))
+    with pytest.raises(TypeError, match=f"is_same: .*{why}"):
+        tar_at_far(torch.rand(3), value)
+
+
+def test_flat_index_refuses_results_that_cannot_fit(monkeypatch):
+    """faiss pads k past ntotal, so the [n, k] results exist whatever k is: k = 10**12 used to be
+    an allocator error, or on a host that overcommits the process killed while filling them."""
+    from bct_fast._core import checks
+    from bct_fast.search import FlatIndex
+
+    index = FlatIndex(4)
+    index.add(np.random.rand(6, 4).astype(np.float32))
+    xq = np.random.rand(2, 4).astype(np.float32)
+    with pytest.raises(ValueError, match=r"k: the \[2, 1000000000000\] results would take"):
+        index.search(xq, 10**12)
+    monkeypatch.setattr(checks, "free_bytes", lambda device: 12 * 2 * 100)  # room for k = 100 only
+    assert index.search(xq, 100)[1].shape == (2, 100)
+    with pytest.raises(ValueError, match=r"k: the \[2, 101\] results would take"):
+        index.search(xq, 101)
