@@ -45,6 +45,9 @@ def match_dim(embeddings: Tensor, dim: int) -> Tensor:
 
     This is how the BCT authors' code (openBCT) feeds a new model's embedding to an old model's
     classifier of a different width. Zero padding leaves norms and cosines unchanged."""
+    if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
+        got = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
+        raise TypeError(f"embeddings: expected a 2-D tensor [rows, dim], got {got}")
     d = embeddings.shape[1]
     if d == dim:
         return embeddings
@@ -159,6 +162,7 @@ class CosineClassifierLoss(nn.Module):
     @torch.no_grad()
     def load_pml_weight(self, W: Tensor) -> None:
         """Load a pytorch-metric-learning weight ``W`` of shape [embedding_size, num_classes]."""
+        check_matrix(W, "W")
         if tuple(W.shape) != (self.weight.shape[1], self.weight.shape[0]):
             raise ValueError(f"W: expected shape {(self.weight.shape[1], self.weight.shape[0])} "
                              f"(PML layout [embedding_size, num_classes]), got {tuple(W.shape)}")

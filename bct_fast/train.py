@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import numbers
 import os
 import pickle
 import struct
@@ -129,6 +131,20 @@ def _call_loss(loss: nn.Module, model: nn.Module, x: Tensor, y: Tensor) -> Tenso
     return loss(model(x), y)
 
 
+def _check_finite_parameters(params: list[Tensor], model: nn.Module, loss: nn.Module, epoch: int) -> None:
+    """ValueError naming the first NaN / inf parameter: training diverged (a learning rate too
+    large, a loss that went NaN). One reduction per parameter per epoch. With fp16 AMP the grad
+    scaler skips non-finite steps, so this fires only when an update really was applied."""
+    flags = torch.stack([torch.isfinite(p.detach()).all() for p in params]) if params else None
+    if flags is None or bool(flags.all()):
+        return
+    names = {id(p): n for n, p in [*model.named_parameters(), *(("loss." + n, p) for n, p in loss.named_parameters())]}
+    bad = params[int((~flags).nonzero()[0, 0])]
+    raise ValueError(f"training diverged: parameter {names.get(id(bad), '?')} holds NaN or inf after epoch "
+                     f"{epoch} (a smaller lr, or gradient clipping, may help); the last checkpoint, if "
+                     "any, is from before this epoch")
+
+
 def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
         optimizer: torch.optim.Optimizer | None = None, *, lr: float = 1e-3, device: str | torch.device = "cpu",
         amp: bool = False, checkpoint: str | os.PathLike | None = None, resume: bool = True,
@@ -152,6 +168,9 @@ def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs: expected a non-negative integer, got {epochs!r}")
+    if optimizer is None and (isinstance(lr, bool) or not isinstance(lr, (numbers.Real, Tensor))
+                              or not math.isfinite(float(lr)) or float(lr) < 0):
+        raise ValueError(f"lr: expected a finite non-negative number, got {lr!r}")
     device = check_device(device)
     model.to(device)
     loss.to(device)
@@ -196,6 +215,7 @@ def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
             batches += 1
         if batches == 0:
             raise ValueError(f"loader: yielded no batches (epoch {epoch})")
+        _check_finite_parameters(params, model, loss, epoch)  # before a checkpoint could keep them
         mean = total / batches
         bar.set_postfix(loss=f"{mean:.3f}")
         if checkpoint is not None:

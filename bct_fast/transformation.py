@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bct_fast import losses
-from bct_fast._core.checks import check_device, check_int, check_matrix
+from bct_fast._core.checks import check_device, check_int, check_matrix, nonfinite_error
 from bct_fast.ops import normalize_rows
 from bct_fast.train import embed
 
@@ -126,6 +126,8 @@ def upgrade_gallery(transformation: EmbeddingTransformation, old_embeddings: Ten
     """h(old) for every stored old embedding, in batches (eval mode); fp32 on the input's device.
     Search the result with new-model queries."""
     check_matrix(old_embeddings, "old_embeddings")
+    if not bool(torch.isfinite(old_embeddings).all()):  # would come out as NaN rows, searched later
+        raise nonfinite_error({"old_embeddings": old_embeddings})
     batch_size = check_int(batch_size, "batch_size", 1)
     was_training = transformation.training
     transformation.eval()

@@ -55,7 +55,7 @@ def make_margin(margin_type: str, margin: MarginValue) -> Margin:
         if not all(math.isfinite(v) for v in (m1, m2, m3)) or m1 <= 0:
             raise ValueError(f"margin: combined margin needs finite values and m1 > 0, got {margin}")
         return Margin(m1, m2, m3)
-    if not isinstance(margin, (int, float)) or not math.isfinite(margin):
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
         raise ValueError(f"margin: expected a finite float for margin_type={margin_type!r}, got {margin!r}")
     margin = float(margin)
     if margin_type == "none":

@@ -313,3 +313,47 @@ def test_flat_index_refuses_results_that_cannot_fit(monkeypatch):
     assert index.search(xq, 100)[1].shape == (2, 100)
     with pytest.raises(ValueError, match=r"k: the \[2, 101\] results would take"):
         index.search(xq, 101)
+
+
+def test_fit_refuses_a_diverged_model_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A loss gone NaN made every parameter NaN and fit returned that model silently (and
+    checkpointed it). Now: a ValueError naming the parameter, the checkpoint of the epoch before."""
+    class NanAtSecondEpoch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, emb, labels):
+            self.calls += 1
+            return emb.pow(2).mean() * (float("nan") if self.calls > 1 else 1.0)
+
+    model, ckpt = torch.nn.Linear(4, 4), tmp_path / "run.ckpt"
+    batches = [(torch.randn(8, 4), torch.zeros(8, dtype=torch.int64))]
+    with pytest.raises(ValueError, match=r"training diverged: parameter (weight|bias) holds NaN or inf after epoch 1"):
+        train.fit(model, NanAtSecondEpoch(), batches, epochs=3, checkpoint=ckpt, progress=False)
+    state = train.load_checkpoint(ckpt)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), -1e-3, True, "1e-3"])
+def test_fit_refuses_a_bad_learning_rate(lr):
+    with pytest.raises(ValueError, match="lr: expected a finite non-negative number"):
+        train.fit(torch.nn.Linear(4, 4), losses.CosFaceLoss(3, 4), [(torch.randn(2, 4), torch.zeros(2, dtype=torch.int64))],
+                  epochs=1, lr=lr, progress=False)
+
+
+def test_more_wrong_kinds_are_named():
+    from bct_fast import transformation as fct
+
+    with pytest.raises(TypeError, match="embeddings: expected a 2-D tensor"):
+        losses.match_dim(torch.randn(4), 3)
+    with pytest.raises(TypeError, match="embeddings: expected a 2-D tensor"):
+        losses.match_dim(None, 3)
+    with pytest.raises(TypeError, match="W: expected a torch.Tensor"):
+        losses.ArcFaceLoss(3, 4, margin=0.5).load_pml_weight([[0.0] * 3] * 4)
+    with pytest.raises(ValueError, match="margin: expected a finite float"):
+        losses.CosFaceLoss(3, 4, margin=True)
+    old = torch.randn(5, 4)
+    old[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="old_embeddings"):
+        fct.upgrade_gallery(fct.EmbeddingTransformation(4, 4), old)
