@@ -123,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="print build_info() as JSON")
     info.set_defaults(func=_info)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as e:  # an unwritable --out, a file that vanished: the path and why, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(args.command, f"{where}{e.strerror or e}")
 
 
 if __name__ == "__main__":

@@ -75,11 +75,12 @@ def parse_k(text: str):
 def compat(args: argparse.Namespace) -> dict:
     """Evaluate; returns the JSON document (also written to ``args.out``)."""
     # imported here: `bct-fast --help` / `info` stay light (no torch import)
-    from bct_fast._core.io import atomic_write
+    from bct_fast._core.io import atomic_write, writable_folder
     from bct_fast.embedding_files import load_array
     from bct_fast.evaluate import compatibility_matrix, cross_test
 
     models = _parse_models(args.model)
+    writable_folder(args.out)  # before the searches, not after them
     with_gallery = models[0][2] is not None
     if with_gallery and not args.gallery_labels:
         raise ValueError("--gallery-labels: required when the models have galleries")

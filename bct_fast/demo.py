@@ -45,7 +45,7 @@ from torch import nn
 from bct_fast import data as datasets
 from bct_fast import train
 from bct_fast import transformation as fct
-from bct_fast._core.io import atomic_write
+from bct_fast._core.io import atomic_write, writable_folder
 from bct_fast.compat_monitor import CompatibilityValidator
 from bct_fast.evaluate import CompatibilityMatrix, CrossTestResult, cross_test, pyplot, save_png
 from bct_fast.losses import match_dim
@@ -241,6 +241,8 @@ def _same(e: torch.Tensor) -> torch.Tensor:
 def run_demo(cfg: DemoConfig, out_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Train the old model and the new ones of ``cfg.methods``; evaluate self/cross retrieval on
     the open-set and closed-set evaluation sets (see :func:`load_data`). Returns every number."""
+    if out_dir is not None:
+        writable_folder(out_dir)  # before the training, not after it
     torch.manual_seed(cfg.seed)
     d = load_data(cfg, progress)
     xt, yt, factory = d.train_x, d.train_y, d.factory

@@ -6,6 +6,7 @@ import os
 import re
 import secrets
 import stat
+import tempfile
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -130,6 +131,17 @@ def _sync_directory(folder: Path) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def writable_folder(path: str | os.PathLike) -> Path:
+    """Create the output folder ``path`` (and its parents) and check that a file can be made in
+    it, before any long work whose results would go there; OSError (with the path) otherwise."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".bct_fast_probe_")
+    os.close(fd)
+    os.unlink(probe)
+    return folder
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:

@@ -104,3 +104,29 @@ def test_families_protocol_keeps_training_query_and_gallery_families_disjoint(se
         assert len(q) == len(g) == 1 and q != g, name
         assert not (q | g) & train_families, name
     assert len(train_families) == 2
+
+
+def test_an_unwritable_out_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    """--out under a regular file: the demo and compat used to train / search first and then
+    die on a traceback writing the results (after ~1 h for `demo --dataset cjk`)."""
+    import bct_fast.demo as demo
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = blocker / "sub"
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before --out was checked")
+
+    monkeypatch.setattr(demo, "load_data", no_work)
+    with pytest.raises(OSError):
+        run_demo(quick_config("synthetic"), out_dir=out, progress=False)
+    assert cli.main(["demo", "--quick", "--dataset", "synthetic", "--out", str(out), "--no-progress"]) == 2
+    assert f"bct-fast demo: {out}" in capsys.readouterr().err
+    np.save(tmp_path / "q.npy", np.random.randn(10, 4).astype(np.float32))
+    np.save(tmp_path / "ql.npy", np.arange(10) % 3)
+    monkeypatch.setattr("bct_fast.evaluate.cross_test", no_work)
+    model = f"{tmp_path / 'q.npy'}"
+    assert cli.main(["compat", "--model", f"old={model}", "--model", f"new={model}",
+                     "--query-labels", str(tmp_path / "ql.npy"), "--out", str(out)]) == 2
+    assert f"bct-fast compat: {out}" in capsys.readouterr().err
