@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from bct_fast import losses
 from bct_fast._core.checks import check_device, embedding_output
-from bct_fast._core.io import atomic_write, remove_stale_temps
+from bct_fast._core.io import atomic_write, remove_stale_temps, writable_folder
 
 __all__ = ["fit", "embed", "train_bct", "train_contrastive", "train_independent", "train_l2",
            "L2RegressionObjective", "ContrastiveObjective", "save_checkpoint", "load_checkpoint",
@@ -172,6 +172,8 @@ def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
                               or not math.isfinite(float(lr)) or float(lr) < 0):
         raise ValueError(f"lr: expected a finite non-negative number, got {lr!r}")
     device = check_device(device)
+    if checkpoint is not None:
+        writable_folder(Path(checkpoint).parent)  # now, not after the first epoch
     model.to(device)
     loss.to(device)
     params = [p for p in list(model.parameters()) + list(loss.parameters()) if p.requires_grad]

@@ -357,3 +357,14 @@ def test_more_wrong_kinds_are_named():
     old[2, 1] = float("nan")
     with pytest.raises(ValueError, match="old_embeddings"):
         fct.upgrade_gallery(fct.EmbeddingTransformation(4, 4), old)
+
+
+def test_fit_checks_the_checkpoint_folder_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    model = torch.nn.Linear(4, 4)
+    before = model.weight.detach().clone()
+    with pytest.raises(OSError):
+        train.fit(model, losses.CosFaceLoss(3, 4), [(torch.randn(2, 4), torch.zeros(2, dtype=torch.int64))],
+                  epochs=1, checkpoint=blocker / "run.ckpt", progress=False)
+    assert torch.equal(model.weight, before)  # no epoch ran
