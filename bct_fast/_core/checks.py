@@ -91,11 +91,12 @@ def embedding_output(out: object, name: str) -> torch.Tensor:
 
 
 def free_bytes(device: torch.device) -> int | None:
-    """Memory that can still be allocated on ``device`` (CUDA: free device memory; CPU: the
-    kernel's MemAvailable), or None where it cannot be read."""
+    """Memory that can still be allocated on ``device`` (CUDA: free device memory plus torch's
+    cached unused blocks; CPU: the kernel's MemAvailable), or None where it cannot be read."""
     try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cuda":  # free on the device + what torch's cache holds unused
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int(torch.cuda.mem_get_info(device)[0]) + int(cached)
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
