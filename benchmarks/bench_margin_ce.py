@@ -32,9 +32,9 @@ CPU_QUICK = [(256, 10_000), (512, 50_000)]
 # (B, C, d): small problems (PML users' datasets: 100 .. 10k classes), where the fixed cost of a
 # call (~120 small ops against plain PyTorch's ~70) shows instead of the sweep's advantage.
 SMALL = [(64, 100, 64), (256, 1_000, 128), (128, 10_000, 256)]
-# (B, C, d): the goal row (1024 x 1M at d = 512) and d off 512 at C = 200k.
-CUDA_SHAPES = [(256, 10_000, D), (1024, 200_000, D), (1024, 1_000_000, D), (1024, 200_000, 128),
-               (1024, 200_000, 1024)]
+# (B, C, d): the goal row (1024 x 1M at d = 512), the issue's C = 100k, and d off 512 at C = 200k.
+CUDA_SHAPES = [(256, 10_000, D), (1024, 100_000, D), (1024, 200_000, D), (1024, 1_000_000, D),
+               (1024, 200_000, 128), (1024, 200_000, 256), (1024, 200_000, 1024)]
 
 
 def naive(x, w, y):

@@ -19,10 +19,13 @@ import torch
 from bench_search import cuda_rows, cuda_search_fn
 
 # bf16 (Q, N, k, d): the goal row (10k x 10M, k = 100: <= 175 ms and >= 1.5x torch mm + topk),
-# one query, k at both ends of the fused kernel's range and past it, and d off 512.
-CUDA_CASES = [(10_000, 10_000_000, 100, 512), (1, 10_000_000, 100, 512), (1000, 1_000_000, 10, 512),
-              (1000, 1_000_000, 100, 512), (10_000, 1_000_000, 100, 512), (1000, 1_000_000, 4096, 512),
-              (1000, 1_000_000, 100, 128), (1000, 1_000_000, 100, 1024)]
+# one query, every k the issue names (10 / 100 / 1000 / 4096: both ends of the fused kernel's
+# range and past it), and d off 512 (128 / 256 / 768 / 1024: a d = 512-only grid once hid a 1.5x
+# loss at other d).
+CUDA_CASES = [(10_000, 10_000_000, 100, 512), (1, 10_000_000, 100, 512), (1, 1_000_000, 10, 512),
+              (1000, 1_000_000, 10, 512), (1000, 1_000_000, 100, 512), (10_000, 1_000_000, 100, 512),
+              (1000, 1_000_000, 1000, 512), (1000, 1_000_000, 4096, 512), (1000, 1_000_000, 100, 128),
+              (1000, 1_000_000, 100, 256), (1000, 1_000_000, 100, 768), (1000, 1_000_000, 100, 1024)]
 CUDA_BF16_PROVIDERS = ["bct_fast_fused", "bct_fast_epilogue", "bct_fast_cuda", "bct_fast_torch", "torch"]
 
 

@@ -24,8 +24,8 @@
 #   2. at once, while the machine is warm (given back after ~30 s idle), with what is left
 #      (status's budget_left_s minus ~60 s): BCT_FAST_GPU_BUDGET_S=<that> BCT_FAST_GPU_STEPS=bench
 #        BCT_FAST_GPU_BENCH="benchmarks/bench_search_cuda_bf16.py@not+Q10000-N10000000
-#        benchmarks/bench_margin_ce.py@C200000+and+bf16+and+not+bct_fast_cuda+and+not+liger"
-#        (the shapes beyond the goal rows: one query, k 10 / 4096, d 128 / 1024, C 200k;
+#        benchmarks/bench_margin_ce.py@(C100000+or+C200000)+and+bf16+and+not+bct_fast_cuda+and+not+liger"
+#        (the shapes beyond the goal rows: one query, k 10 / 1000 / 4096, d 128..1024, C 100k / 200k;
 #        a cold machine rebuilds by itself: the installed check fails, so the build runs)
 #   3. give_back.
 #   4. here: python benchmarks/gpu_run_report.py benchmarks/results/gpu_<stamp>.json (the page to read
