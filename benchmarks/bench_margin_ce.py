@@ -153,3 +153,26 @@ def test_margin_ce_cuda_epilogue_chunks(measure, provider, chunk):
 @pytest.mark.parametrize("B,C,d", SMALL, ids=[f"B{b}-C{c}-d{d}" for b, c, d in SMALL])
 def test_margin_ce_cpu_small(measure, B, C, d, provider, mode, classifier):
     _bench(measure, "cpu", torch.float32, B, C, provider, mode, classifier, d)
+
+
+# The loss modules against pytorch-metric-learning's (what PML users swap out): the same
+# hyperparameters, each module holding its own [C, d] weight; fwd + bwd, CPU, small problems.
+MODULES = {"cosface": ({"margin": 0.35, "scale": 64.0}, {"margin": 0.35, "scale": 64}),
+           "arcface": ({"margin": 0.5, "scale": 64.0}, {"margin": 28.6, "scale": 64})}  # PML: degrees
+
+
+@pytest.mark.parametrize("provider", ["bct_fast", "pml"])
+@pytest.mark.parametrize("loss", list(MODULES))
+@pytest.mark.parametrize("B,C,d", SMALL, ids=[f"B{b}-C{c}-d{d}" for b, c, d in SMALL])
+def test_loss_modules_vs_pml(measure, B, C, d, loss, provider):
+    ours_kw, pml_kw = MODULES[loss]
+    if provider == "pml":
+        pml = pytest.importorskip("pytorch_metric_learning.losses")
+        module = {"cosface": pml.CosFaceLoss, "arcface": pml.ArcFaceLoss}[loss](C, d, **pml_kw)
+    else:
+        from bct_fast import losses
+        module = {"cosface": losses.CosFaceLoss, "arcface": losses.ArcFaceLoss}[loss](C, d, **ours_kw)
+    x, _, y = make_case(B, C, "cpu", torch.float32, False, d)
+    params = [x, *module.parameters()]
+    measure(lambda: torch.autograd.grad(module(x, y), params), "cpu", rounds=30 if B * C * d < 1 << 27 else 3,
+            B=B, C=C, d=d, loss=loss, provider=provider, mode="full")

@@ -1,7 +1,8 @@
 """Readable benchmark results: one provider-vs-provider table per benchmark function.
 
 Rows are the shapes (every benchmark parameter but ``provider``), columns the providers, and a
-cell is the median time, its ratio to the best PEER on that row (peers: ``faiss``, ``torch``)
+cell is the median time, its ratio to the best PEER on that row (peers: ``faiss``, ``torch``,
+``liger``, ``cce``, ``pml``: whichever ran)
 and the peak extra memory (``peak_extra_mib``). Under each table: the row where each of our
 providers (names starting with ``bct_fast``) does worst against the best peer.
 
@@ -22,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PEERS = ("faiss", "torch")
+PEERS = ("faiss", "torch", "liger", "cce", "pml")  # the libraries users compare us with
 OURS_PREFIX = "bct_fast"
 PLOT_AXES = ("N", "k")  # line plots of time against these parameters, where a benchmark has them
 
@@ -226,7 +227,7 @@ def _grid(table: Table) -> tuple[list[str], list[list[str]]]:
 
 def _caption(table: Table) -> str:
     consts = ", ".join(f"{k}={fmt_value(v)}" for k, v in table.constants.items())
-    return ("cells: median time, ratio to the best peer (faiss/torch; < 1 = faster), peak extra memory"
+    return ("cells: median time, ratio to the best peer (" + "/".join(PEERS) + "; < 1 = faster), peak extra memory"
             + (f"; {consts}" if consts else ""))
 
 
