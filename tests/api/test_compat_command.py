@@ -105,3 +105,28 @@ def test_compat_reproduces_the_demo_from_its_saved_embeddings(tmp_path):
         assert got["new_new"] == want["new/new"]
         assert got["new_old"] == want["new/old"]
         assert got["compatible"] == want["compatible"]
+
+
+@pytest.mark.parametrize("models,extra,needle", [
+    (["a=Q"], [], "at least two models"),
+    (["a=Q", "a=Q"], [], "model names must be unique"),
+    (["a=Q,G", "b=Q"], ["--gallery-labels", "GL"], "a gallery for every model or for none"),
+    (["a=Q,G", "b=Q,G"], [], "--gallery-labels: required"),
+    (["a=Q", "b=Q"], ["--gallery-labels", "GL"], "--gallery-labels: given, but no model has a gallery"),
+    (["a=Q", "b=Q"], ["--query-labels", "FL"], "--query-labels: expected a 1-D integer array"),
+    (["a=Q,BADG", "b=Q,G"], ["--gallery-labels", "GL"], "--model a (gallery): expected [5, 4]"),
+])
+def test_argument_combinations_are_named(tmp_path, capsys, models, extra, needle):
+    q, ql = clustered(2, 3, 4, 0)
+    files = {"Q": write(tmp_path, "q.npy", q), "G": write(tmp_path, "g.npy", q[:5]),
+             "BADG": write(tmp_path, "bg.npy", q[:4]), "GL": write(tmp_path, "gl.npy", ql[:5]),
+             "FL": write(tmp_path, "fl.npy", ql.double()), "QL": write(tmp_path, "ql.npy", ql)}
+    args = ["compat", "--out", str(tmp_path / "o"), "--no-plot", "--no-progress"]
+    for m in models:
+        name, spec = m.split("=")
+        args += ["--model", f"{name}=" + ",".join(files[p] for p in spec.split(","))]
+    opts = {"--query-labels": "QL", **dict(zip(extra[::2], extra[1::2]))}
+    for opt, key in opts.items():
+        args += [opt, files[key]]
+    assert cli.main(args) == 2
+    assert needle in capsys.readouterr().err
