@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bct_fast._core.arrays import host_tensor
+from bct_fast._core.arrays import dlpack_view, host_tensor
 from bct_fast._core.checks import check_choice, check_fits, check_int
 from bct_fast.gallery import GalleryIndex, IndexFileError
 from bct_fast.ops import cosine_topk
@@ -77,6 +77,7 @@ class FlatIndex:
         self._parts, self._rows = [], None
 
     def _as_tensor(self, x, name: str) -> Tensor:
+        x = dlpack_view(x, name)  # cupy, JAX, ...: viewed, not copied
         if isinstance(x, np.ndarray):
             if x.dtype.kind != "f":
                 raise TypeError(f"{name}: expected a float array, got {x.dtype}")

@@ -89,3 +89,24 @@ def test_evaluation_matches_the_wrapped_tensors():
 def test_an_object_torch_cannot_import_is_named(call, name):
     with pytest.raises(TypeError, match=re.escape(f"{name}: a DLPack object torch cannot import")):
         call(Broken())
+
+
+def test_indexes_take_producers():
+    from bct_fast.search import FlatIndex, GalleryIndex
+
+    q, ql, g, gl = data(2)
+    ref = GalleryIndex(dim=16, model_version="v1")
+    ref.add(g, labels=gl)
+    idx = GalleryIndex(dim=16, model_version="v1")
+    idx.add(Producer(g), labels=Producer(gl), ids=Producer(torch.arange(80)))
+    a, b = idx.search(Producer(q), 5), ref.search(q, 5)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.scores, b.scores)
+    assert torch.equal(idx.to("cpu").search(q, 5).labels, b.labels)  # to(): moved in place, same answers
+    flat, flat_ref = FlatIndex(16), FlatIndex(16)
+    flat.add(Producer(g))
+    flat_ref.add(g)
+    D, I = flat.search(Producer(q), 4)
+    D0, I0 = flat_ref.search(q, 4)
+    assert torch.equal(I, I0) and torch.equal(D, D0)
+    with pytest.raises(TypeError, match=re.escape("queries: a DLPack object torch cannot import")):
+        idx.search(Broken(), 1)
