@@ -368,3 +368,15 @@ def test_fit_checks_the_checkpoint_folder_before_training(tmp_path):
         train.fit(model, losses.CosFaceLoss(3, 4), [(torch.randn(2, 4), torch.zeros(2, dtype=torch.int64))],
                   epochs=1, checkpoint=blocker / "run.ckpt", progress=False)
     assert torch.equal(model.weight, before)  # no epoch ran
+
+
+def test_numpy_galleries_of_the_wrong_shape_or_dtype_are_named():
+    q = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"gallery: expected a non-empty 2-D array \[rows, dim\], got shape \(0, 4\)"):
+        cosine_topk(q, np.zeros((0, 4), dtype=np.float32), 1)
+    with pytest.raises(ValueError, match="gallery: expected a non-empty 2-D array"):
+        cosine_topk(q, np.zeros(4, dtype=np.float32), 1)
+    with pytest.raises(TypeError, match="gallery: numpy dtype int64 is not supported"):
+        cosine_topk(q, np.zeros((5, 4), dtype=np.int64), 1)
+    with pytest.raises(ValueError, match="exclude_self: query i must be gallery row i, but there are 3 queries"):
+        cosine_topk(q, torch.randn(2, 4), 1, exclude_self=True)
