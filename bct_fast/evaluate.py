@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from torch import Tensor
 
-from bct_fast._core.arrays import dlpack_view, label_tensor
+from bct_fast._core.arrays import dlpack_view, input_tensor
 from bct_fast._core.io import atomic_write
 from bct_fast._core.checks import check_matrix
 from bct_fast.metrics import evaluate_retrieval
@@ -253,10 +253,10 @@ def compatibility_matrix(embeddings: Mapping[str, Tensor], labels: Tensor, *,
     first (dict order). Without ``gallery_embeddings`` the query set is its own gallery
     (leave-one-out). ``lower_only`` skips pairs where the gallery model is newer than the query
     model (not needed for AC/AM)."""
-    embeddings, labels = _viewed(embeddings, "embeddings"), label_tensor(labels, "labels")
+    embeddings, labels = _viewed(embeddings, "embeddings"), input_tensor(labels, "labels")
     if gallery_embeddings is not None:
         gallery_embeddings = _viewed(gallery_embeddings, "gallery_embeddings")
-        gallery_labels = label_tensor(gallery_labels, "gallery_labels")
+        gallery_labels = input_tensor(gallery_labels, "gallery_labels")
     _check_model_embeddings(embeddings, "embeddings", labels)
     names = list(embeddings)
     same = gallery_embeddings is None

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bct_fast._core.arrays import dlpack_view, host_tensor
+from bct_fast._core.arrays import input_tensor
 from bct_fast._core.checks import check_device, check_labels, check_matrix
 from bct_fast._core.io import atomic_write, remove_stale_temps, sha256_of_file
 from bct_fast.ops import cosine_topk, normalize_rows
@@ -134,12 +134,6 @@ def _usable_device(device: object, name: str = "device") -> torch.device:
     except (AssertionError, RuntimeError) as e:
         raise ValueError(f"{name}: {d} is not available here ({e})") from None
     return d
-
-
-def _as_tensor(x: object, name: str) -> object:
-    """numpy input as a tensor in native byte order, a DLPack producer (cupy, ...) viewed (add()
-    stores copies of what it keeps); anything else unchanged (the caller's check names it)."""
-    return host_tensor(x) if isinstance(x, np.ndarray) else dlpack_view(x, name)
 
 
 def _byte_view(a: np.ndarray) -> memoryview:
@@ -432,8 +426,8 @@ class GalleryIndex:
         numpy arrays of either byte order are accepted. The index stores detached copies: adding
         ``model(x)`` outside ``no_grad`` keeps no autograd graph alive, and later in-place
         changes to the caller's tensors do not reach the index."""
-        embeddings, ids, labels = (_as_tensor(embeddings, "embeddings"), _as_tensor(ids, "ids"),
-                                   _as_tensor(labels, "labels"))
+        embeddings, ids, labels = (input_tensor(embeddings, "embeddings"), input_tensor(ids, "ids"),
+                                   input_tensor(labels, "labels"))
         check_matrix(embeddings, "embeddings")
         embeddings = embeddings.detach()
         n = embeddings.shape[0]
@@ -482,7 +476,7 @@ class GalleryIndex:
         ``load`` (else :class:`IndexFileError`); see :meth:`load` for what that guarantees."""
         if len(self) == 0:
             raise ValueError("index: is empty; add embeddings before searching")
-        queries = _as_tensor(queries, "queries")  # numpy in any byte order, cupy, ...
+        queries = input_tensor(queries, "queries")  # numpy in any byte order, cupy, ...
         check_matrix(queries, "queries")
         gallery = self._rows()
         # Rows are stored normalized: normalize the queries only (no pass over the gallery norms).

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bct_fast._core.arrays import dlpack_view, label_tensor
+from bct_fast._core.arrays import dlpack_view, input_tensor
 from bct_fast._core.checks import check_choice, check_int, check_labels, check_matrix
 from bct_fast.ops import cosine_topk
 
@@ -43,8 +43,8 @@ AP_NORMALIZATIONS = ("relevant", "retrieved")
 
 def _ranked_tensors(indices: object, query_labels: object, gallery_labels: object) -> tuple:
     """numpy arrays and DLPack producers (cupy, ...) as tensors (views where possible)."""
-    return (label_tensor(indices, "indices"), label_tensor(query_labels, "query_labels"),
-            label_tensor(gallery_labels, "gallery_labels"))
+    return (input_tensor(indices, "indices"), input_tensor(query_labels, "query_labels"),
+            input_tensor(gallery_labels, "gallery_labels"))
 
 
 def _check_ranked(indices: object, query_labels: object, gallery_labels: object) -> None:
@@ -214,8 +214,8 @@ def evaluate_retrieval(query: Tensor, query_labels: Tensor, gallery: Tensor | No
         raise ValueError("gallery_labels: required when a gallery is given")
     # cupy / JAX / any DLPack producer: viewed, not copied; numpy labels as tensors.
     query, gallery = dlpack_view(query, "query"), dlpack_view(gallery, "gallery")
-    query_labels = label_tensor(query_labels, "query_labels")
-    gallery_labels = label_tensor(gallery_labels, "gallery_labels")
+    query_labels = input_tensor(query_labels, "query_labels")
+    gallery_labels = input_tensor(gallery_labels, "gallery_labels")
     gallery = query if same else gallery
     gallery_labels = query_labels if same else gallery_labels
     exclude_self = same if exclude_self is None else exclude_self

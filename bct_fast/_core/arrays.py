@@ -27,9 +27,10 @@ def dlpack_view(x: object, name: str) -> object:
         raise TypeError(f"{name}: a DLPack object torch cannot import ({type(x).__name__}: {e})") from None
 
 
-def label_tensor(x: object, name: str) -> object:
-    """Labels as a tensor: numpy arrays through :func:`host_tensor`, DLPack producers viewed
-    (:func:`dlpack_view`); anything else unchanged (the caller's check names what is wrong)."""
+def input_tensor(x: object, name: str) -> object:
+    """An input (embeddings, labels, ids) as a tensor: numpy arrays through :func:`host_tensor`
+    (any byte order), DLPack producers viewed (:func:`dlpack_view`); anything else unchanged
+    (the caller's check names what is wrong)."""
     if isinstance(x, np.ndarray):
         return host_tensor(x)
     return dlpack_view(x, name)

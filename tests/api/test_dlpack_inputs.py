@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bct_fast._core.arrays import dlpack_view, label_tensor
+from bct_fast._core.arrays import dlpack_view, input_tensor
 from bct_fast.evaluate import compatibility_matrix, cross_test
 from bct_fast.metrics import cmc_curve, evaluate_retrieval, pair_scores, retrieval_metrics, tar_at_far
 from bct_fast.search import cosine_topk
@@ -45,9 +45,9 @@ def test_a_producer_is_viewed_without_a_copy():
     v = dlpack_view(Producer(t), "x")
     assert isinstance(v, torch.Tensor) and v.data_ptr() == t.data_ptr()
     labels = torch.arange(5)
-    assert label_tensor(Producer(labels), "labels").data_ptr() == labels.data_ptr()
+    assert input_tensor(Producer(labels), "labels").data_ptr() == labels.data_ptr()
     a = np.arange(4)
-    assert torch.equal(label_tensor(a, "labels"), torch.arange(4))  # numpy labels: tensors
+    assert torch.equal(input_tensor(a, "labels"), torch.arange(4))  # numpy labels: tensors
     assert dlpack_view(a, "x") is a  # numpy embeddings keep their path (memmaps by chunks)
 
 
