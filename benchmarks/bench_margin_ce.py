@@ -91,6 +91,11 @@ def step_fn(provider, mode, x, w, y):
     return step
 
 
+def _rounds(B: int, C: int, d: int) -> int:
+    """Timed rounds: milliseconds-long steps (small problems) need more for a stable median."""
+    return 3 if B * C * d >= 1 << 27 else 30
+
+
 def _bench(measure, device, dtype, B, C, provider, mode, classifier, d=D):
     if provider == "bct_fast_fused" and dtype != torch.bfloat16:
         pytest.skip("the fused provider takes bfloat16 operands only")
@@ -98,8 +103,7 @@ def _bench(measure, device, dtype, B, C, provider, mode, classifier, d=D):
         pytest.importorskip(PEER_MODULES[provider])
     x, w, y = make_case(B, C, device, dtype, classifier == "frozen", d)
     grad_w_mib = 0.0 if classifier == "frozen" or mode == "forward" else C * d * 4 / 2**20
-    rounds = 3 if B * C * d >= 1 << 27 else 30  # milliseconds-long steps need more rounds for a median
-    measure(step_fn(provider, mode, x, w, y), device, rounds=rounds, B=B, C=C, d=d, dtype=str(dtype),
+    measure(step_fn(provider, mode, x, w, y), device, rounds=_rounds(B, C, d), B=B, C=C, d=d, dtype=str(dtype),
             provider=provider, mode=mode, classifier=classifier,
             weight_grad_mib=round(grad_w_mib, 1))
 
@@ -174,5 +178,5 @@ def test_loss_modules_vs_pml(measure, B, C, d, loss, provider):
         module = {"cosface": losses.CosFaceLoss, "arcface": losses.ArcFaceLoss}[loss](C, d, **ours_kw)
     x, _, y = make_case(B, C, "cpu", torch.float32, False, d)
     params = [x, *module.parameters()]
-    measure(lambda: torch.autograd.grad(module(x, y), params), "cpu", rounds=30 if B * C * d < 1 << 27 else 3,
+    measure(lambda: torch.autograd.grad(module(x, y), params), "cpu", rounds=_rounds(B, C, d),
             B=B, C=C, d=d, loss=loss, provider=provider, mode="full")
