@@ -9,6 +9,7 @@ GPU tests and the emulator's twins check what the kernels compute) and calls thr
 ``getattr`` (the tile checks; listed below so a new one is noticed)."""
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,7 @@ def test_the_checks_catch_a_wrong_call(tmp_path, monkeypatch):
     pkg = tmp_path / "bct_fast"
     pkg.mkdir()
     (pkg / "glue.py").write_text(f"def f(mod):\n    mod.{name}({args})\n    mod.{name}({wrong})\n")
-    monkeypatch.setattr(__import__(__name__), "PACKAGE", pkg)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
     with pytest.raises(AssertionError) as e:
         test_every_binding_call_matches_its_signature()
     assert f"{len(kinds) - 1} arguments, the binding takes {len(kinds)}" in str(e.value)
