@@ -29,12 +29,6 @@
 #include "cuda_shim.h"  // cudaGetErrorString
 #include "emu_host.h"
 
-void bct_emu_register_margin_softmax();
-void bct_emu_register_margin_epilogue();
-void bct_emu_register_cosine_topk();
-void bct_emu_register_topk_epilogue();
-void bct_emu_register_margin_fused();
-void bct_emu_register_topk_fused();
 int bct_emu_selftest(const std::string& name, int* out);
 int bct_emu_fragment_probe(const std::string& name, const void* in0, const void* in1,
                            const void* in2, void* out);
@@ -139,12 +133,7 @@ int main(int argc, char** argv) {
     std::string key, value;
     while (f >> key >> value) g_req[key] = value;
   }
-  bct_emu_register_margin_softmax();
-  bct_emu_register_margin_epilogue();
-  bct_emu_register_cosine_topk();
-  bct_emu_register_topk_epilogue();
-  bct_emu_register_margin_fused();
-  bct_emu_register_topk_fused();
+  bct_emu::register_all_kernels();
 
   const std::string op = req("op");
   std::vector<Output> outs;

@@ -16,4 +16,7 @@ void set_seed(uint64_t seed);
 void* guarded_alloc(size_t bytes);
 void guarded_make_readonly(void* buf, size_t bytes);
 
+// Registers the kernels of every family (kernel_registry.cpp); call once before any launch.
+void register_all_kernels();
+
 }  // namespace bct_emu

@@ -98,33 +98,37 @@ def require_built() -> Path:
     return build()
 
 
-def build(variant: str | None = None) -> Path:
-    """The driver executable for ``variant`` (None, or a key of BREAKS), built once and cached."""
-    extra = BREAKS[variant]
+def _digest(extra: list[str], files: list[Path]) -> str:
+    """Hash of the sources, the compiler and the flags: the cache key of a build."""
     h = hashlib.sha256()
-    for f in _sources():
+    for f in files:
         h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
     version = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
     h.update(" ".join([CXX, version] + FLAGS + KERNEL_FLAGS + extra).encode())
-    out_dir = _cache_root() / f"{variant or 'default'}-{h.hexdigest()[:16]}"
-    exe = out_dir / "bct_emu_driver"
-    if exe.exists():
-        return exe
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as lock:  # one builder at a time (pytest-xdist)
+    return h.hexdigest()[:16]
+
+
+def _compile_and_link(out: Path, base: list[str], front: dict[str, list[str]],
+                      link: list[str]) -> None:
+    """Compiles ``front`` (object -> command) and the emulated kernels, and links ``out``.
+
+    Link order matters (smem_marker.cpp): the kernel objects, and only they, lie between the two
+    markers, whose addresses bracket the kernels' ``static`` (= __shared__) arrays."""
+    with open(out.parent / ".lock", "w") as lock:  # one builder at a time (pytest-xdist)
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if exe.exists():
-            return exe
-        work = Path(tempfile.mkdtemp(dir=out_dir))
+        if out.exists():
+            return
+        work = Path(tempfile.mkdtemp(dir=out.parent))
         for name in KERNEL_SOURCES:
             src = (CUDA_DIR / f"{name}.cu").read_text()
             (work / f"{name}.cu.inc").write_text(
                 f'#line 1 "{CUDA_DIR / name}.cu"\n' + _rewrite_launches(src))
-        base = [CXX, *FLAGS, *extra, f"-I{INCLUDE_DIR}", f"-I{CUDA_DIR}", f"-I{work}"]
+        base = base + [f"-I{work}"]
         marker = str(EMU_DIR / "smem_marker.cpp")
-        jobs = {  # object -> command; link order matters, see smem_marker.cpp
-            "driver_main.o": base + ["-c", str(EMU_DIR / "driver_main.cpp")],
+        jobs = {
+            **{obj: base + cmd for obj, cmd in front.items()},
             "cuda_shim.o": base + ["-c", str(EMU_DIR / "cuda_shim.cpp")],
+            "kernel_registry.o": base + ["-c", str(EMU_DIR / "kernel_registry.cpp")],
             "smem_begin.o": base + ["-DBCT_EMU_MARKER=bct_emu_smem_begin", "-c", marker],
             **{f"{n}.o": base + KERNEL_FLAGS + ["-c", str(EMU_DIR / f"{n}.cpp")]
                for n in KERNEL_OBJECTS},
@@ -139,14 +143,68 @@ def build(variant: str | None = None) -> Path:
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             list(pool.map(compile_one, jobs.items()))
-        tmp_exe = work / "bct_emu_driver"
-        r = subprocess.run([CXX, "-o", str(tmp_exe), *[str(work / o) for o in jobs]],
+        tmp = work / out.name
+        r = subprocess.run([CXX, *link, "-o", str(tmp), *[str(work / o) for o in jobs]],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"emulator link failed:\n{r.stderr}")
-        os.replace(tmp_exe, exe)
+        os.replace(tmp, out)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def build(variant: str | None = None) -> Path:
+    """The driver executable for ``variant`` (None, or a key of BREAKS), built once and cached."""
+    extra = BREAKS[variant]
+    out_dir = _cache_root() / f"{variant or 'default'}-{_digest(extra, _sources())}"
+    exe = out_dir / "bct_emu_driver"
+    if not exe.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        base = [CXX, *FLAGS, *extra, f"-I{INCLUDE_DIR}", f"-I{CUDA_DIR}"]
+        _compile_and_link(exe, base, {"driver_main.o": ["-c", str(EMU_DIR / "driver_main.cpp")]}, [])
     return exe
+
+
+# The binding module's compile-time facts (CMakeLists.txt sets them for the real build).
+_BINDING_DEFINES = ["-DBCT_FAST_WITH_CUDA=1", '-DBCT_FAST_VERSION="emulated"',
+                    '-DBCT_FAST_CUDA_COMPILER_VERSION="none (CPU emulator)"',
+                    '-DBCT_FAST_CUDA_ARCHS="emulated"',
+                    *[f'-DBCT_FAST_HASH_{f.upper()}="emulated"' for f in KERNEL_SOURCES]]
+
+
+def build_bindings() -> Path:
+    """``csrc/bindings.cpp`` (unchanged) built against the emulated launchers into a Python
+    extension module ``_C``: the raw-pointer glue of every launch can run on the CPU.
+
+    Load it with :func:`load_bindings` in a child process (a kernel fault ends that process)."""
+    import sysconfig
+
+    import pybind11
+
+    binding_files = [ROOT / "csrc" / "bindings.cpp", *sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]
+    includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+    key = _digest(includes + _BINDING_DEFINES, _sources() + binding_files)
+    out = _cache_root() / f"bindings-{key}" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        base = [CXX, *FLAGS, "-fPIC", *_BINDING_DEFINES, *includes, f"-I{INCLUDE_DIR}", f"-I{CUDA_DIR}"]
+        front = {"bindings.o": ["-fvisibility=hidden", "-c", str(binding_files[0])],
+                 **{f"{f.stem}.o": ["-c", str(f)] for f in binding_files[1:]},
+                 "bindings_emu.o": ["-c", str(EMU_DIR / "bindings_emu.cpp")]}
+        _compile_and_link(out, base, front, ["-shared"])
+    return out
+
+
+def load_bindings(path: Path):
+    """Imports the module :func:`build_bindings` made (as ``_C``, not registered in sys.modules)
+    and registers its kernels with the emulator."""
+    import ctypes
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_C", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ctypes.CDLL(str(path)).bct_emu_register_all()  # the same handle: dlopen of a loaded path
+    return mod
 
 
 def _symbolize(exe: Path, stderr: str) -> str:
