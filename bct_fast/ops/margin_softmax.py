@@ -141,6 +141,9 @@ def normalization_backward_rows(t: Tensor, inv_n: Tensor, grad_hat: Tensor, chun
     1M-class weight gradient meant ~1,700 small kernel launches)."""
     if chunk is None:
         chunk = max(1, (1 << 24) // max(1, t.shape[1])) if t.is_cuda else 4096
+    if t.shape[0] <= chunk:  # one chunk: no slicing
+        th = normalized_rows(t, inv_n)
+        return grad_hat.sub_(th * (th * grad_hat).sum(1, keepdim=True)).mul_(inv_n[:, None])
     for r0 in range(0, t.shape[0], chunk):
         g = grad_hat[r0:r0 + chunk]
         th = normalized_rows(t[r0:r0 + chunk], inv_n[r0:r0 + chunk])
@@ -165,13 +168,13 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
 
         labels = labels.to(torch.int64)
         valid = labels != ignore_index
-        in_range = (labels >= 0) & (labels < C)
-        safe = torch.where(valid & in_range, labels, torch.zeros_like(labels))
-        lab_eff = torch.where(valid, safe, torch.full_like(labels, -1))
+        in_range = labels.clamp(0, C - 1) == labels
+        safe = torch.where(valid & in_range, labels, 0)
+        lab_eff = torch.where(valid, safe, -1)
 
         inv_nx, inv_nw = inv_row_norms(x, acc), inv_row_norms(w, acc)
         xh = normalized_rows(x, inv_nx)
-        wyh = w[safe].to(acc) * inv_nw[safe][:, None]
+        wyh = normalized_rows(w.index_select(0, safe), inv_nw.index_select(0, safe))
         cos_y = (xh * wyh).sum(1)
         f, df = target_function(cos_y, margin, straight_through)
         z_y = scale * f
@@ -190,22 +193,24 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
         if fused:  # pws over all columns but the target: rescale from the rest's softmax to the full one
             pws = torch.where(torch.isneginf(lse_rest)[:, None], 0.0,
                               pws * torch.sigmoid(t).to(pws.dtype)[:, None])
-        rows = (torch.logaddexp(t, torch.zeros_like(t)) + eps * z64).to(acc)
+        rows = torch.logaddexp(t, t.new_zeros(()))
+        rows = (rows + eps * z64 if eps > 0 else rows).to(acc)
         wsum = None
         if eps > 0:
             wsum = margin_softmax_torch.weighted_row_sum(w, inv_nw)  # sum_j w_hat_j
             rows = rows - (eps / C) * (scale * (xh @ wsum) - scale * cos_y + z_y)
-        rows = torch.where(valid, rows, torch.zeros_like(rows))
+        rows = torch.where(valid, rows, 0.0)
         n_valid = valid.sum()
 
         if validate and not torch.compiler.is_compiling():
             bad_label = valid & ~in_range
-            flags = torch.stack([bad_label.any(), ~torch.isfinite(rows).all()]).tolist()
+            # One host sync for both checks: rows * 0 sums to NaN iff a row is NaN or inf.
+            flags = torch.stack([bad_label.any().to(rows.dtype), (rows * 0).sum()]).tolist()
             if flags[0]:
                 found = labels[bad_label][:5].tolist()
                 raise ValueError(f"labels: values must lie in [0, {C}) or equal ignore_index="
                                  f"{ignore_index}; found {found}")
-            if flags[1]:
+            if flags[1] != 0:
                 raise nonfinite_error({"embeddings": x, "weight": w})
 
         if reduction == "none":
@@ -237,7 +242,7 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
         go = grad_out.to(acc)
         if reduction == "mean":
             go = go / n_valid.clamp_min(1).to(acc)
-        go = torch.where(valid, go.expand(valid.shape), torch.zeros((), dtype=acc, device=go.device))
+        go = torch.where(valid, go, 0.0)
         r = go * scale
         # The target column, left out of the sweeps: coefficient f'(c_y) (p_y - (1 - eps) - eps/C)
         # + eps/C (the -eps/C of every column is the wsum term below). In float64, with

@@ -47,6 +47,13 @@ def tensor_core_blocks(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
 
 
+def _rows(w: torch.Tensor, inv_nw: torch.Tensor, c0: int, chunk: int) -> torch.Tensor:
+    """Normalized class rows [c0, c0 + chunk) (no slicing when the chunk is all of them)."""
+    if c0 == 0 and chunk >= w.shape[0]:
+        return normalized_rows(w, inv_nw)
+    return normalized_rows(w[c0:c0 + chunk], inv_nw[c0:c0 + chunk])
+
+
 def _chunk_logits(xh: torch.Tensor, wc: torch.Tensor, c0: int, labels: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """scale * xh @ wc.T with each row's target column left out (-inf)."""
@@ -65,20 +72,21 @@ def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
         return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale,
                                                      with_pws, chunk, epilogue=TORCH_EPILOGUE)
     xh = normalized_rows(x, inv_nx)
-    f = dict(device=x.device, dtype=inv_nx.dtype)
-    m = torch.full((B,), float("-inf"), **f)
-    l = torch.zeros(B, **f)
-    acc = torch.zeros(B, d, **f) if with_pws else None
+    m = l = acc = None
     for c0 in range(0, C, chunk):
-        wc = normalized_rows(w[c0:c0 + chunk], inv_nw[c0:c0 + chunk])
+        wc = _rows(w, inv_nw, c0, chunk)
         z = _chunk_logits(xh, wc, c0, labels, scale)
-        m_new = torch.maximum(m, z.amax(1))
+        # The first chunk starts the running (m, l, acc); later ones are merged into them.
+        m_new = z.amax(1) if m is None else torch.maximum(m, z.amax(1))
         # Rows with no finite logit yet (C = 1: only the target column) add 0, never NaN.
-        alpha = torch.where(m == float("-inf"), 0.0, torch.exp(m - m_new))
         e = z.sub_(torch.where(m_new == float("-inf"), 0.0, m_new)[:, None]).exp_()
-        l = l * alpha + e.sum(1)
-        if acc is not None:
-            acc.mul_(alpha[:, None]).add_(mm_nt(e, wc.T))
+        if m is None:
+            l, acc = e.sum(1), (mm_nt(e, wc.T) if with_pws else None)
+        else:
+            alpha = torch.where(m == float("-inf"), 0.0, torch.exp(m - m_new))
+            l = l * alpha + e.sum(1)
+            if acc is not None:
+                acc.mul_(alpha[:, None]).add_(mm_nt(e, wc.T))
         m = m_new
     lse = m.double() + torch.log(l.double())
     pws = acc / l[:, None] if acc is not None else x.new_empty((0,), dtype=inv_nx.dtype)
@@ -99,22 +107,25 @@ def softmax_grads(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
         return margin_softmax_epilogue.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse,
                                                      row_coef, scale, need_x, need_w, chunk,
                                                      epilogue=TORCH_EPILOGUE)
-    xh = normalized_rows(x, inv_nx)
-    f = dict(device=x.device, dtype=inv_nx.dtype)
-    lse = lse.to(inv_nx.dtype)
-    gx = torch.zeros(B, d, **f) if need_x else torch.empty(0, **f)
-    gw = torch.empty(C, d, **f) if need_w else torch.empty(0, **f)
+    empty = x.new_empty((0,), dtype=inv_nx.dtype)
     if not (need_x or need_w):
-        return gx, gw
+        return empty, empty
+    xh = normalized_rows(x, inv_nx)
+    lse = lse.to(inv_nx.dtype)
+    gx = gw = None
     for c0 in range(0, C, chunk):
-        wc = normalized_rows(w[c0:c0 + chunk], inv_nw[c0:c0 + chunk])
+        wc = _rows(w, inv_nw, c0, chunk)
         z = _chunk_logits(xh, wc, c0, labels, scale)
         p = z.sub_(lse[:, None]).exp_().mul_(row_coef[:, None])
         if need_x:
-            gx.add_(mm_nt(p, wc.T))
-        if need_w:
+            gx = mm_nt(p, wc.T) if gx is None else gx.add_(mm_nt(p, wc.T))
+        if need_w and chunk >= C:  # one chunk: the product is the whole gradient
+            gw = mm_tn(p, xh)
+        elif need_w:
+            if gw is None:
+                gw = torch.empty(C, d, device=x.device, dtype=inv_nx.dtype)
             gw[c0:c0 + chunk] = mm_tn(p, xh)
-    return gx, gw
+    return (gx if need_x else empty), (gw if need_w else empty)
 
 
 def weighted_row_sum(t: torch.Tensor, coef: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:

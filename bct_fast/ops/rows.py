@@ -36,8 +36,11 @@ def row_norms(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
     if torch.compiler.is_compiling():  # no data-dependent branch in a traced graph
         return _scaled_norms(t).to(out_dtype)
     n = torch.linalg.vector_norm(t, dim=1, dtype=dtype)
-    redo = _unreliable(n)
-    if bool(redo.any()):  # rare: huge, tiny or non-finite rows
+    # One comparison for the common case (a NaN fails it too): every norm in [_TINY, max].
+    if torch.equal(n, n.clamp(_TINY, torch.finfo(n.dtype).max)):
+        return n
+    redo = _unreliable(n)  # rare: huge, tiny, zero or non-finite rows
+    if bool(redo.any()):
         rows = redo.nonzero()[:, 0]
         n = n.clone()
         n[rows] = _scaled_norms(t[rows]).to(n.dtype)
@@ -80,6 +83,7 @@ def mask_one_column(t: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """``t`` [R, cols] with ``t[i, local[i]] = -inf`` for the rows whose ``local[i]`` lies in
     [0, cols) (a loss row's target class, a search query's own gallery row); in place, in fixed
     shapes: no ``nonzero``, so no host sync on a GPU. Returns ``t``."""
-    inside = (local >= 0) & (local < t.shape[1])
-    col = local.clamp(0, t.shape[1] - 1)[:, None]
-    return t.scatter_(1, col, torch.where(inside[:, None], float("-inf"), t.gather(1, col)))
+    col = local.clamp(0, t.shape[1] - 1)
+    inside = (col == local)[:, None]  # local in [0, cols): the clamp left it alone
+    col = col[:, None]
+    return t.scatter_(1, col, t.gather(1, col).masked_fill_(inside, float("-inf")))
