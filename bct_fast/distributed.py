@@ -92,7 +92,7 @@ class _ShardedMarginCE(torch.autograd.Function):
         z_y = scale * f
         lab_local = torch.where(local, safe, torch.full_like(safe, -1))
         # Per rank: the log-sum-exp (float64) of the row's logits in this slice except its target.
-        rest_local, _ = torch.ops.bct_fast.softmax_stats(x, w, inv_nx, inv_nw, lab_local, z_y, scale, False,
+        rest_local, _ = torch.ops.bct_fast.softmax_stats(x, w, inv_nx, inv_nw, lab_local, scale, False,
                                                          chunk_size)
         # Over all ranks, then combined with the target logit in float64 (t = rest - z_y: loss
         # log(1 + e^t), p_y - 1 = -sigmoid(t), no cancellation for well-classified rows).
@@ -108,7 +108,7 @@ class _ShardedMarginCE(torch.autograd.Function):
         if not bool(torch.isfinite(rows).all()):
             raise ValueError("embeddings or weight: the loss is not finite (NaN/inf in an input on some rank)")
         loss = rows.mean()
-        ctx.save_for_backward(x, w, inv_nx, inv_nw, xh, wyh, lab_local, safe, local, z_y, df, lse, t)
+        ctx.save_for_backward(x, w, inv_nx, inv_nw, xh, wyh, lab_local, safe, local, df, lse, t)
         offset = sum(counts[:rank])
         ctx.cfg = (scale, chunk_size, group, offset, x_local.shape[0], x_local.dtype, w_shard.dtype)
         return loss  # already in acc; no no-op .to() (see CosineMarginCrossEntropyFunction.forward)
@@ -117,7 +117,7 @@ class _ShardedMarginCE(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     @without_autocast
     def backward(ctx, grad_out):
-        x, w, inv_nx, inv_nw, xh, wyh, lab_local, safe, local, z_y, df, lse, t = ctx.saved_tensors
+        x, w, inv_nx, inv_nw, xh, wyh, lab_local, safe, local, df, lse, t = ctx.saved_tensors
         scale, chunk_size, group, offset, b_local, x_dtype, w_dtype = ctx.cfg
         need_x, need_w = ctx.needs_input_grad[:2]
         acc = inv_nx.dtype
@@ -126,7 +126,7 @@ class _ShardedMarginCE(torch.autograd.Function):
         # The target column (left out of the sweeps): f'(c_y) (p_y - 1), p_y - 1 = -sigmoid(t).
         corr = (-r.double() * df.double() * torch.sigmoid(t)).to(acc)
         gx_part, gw_part = torch.ops.bct_fast.softmax_grads(
-            x, w, inv_nx, inv_nw, lab_local, z_y, lse.to(acc), r, scale, True, need_w, chunk_size)
+            x, w, inv_nx, inv_nw, lab_local, lse.to(acc), r, scale, True, need_w, chunk_size)
         grad_x = grad_w = None
         # Sum the class-slice contributions of all ranks (the owner adds the target correction).
         g = gx_part + (corr * local)[:, None] * wyh

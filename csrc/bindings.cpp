@@ -108,26 +108,26 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "margin_softmax_stats",
       [](std::uintptr_t x, std::uintptr_t w, std::uintptr_t inv_nx, std::uintptr_t inv_nw,
-         std::uintptr_t labels, std::uintptr_t target_logit, int64_t B, int64_t C, int64_t d,
+         std::uintptr_t labels, int64_t B, int64_t C, int64_t d,
          int dtype, float scale, int splits, std::uintptr_t m_out, std::uintptr_t l_out,
          std::uintptr_t acc_out, std::uintptr_t stream) {
         raise_if_error(bct_fast::margin_softmax_stats(
             ptr<const void>(x), ptr<const void>(w), ptr<const float>(inv_nx),
-            ptr<const float>(inv_nw), ptr<const int64_t>(labels), ptr<const float>(target_logit),
-            B, C, d, static_cast<bct_fast::DType>(dtype), scale, splits, ptr<float>(m_out),
+            ptr<const float>(inv_nw), ptr<const int64_t>(labels), B, C, d,
+            static_cast<bct_fast::DType>(dtype), scale, splits, ptr<float>(m_out),
             ptr<float>(l_out), ptr<float>(acc_out), ptr<void>(stream)));
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "margin_softmax_grad_weight",
       [](std::uintptr_t x, std::uintptr_t w, std::uintptr_t inv_nx, std::uintptr_t inv_nw,
-         std::uintptr_t labels, std::uintptr_t target_logit, std::uintptr_t lse,
+         std::uintptr_t labels, std::uintptr_t lse,
          std::uintptr_t row_coef, int64_t B, int64_t C, int64_t d, int dtype, float scale,
          std::uintptr_t out, std::uintptr_t stream) {
         raise_if_error(bct_fast::margin_softmax_grad_weight(
             ptr<const void>(x), ptr<const void>(w), ptr<const float>(inv_nx),
-            ptr<const float>(inv_nw), ptr<const int64_t>(labels), ptr<const float>(target_logit),
-            ptr<const float>(lse), ptr<const float>(row_coef), B, C, d,
+            ptr<const float>(inv_nw), ptr<const int64_t>(labels), ptr<const float>(lse),
+            ptr<const float>(row_coef), B, C, d,
             static_cast<bct_fast::DType>(dtype), scale, ptr<float>(out), ptr<void>(stream)));
       },
       py::call_guard<py::gil_scoped_release>());
@@ -135,12 +135,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "margin_epilogue_stats",
       [](std::uintptr_t scores, int64_t B, int64_t cols, std::uintptr_t inv_nx,
-         std::uintptr_t inv_nw, std::uintptr_t labels, std::uintptr_t target_logit, int64_t c0,
+         std::uintptr_t inv_nw, std::uintptr_t labels, int64_t c0,
          float scale, std::uintptr_t m_io, std::uintptr_t l_io, std::uintptr_t e_out,
          int e_dtype, std::uintptr_t alpha_out, std::uintptr_t stream) {
         raise_if_error(bct_fast::margin_epilogue_stats(
             ptr<const float>(scores), B, cols, ptr<const float>(inv_nx), ptr<const float>(inv_nw),
-            ptr<const int64_t>(labels), ptr<const float>(target_logit), c0, scale,
+            ptr<const int64_t>(labels), c0, scale,
             ptr<float>(m_io), ptr<float>(l_io), ptr<void>(e_out),
             static_cast<bct_fast::DType>(e_dtype), ptr<float>(alpha_out), ptr<void>(stream)));
       },
@@ -148,12 +148,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "margin_epilogue_grads",
       [](std::uintptr_t scores, int64_t B, int64_t cols, std::uintptr_t inv_nx,
-         std::uintptr_t inv_nw, std::uintptr_t labels, std::uintptr_t target_logit, int64_t c0,
+         std::uintptr_t inv_nw, std::uintptr_t labels, int64_t c0,
          float scale, std::uintptr_t lse, std::uintptr_t row_coef, std::uintptr_t p_out,
          std::uintptr_t pw_out, int out_dtype, std::uintptr_t stream) {
         raise_if_error(bct_fast::margin_epilogue_grads(
             ptr<const float>(scores), B, cols, ptr<const float>(inv_nx), ptr<const float>(inv_nw),
-            ptr<const int64_t>(labels), ptr<const float>(target_logit), c0, scale,
+            ptr<const int64_t>(labels), c0, scale,
             ptr<const float>(lse), ptr<const float>(row_coef), ptr<void>(p_out), ptr<void>(pw_out),
             static_cast<bct_fast::DType>(out_dtype), ptr<void>(stream)));
       },
@@ -192,12 +192,12 @@ PYBIND11_MODULE(_C, m) {
       "margin_fused_lse",
       [](std::uintptr_t x, std::uintptr_t w, int dtype, int64_t B, int64_t C, int64_t d,
          std::uintptr_t inv_nx, std::uintptr_t inv_nw, std::uintptr_t labels,
-         std::uintptr_t target_logit, float scale, int64_t splits, std::uintptr_t workspace,
+         float scale, int64_t splits, std::uintptr_t workspace,
          int64_t workspace_floats, std::uintptr_t lse, std::uintptr_t stream) {
         raise_if_error(bct_fast::margin_fused_lse(
             ptr<const void>(x), ptr<const void>(w), static_cast<bct_fast::DType>(dtype), B, C, d,
             ptr<const float>(inv_nx), ptr<const float>(inv_nw), ptr<const int64_t>(labels),
-            ptr<const float>(target_logit), scale, splits, ptr<float>(workspace), workspace_floats,
+            scale, splits, ptr<float>(workspace), workspace_floats,
             ptr<double>(lse), ptr<void>(stream)));
       },
       py::call_guard<py::gil_scoped_release>());
@@ -217,12 +217,12 @@ PYBIND11_MODULE(_C, m) {
       "margin_fused_lse_pws",
       [](std::uintptr_t x, std::uintptr_t w, int dtype, int64_t B, int64_t C, int64_t d,
          std::uintptr_t inv_nx, std::uintptr_t inv_nw, std::uintptr_t labels,
-         std::uintptr_t target_logit, float scale, int64_t splits, std::uintptr_t workspace,
+         float scale, int64_t splits, std::uintptr_t workspace,
          int64_t workspace_floats, std::uintptr_t lse, std::uintptr_t pws, std::uintptr_t stream) {
         raise_if_error(bct_fast::margin_fused_lse_pws(
             ptr<const void>(x), ptr<const void>(w), static_cast<bct_fast::DType>(dtype), B, C, d,
             ptr<const float>(inv_nx), ptr<const float>(inv_nw), ptr<const int64_t>(labels),
-            ptr<const float>(target_logit), scale, splits, ptr<float>(workspace), workspace_floats,
+            scale, splits, ptr<float>(workspace), workspace_floats,
             ptr<double>(lse), ptr<float>(pws), ptr<void>(stream)));
       },
       py::call_guard<py::gil_scoped_release>());

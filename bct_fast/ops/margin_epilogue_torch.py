@@ -31,11 +31,11 @@ def chunk_logits(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
 
 
 def stats_epilogue(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
-                   target_logit: Tensor, c0: int, scale: float, m: Tensor, l: Tensor,
+                   c0: int, scale: float, m: Tensor, l: Tensor,
                    e_out: Tensor | None = None, alpha_out: Tensor | None = None) -> None:
     """Merge one score block, without each row's target column, into the running (m, l) in
     place; with ``e_out`` also write e = exp(z - m_new) * inv_nw (in e_out's dtype; 0 in the
-    target column) and ``alpha_out`` = exp(m_old - m_new). ``target_logit`` is not read."""
+    target column) and ``alpha_out`` = exp(m_old - m_new)."""
     z = chunk_logits(scores, inv_nx, inv_nw, labels, c0, scale)
     m_new = torch.maximum(m, z.amax(1))
     none_yet = m_new == float("-inf")  # every logit so far -inf: contribute 0, not NaN
@@ -50,7 +50,7 @@ def stats_epilogue(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tenso
 
 
 def grads_epilogue(scores: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
-                   target_logit: Tensor, c0: int, scale: float, lse: Tensor, row_coef: Tensor,
+                   c0: int, scale: float, lse: Tensor, row_coef: Tensor,
                    p_out: Tensor | None = None, pw_out: Tensor | None = None) -> None:
     """p = row_coef * exp(z - lse) and pw = exp(z - lse) * inv_nw (each in its output's dtype);
     0 in each row's target column, and rows with row_coef == 0 get zeros in both."""

@@ -8,9 +8,9 @@ Two primitive ops carry every B x C sweep of the normalized-softmax loss family:
 - ``bct_fast::softmax_grads``: P @ W_hat and P.T @ X_hat for the backward pass (softmax from the
   full lse), P = 0 in each row's target column.
 
-The target column stays out of every sweep (``target_logit`` is passed along but not read by
-the sweeps): :class:`CosineMarginCrossEntropyFunction` combines the statistics with the target
-logit in float64, t = lse_rest - z_y: loss = log(1 + e^t), p_y - 1 = -sigmoid(t). Formed as
+The target column stays out of every sweep (the sweeps never see the margin logit):
+:class:`CosineMarginCrossEntropyFunction` combines the statistics with the target logit in
+float64, t = lse_rest - z_y: loss = log(1 + e^t), p_y - 1 = -sigmoid(t). Formed as
 exp(z_y - lse) - 1 from an fp32 lse (error ~ulp(scale)), p_y - 1 made the fp32 gradients of
 well-classified rows 5-8x less accurate than plain PyTorch's at scale 64 (losses 1e-2 .. 1e-6).
 
@@ -48,12 +48,12 @@ __all__ = ["cosine_margin_cross_entropy", "CosineMarginCrossEntropyFunction", "c
 
 torch.library.define(
     "bct_fast::softmax_stats",
-    "(Tensor x, Tensor w, Tensor inv_nx, Tensor inv_nw, Tensor labels, Tensor target_logit, "
+    "(Tensor x, Tensor w, Tensor inv_nx, Tensor inv_nw, Tensor labels, "
     "float scale, bool with_pws, int chunk_size, str backend='auto') -> (Tensor, Tensor)",
 )
 torch.library.define(
     "bct_fast::softmax_grads",
-    "(Tensor x, Tensor w, Tensor inv_nx, Tensor inv_nw, Tensor labels, Tensor target_logit, "
+    "(Tensor x, Tensor w, Tensor inv_nx, Tensor inv_nw, Tensor labels, "
     "Tensor lse, Tensor row_coef, float scale, bool need_x, bool need_w, int chunk_size, "
     "str backend='auto') "
     "-> (Tensor, Tensor)",
@@ -61,14 +61,14 @@ torch.library.define(
 
 
 @torch.library.register_fake("bct_fast::softmax_stats")
-def _stats_fake(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size, backend="auto"):
+def _stats_fake(x, w, inv_nx, inv_nw, labels, scale, with_pws, chunk_size, backend="auto"):
     B, d = x.shape
     lse = x.new_empty((B,), dtype=torch.float64)
     return lse, x.new_empty((B, d) if with_pws else (0,), dtype=inv_nx.dtype)
 
 
 @torch.library.register_fake("bct_fast::softmax_grads")
-def _grads_fake(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x, need_w, chunk_size,
+def _grads_fake(x, w, inv_nx, inv_nw, labels, lse, row_coef, scale, need_x, need_w, chunk_size,
                 backend="auto"):
     B, d = x.shape
     C = w.shape[0]
@@ -85,50 +85,50 @@ def _provider(op: str, x: Tensor, w: Tensor, backend: str) -> str:
 
 
 @torch.library.register_kernel("bct_fast::softmax_stats", "cpu")
-def _stats_cpu(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size, backend="auto"):
+def _stats_cpu(x, w, inv_nx, inv_nw, labels, scale, with_pws, chunk_size, backend="auto"):
     # "epilogue" runs the chunk loop with the kernels' PyTorch twin; "fused" raises (CUDA only).
     if backend in ("epilogue", "fused") and _provider("softmax_stats", x, w, backend) == "epilogue":
-        return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale,
+        return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, scale,
                                                      with_pws, chunk_size)
-    return margin_softmax_torch.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size)
+    return margin_softmax_torch.softmax_stats(x, w, inv_nx, inv_nw, labels, scale, with_pws, chunk_size)
 
 
 @torch.library.register_kernel("bct_fast::softmax_grads", "cpu")
-def _grads_cpu(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x, need_w, chunk_size,
+def _grads_cpu(x, w, inv_nx, inv_nw, labels, lse, row_coef, scale, need_x, need_w, chunk_size,
                backend="auto"):
     if backend in ("epilogue", "fused") and _provider("softmax_grads", x, w, backend) == "epilogue":
-        return margin_softmax_epilogue.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse,
+        return margin_softmax_epilogue.softmax_grads(x, w, inv_nx, inv_nw, labels, lse,
                                                      row_coef, scale, need_x, need_w, chunk_size)
-    return margin_softmax_torch.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale,
+    return margin_softmax_torch.softmax_grads(x, w, inv_nx, inv_nw, labels, lse, row_coef, scale,
                                   need_x, need_w, chunk_size)
 
 
 @torch.library.register_kernel("bct_fast::softmax_stats", "cuda")
-def _stats_cuda(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws, chunk_size, backend="auto"):
+def _stats_cuda(x, w, inv_nx, inv_nw, labels, scale, with_pws, chunk_size, backend="auto"):
     provider = _provider("softmax_stats", x, w, backend)
     if provider == "cuda":
-        return margin_softmax_cuda.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws)
+        return margin_softmax_cuda.softmax_stats(x, w, inv_nx, inv_nw, labels, scale, with_pws)
     if provider == "fused":
-        return margin_softmax_fused.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale,
+        return margin_softmax_fused.softmax_stats(x, w, inv_nx, inv_nw, labels, scale,
                                                   with_pws, chunk_size)
     if provider == "epilogue":
-        return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale,
+        return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, scale,
                                                      with_pws, chunk_size)
-    return margin_softmax_torch.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws,
+    return margin_softmax_torch.softmax_stats(x, w, inv_nx, inv_nw, labels, scale, with_pws,
                                               chunk_size)
 
 
 @torch.library.register_kernel("bct_fast::softmax_grads", "cuda")
-def _grads_cuda(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x, need_w, chunk_size,
+def _grads_cuda(x, w, inv_nx, inv_nw, labels, lse, row_coef, scale, need_x, need_w, chunk_size,
                 backend="auto"):
     provider = _provider("softmax_grads", x, w, backend)
     if provider == "cuda":
-        return margin_softmax_cuda.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef,
+        return margin_softmax_cuda.softmax_grads(x, w, inv_nx, inv_nw, labels, lse, row_coef,
                                                  scale, need_x, need_w)
     if provider in ("epilogue", "fused"):  # the fused provider's backward is the epilogue's
-        return margin_softmax_epilogue.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse,
+        return margin_softmax_epilogue.softmax_grads(x, w, inv_nx, inv_nw, labels, lse,
                                                      row_coef, scale, need_x, need_w, chunk_size)
-    return margin_softmax_torch.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale,
+    return margin_softmax_torch.softmax_grads(x, w, inv_nx, inv_nw, labels, lse, row_coef, scale,
                                               need_x, need_w, chunk_size)
 
 
@@ -181,7 +181,7 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
 
         # Frozen classifier: the forward sweep also produces d(loss)/d(x_hat) (one pass).
         fused = fuse_grad and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
-        lse_rest, pws = torch.ops.bct_fast.softmax_stats(x, w, inv_nx, inv_nw, lab_eff, z_y, scale, fused,
+        lse_rest, pws = torch.ops.bct_fast.softmax_stats(x, w, inv_nx, inv_nw, lab_eff, scale, fused,
                                                          chunk_size, backend)
         # The sweeps leave the target column out; combined with it in float64, t = lse_rest - z_y
         # gives the row's loss lse - z_y = log(1 + e^t) and 1 - p_y = sigmoid(t) without
@@ -220,7 +220,7 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
         else:
             loss = rows.sum() / n_valid.clamp_min(1)
 
-        ctx.save_for_backward(x, w, inv_nx, inv_nw, lab_eff, safe, valid, xh, wyh, z_y, df, lse, t,
+        ctx.save_for_backward(x, w, inv_nx, inv_nw, lab_eff, safe, valid, xh, wyh, df, lse, t,
                               pws if fused else None, wsum, n_valid)
         ctx.cfg = (scale, reduction, eps, chunk_size, orig_dtypes, fused, backend)
         # loss is already in acc (fp32, or fp64 for fp64 inputs). No no-op .to(): under torch 2.11
@@ -232,7 +232,7 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     @without_autocast
     def backward(ctx, grad_out: Tensor):
-        (x, w, inv_nx, inv_nw, lab_eff, safe, valid, xh, wyh, z_y, df, lse, t, pws, wsum,
+        (x, w, inv_nx, inv_nw, lab_eff, safe, valid, xh, wyh, df, lse, t, pws, wsum,
          n_valid) = ctx.saved_tensors
         scale, reduction, eps, chunk_size, (x_dtype, w_dtype), fused, backend = ctx.cfg
         need_x, need_w = ctx.needs_input_grad[:2]
@@ -255,7 +255,7 @@ class CosineMarginCrossEntropyFunction(torch.autograd.Function):
             gx_part, gw_part = pws * r[:, None], None
         else:
             gx_part, gw_part = torch.ops.bct_fast.softmax_grads(
-                x, w, inv_nx, inv_nw, lab_eff, z_y, lse, r, scale, need_x, need_w, chunk_size, backend)
+                x, w, inv_nx, inv_nw, lab_eff, lse, r, scale, need_x, need_w, chunk_size, backend)
         if need_x:
             g = gx_part + corr[:, None] * wyh
             if wsum is not None:

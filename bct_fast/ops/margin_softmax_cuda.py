@@ -17,14 +17,14 @@ from bct_fast.ops.native_call import DTYPE_CODES, f32, stream_of
 from bct_fast.ops.providers import Unsupported
 
 
-# (x, w, inv_nx, inv_nw, labels, target_logit, scale, splits, m [S, B], l [S, B],
+# (x, w, inv_nx, inv_nw, labels, scale, splits, m [S, B], l [S, B],
 #  acc [S, B, d] | None) -> None, filling m, l (and acc).
 StatsLaunch = Callable[..., None]
-# (x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, gw [C, d]) -> None, filling gw.
+# (x, w, inv_nx, inv_nw, labels, lse, row_coef, scale, gw [C, d]) -> None, filling gw.
 GradWeightLaunch = Callable[..., None]
 
 
-def native_stats_launch(x, w, inv_nx, inv_nw, labels, target_logit, scale: float, splits: int,
+def native_stats_launch(x, w, inv_nx, inv_nw, labels, scale: float, splits: int,
                         m, l, acc) -> None:
     """One call of the CUDA launcher ``margin_softmax_stats`` (contiguous inputs, fp32 vectors,
     int64 labels; fp32 outputs, ``acc`` None without the accumulator)."""
@@ -33,11 +33,11 @@ def native_stats_launch(x, w, inv_nx, inv_nw, labels, target_logit, scale: float
     with torch.cuda.device(x.device):
         native().margin_softmax_stats(
             x.data_ptr(), w.data_ptr(), inv_nx.data_ptr(), inv_nw.data_ptr(), labels.data_ptr(),
-            target_logit.data_ptr(), B, C, d, DTYPE_CODES[x.dtype], float(scale), splits,
+            B, C, d, DTYPE_CODES[x.dtype], float(scale), splits,
             m.data_ptr(), l.data_ptr(), acc.data_ptr() if acc is not None else 0, stream_of(x))
 
 
-def native_grad_weight_launch(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef,
+def native_grad_weight_launch(x, w, inv_nx, inv_nw, labels, lse, row_coef,
                               scale: float, gw) -> None:
     """One call of the CUDA launcher ``margin_softmax_grad_weight`` (same conventions)."""
     B, d = x.shape
@@ -45,7 +45,7 @@ def native_grad_weight_launch(x, w, inv_nx, inv_nw, labels, target_logit, lse, r
     with torch.cuda.device(x.device):
         native().margin_softmax_grad_weight(
             x.data_ptr(), w.data_ptr(), inv_nx.data_ptr(), inv_nw.data_ptr(),
-            labels.data_ptr(), target_logit.data_ptr(), lse.data_ptr(), row_coef.data_ptr(),
+            labels.data_ptr(), lse.data_ptr(), row_coef.data_ptr(),
             B, C, d, DTYPE_CODES[x.dtype], float(scale), gw.data_ptr(), stream_of(x))
 
 
@@ -83,13 +83,13 @@ def merge_class_splits(m: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, 
     return m_all.double() + torch.log(l_all.double()), weights, l_all
 
 
-def softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale: float, with_pws: bool, *,
+def softmax_stats(x, w, inv_nx, inv_nw, labels, scale: float, with_pws: bool, *,
                   launch_stats: StatsLaunch | None = None, sms: int | None = None):
     """Over each row's non-target columns: the log-sum-exp (float64) and, with ``with_pws``, the
     softmax-weighted sum of the class rows. ``launch_stats`` (default :func:`native_stats_launch`)
     and ``sms`` (default the device's SM count): see the module docstring."""
     x, w = x.contiguous(), w.contiguous()
-    inv_nx, inv_nw, target_logit = f32(inv_nx), f32(inv_nw), f32(target_logit)
+    inv_nx, inv_nw = f32(inv_nx), f32(inv_nw)
     labels = labels.to(torch.int64).contiguous()
     B, d = x.shape
     C = w.shape[0]
@@ -97,7 +97,7 @@ def softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale: float, with
     m = torch.empty(S, B, device=x.device, dtype=torch.float32)
     l = torch.empty_like(m)
     acc = torch.empty(S, B, d, device=x.device, dtype=torch.float32) if with_pws else None
-    (launch_stats or native_stats_launch)(x, w, inv_nx, inv_nw, labels, target_logit, scale, S, m, l, acc)
+    (launch_stats or native_stats_launch)(x, w, inv_nx, inv_nw, labels, scale, S, m, l, acc)
     lse, weights, l_all = merge_class_splits(m, l)
     if acc is None:
         return lse, x.new_empty((0,), dtype=torch.float32)
@@ -106,7 +106,7 @@ def softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale: float, with
     return lse, pws
 
 
-def softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale: float,
+def softmax_grads(x, w, inv_nx, inv_nw, labels, lse, row_coef, scale: float,
                   need_x: bool, need_w: bool, *, launch_stats: StatsLaunch | None = None,
                   launch_grad_weight: GradWeightLaunch | None = None, sms: int | None = None):
     """P @ W_hat and P.T @ X_hat with P_ij = row_coef_i * softmax_ij, 0 in each row's target column
@@ -119,17 +119,17 @@ def softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, sca
         # The online sweep recomputes the softmax over the non-target columns, normalized by their
         # own sum; exp(lse_rest - lse) rescales it to the softmax of the given lse (0 for a row
         # with no non-target column).
-        lse_rest, pws = softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, True,
+        lse_rest, pws = softmax_stats(x, w, inv_nx, inv_nw, labels, scale, True,
                                       launch_stats=launch_stats, sms=sms)
         ratio = torch.exp(lse_rest - lse.to(torch.float64))
         ratio = torch.where(torch.isneginf(lse_rest), 0.0, ratio)
         gx = pws * (ratio * row_coef.to(torch.float64)).to(torch.float32)[:, None]
     if need_w:
         x, w = x.contiguous(), w.contiguous()
-        inv_nx, inv_nw, target_logit = f32(inv_nx), f32(inv_nw), f32(target_logit)
+        inv_nx, inv_nw = f32(inv_nx), f32(inv_nw)
         lse, row_coef = f32(lse), f32(row_coef)
         labels = labels.to(torch.int64).contiguous()
         gw = torch.empty(C, d, device=x.device, dtype=torch.float32)
-        (launch_grad_weight or native_grad_weight_launch)(x, w, inv_nx, inv_nw, labels, target_logit,
-                                                          lse, row_coef, scale, gw)
+        (launch_grad_weight or native_grad_weight_launch)(x, w, inv_nx, inv_nw, labels, lse,
+                                                          row_coef, scale, gw)
     return gx, gw

@@ -86,25 +86,25 @@ def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _cuda_stats(scores, inv_nx, inv_nw, labels, target_logit, c0, scale, m, l, e_out=None,
+def _cuda_stats(scores, inv_nx, inv_nw, labels, c0, scale, m, l, e_out=None,
                 alpha_out=None) -> None:
     B, cols = scores.shape
     with torch.cuda.device(scores.device):
         native().margin_epilogue_stats(
             scores.data_ptr(), B, cols, inv_nx.data_ptr(), inv_nw.data_ptr(), labels.data_ptr(),
-            target_logit.data_ptr(), int(c0), float(scale), m.data_ptr(), l.data_ptr(),
+            int(c0), float(scale), m.data_ptr(), l.data_ptr(),
             _ptr(e_out), DTYPE_CODES[e_out.dtype] if e_out is not None else 0, _ptr(alpha_out),
             stream_of(scores))
 
 
-def _cuda_grads(scores, inv_nx, inv_nw, labels, target_logit, c0, scale, lse, row_coef,
+def _cuda_grads(scores, inv_nx, inv_nw, labels, c0, scale, lse, row_coef,
                 p_out=None, pw_out=None) -> None:
     B, cols = scores.shape
     out = p_out if p_out is not None else pw_out
     with torch.cuda.device(scores.device):
         native().margin_epilogue_grads(
             scores.data_ptr(), B, cols, inv_nx.data_ptr(), inv_nw.data_ptr(), labels.data_ptr(),
-            target_logit.data_ptr(), int(c0), float(scale), lse.data_ptr(), row_coef.data_ptr(),
+            int(c0), float(scale), lse.data_ptr(), row_coef.data_ptr(),
             _ptr(p_out), _ptr(pw_out), DTYPE_CODES[out.dtype], stream_of(scores))
 
 
@@ -118,22 +118,22 @@ def default_epilogue(device: torch.device) -> Epilogue:
     return CUDA_EPILOGUE if device.type == "cuda" else TORCH_EPILOGUE
 
 
-def _prepare(x, w, inv_nx, inv_nw, labels, target_logit):
+def _prepare(x, w, inv_nx, inv_nw, labels):
     why = unsupported(x, w)
     if why is not None:
         raise ValueError(f"x, w: the epilogue provider cannot serve them: {why.reason}")
     return (x.contiguous(), w.contiguous(), f32(inv_nx), f32(inv_nw),
-            labels.to(torch.int64).contiguous(), f32(target_logit))
+            labels.to(torch.int64).contiguous())
 
 
 # ---- the provider (the chunk loop) -------------------------------------------------------------
 
 def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
-                  target_logit: Tensor, scale: float, with_pws: bool, chunk: int = 0,
+                  scale: float, with_pws: bool, chunk: int = 0,
                   epilogue: Epilogue | None = None) -> tuple[Tensor, Tensor]:
     """Over each row's non-target columns: the log-sum-exp of the logits (float64) and, with
     ``with_pws``, sum_j softmax_ij * w_hat_j (fp32; 1 GEMM per chunk, 2 with ``with_pws``)."""
-    x, w, inv_nx, inv_nw, labels, target_logit = _prepare(x, w, inv_nx, inv_nw, labels, target_logit)
+    x, w, inv_nx, inv_nw, labels = _prepare(x, w, inv_nx, inv_nw, labels)
     ep = epilogue or default_epilogue(x.device)
     B, d = x.shape
     C = w.shape[0]
@@ -147,7 +147,7 @@ def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
         wc = w[c0:c0 + chunk]  # a row slice of a contiguous w: contiguous
         scores = mm_f32(x, wc.T)
         e = torch.empty(scores.shape, device=x.device, dtype=x.dtype) if with_pws else None
-        ep.stats(scores, inv_nx, inv_nw[c0:c0 + chunk], labels, target_logit, c0, scale, m, l, e,
+        ep.stats(scores, inv_nx, inv_nw[c0:c0 + chunk], labels, c0, scale, m, l, e,
                  alpha)
         if acc is not None:
             acc.mul_(alpha[:, None]).add_(mm_f32(e, wc))
@@ -157,13 +157,13 @@ def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
 
 
 def softmax_grads(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
-                  target_logit: Tensor, lse: Tensor, row_coef: Tensor, scale: float,
+                  lse: Tensor, row_coef: Tensor, scale: float,
                   need_x: bool, need_w: bool, chunk: int = 0,
                   epilogue: Epilogue | None = None) -> tuple[Tensor, Tensor]:
     """With P_ij = row_coef_i * softmax_ij (from the given ``lse``), 0 in each row's target column:
     gx = P @ W_hat [B, d] and gw = P.T @ X_hat [C, d] (fp32; empty when not needed). Per chunk:
     one score recompute, one epilogue, one GEMM per needed output."""
-    x, w, inv_nx, inv_nw, labels, target_logit = _prepare(x, w, inv_nx, inv_nw, labels, target_logit)
+    x, w, inv_nx, inv_nw, labels = _prepare(x, w, inv_nx, inv_nw, labels)
     lse, row_coef = f32(lse), f32(row_coef)
     ep = epilogue or default_epilogue(x.device)
     B, d = x.shape
@@ -180,7 +180,7 @@ def softmax_grads(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
         scores = mm_f32(x, wc.T)
         p = torch.empty(scores.shape, device=x.device, dtype=x.dtype) if need_w else None
         pw = torch.empty(scores.shape, device=x.device, dtype=x.dtype) if need_x else None
-        ep.grads(scores, inv_nx, inv_nw[c0:c0 + chunk], labels, target_logit, c0, scale, lse,
+        ep.grads(scores, inv_nx, inv_nw[c0:c0 + chunk], labels, c0, scale, lse,
                  row_coef, p, pw)
         if need_x:
             gx.add_(mm_f32(pw, wc))

@@ -44,7 +44,7 @@ def unsupported(x: Tensor, w: Tensor) -> Unsupported | None:
 
 
 def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
-                  target_logit: Tensor, scale: float, with_pws: bool, chunk: int = 0) -> tuple[Tensor, Tensor]:
+                  scale: float, with_pws: bool, chunk: int = 0) -> tuple[Tensor, Tensor]:
     """Over each row's non-target columns: the log-sum-exp of the logits (float64) and, with
     ``with_pws``, sum_j softmax_ij * w_hat_j (fp32 [B, d]; fused for d <= 512, the epilogue
     provider's sweep for larger d). ``chunk`` is only used by the epilogue provider."""
@@ -53,28 +53,28 @@ def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
         raise ValueError(f"x, w: the fused provider cannot serve them: {why.reason}")
     mod = native()
     if with_pws and x.shape[1] > mod.margin_fused_pws_max_d:
-        return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale,
+        return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, scale,
                                                      with_pws, chunk)
     x, w = x.contiguous(), w.contiguous()
-    inv_nx, inv_nw, target_logit = f32(inv_nx), f32(inv_nw), f32(target_logit)
+    inv_nx, inv_nw = f32(inv_nx), f32(inv_nw)
     labels = labels.to(torch.int64).contiguous()
     B, d = x.shape
     C = w.shape[0]
     if with_pws:
-        return _lse_pws(mod, x, w, inv_nx, inv_nw, labels, target_logit, scale)
+        return _lse_pws(mod, x, w, inv_nx, inv_nw, labels, scale)
     splits = mod.margin_fused_default_splits(B, C)
     floats = mod.margin_fused_workspace_floats(B, splits)
     workspace = torch.empty(floats, device=x.device, dtype=torch.float32)
     lse = torch.empty(B, device=x.device, dtype=torch.float64)
     with torch.cuda.device(x.device):
         mod.margin_fused_lse(x.data_ptr(), w.data_ptr(), DTYPE_CODES[x.dtype], B, C, d, inv_nx.data_ptr(),
-                             inv_nw.data_ptr(), labels.data_ptr(), target_logit.data_ptr(), float(scale),
+                             inv_nw.data_ptr(), labels.data_ptr(), float(scale),
                              splits, workspace.data_ptr(), floats, lse.data_ptr(), stream_of(x))
     return lse, x.new_empty((0,), dtype=torch.float32)
 
 
 def _lse_pws(mod, x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
-             target_logit: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+             scale: float) -> tuple[Tensor, Tensor]:
     B, d = x.shape
     C = w.shape[0]
     splits = mod.margin_fused_pws_default_splits(B, C)
@@ -84,7 +84,7 @@ def _lse_pws(mod, x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
     pws = torch.empty(B, d, device=x.device, dtype=torch.float32)
     with torch.cuda.device(x.device):
         mod.margin_fused_lse_pws(x.data_ptr(), w.data_ptr(), DTYPE_CODES[x.dtype], B, C, d, inv_nx.data_ptr(),
-                                 inv_nw.data_ptr(), labels.data_ptr(), target_logit.data_ptr(), float(scale),
+                                 inv_nw.data_ptr(), labels.data_ptr(), float(scale),
                                  splits, workspace.data_ptr(), floats, lse.data_ptr(), pws.data_ptr(),
                                  stream_of(x))
     return lse, pws

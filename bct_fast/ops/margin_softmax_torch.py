@@ -6,7 +6,7 @@ inputs are upcast chunk by chunk; accumulation is in the dtype of the inverse no
 (fp32, or fp64 for float64 inputs so that gradcheck can run on this path). Every sweep leaves
 each row's target column out: the statistics are over the other columns (lse in float64,
 ``m + log l``) and the gradient sweep gives it 0; the caller combines them with the target
-logit in float64 (``target_logit`` is not read here).
+logit in float64.
 
 bf16 embeddings and classifier on CUDA (:func:`tensor_core_blocks`) take the tensor cores for
 every GEMM: the sweeps run the epilogue provider's chunk loop
@@ -61,7 +61,7 @@ def _chunk_logits(xh: torch.Tensor, wc: torch.Tensor, c0: int, labels: torch.Ten
 
 
 def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw: torch.Tensor,
-                  labels: torch.Tensor, target_logit: torch.Tensor, scale: float, with_pws: bool,
+                  labels: torch.Tensor, scale: float, with_pws: bool,
                   chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Over each row's non-target columns: the log-sum-exp of the logits (float64) and, with
     ``with_pws``, sum_j softmax_ij * w_hat_j (softmax over those columns)."""
@@ -69,7 +69,7 @@ def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
     C = w.shape[0]
     chunk = chunk or auto_chunk(B, C, x.is_cuda)
     if tensor_core_blocks(x, w):
-        return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale,
+        return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, scale,
                                                      with_pws, chunk, epilogue=TORCH_EPILOGUE)
     xh = normalized_rows(x, inv_nx)
     m = l = acc = None
@@ -94,7 +94,7 @@ def softmax_stats(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
 
 
 def softmax_grads(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw: torch.Tensor,
-                  labels: torch.Tensor, target_logit: torch.Tensor, lse: torch.Tensor,
+                  labels: torch.Tensor, lse: torch.Tensor,
                   row_coef: torch.Tensor, scale: float, need_x: bool, need_w: bool,
                   chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """With P_ij = row_coef_i * softmax_ij (softmax from the given ``lse``) and 0 in each row's
@@ -104,7 +104,7 @@ def softmax_grads(x: torch.Tensor, w: torch.Tensor, inv_nx: torch.Tensor, inv_nw
     C = w.shape[0]
     chunk = chunk or auto_chunk(B, C, x.is_cuda)
     if tensor_core_blocks(x, w):
-        return margin_softmax_epilogue.softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse,
+        return margin_softmax_epilogue.softmax_grads(x, w, inv_nx, inv_nw, labels, lse,
                                                      row_coef, scale, need_x, need_w, chunk,
                                                      epilogue=TORCH_EPILOGUE)
     empty = x.new_empty((0,), dtype=inv_nx.dtype)

@@ -5,8 +5,8 @@ against the float64 references) and a ``cuda`` provider (the kernels of ``bct_fa
 provider module gives:
 
 - margin softmax (``margin_softmax_torch`` / ``margin_softmax_cuda``):
-  ``softmax_stats(x, w, inv_nx, inv_nw, labels, target_logit, scale, with_pws)`` and
-  ``softmax_grads(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, need_x,
+  ``softmax_stats(x, w, inv_nx, inv_nw, labels, scale, with_pws)`` and
+  ``softmax_grads(x, w, inv_nx, inv_nw, labels, lse, row_coef, scale, need_x,
   need_w)``, same contract (csrc/include/bct_fast/margin_softmax.h);
 - cosine top-k (``topk_select`` / ``topk_cuda``): the exact top-k of a query block over one
   gallery chunk, merged by a running top-k with the same tie rule (lower index first);

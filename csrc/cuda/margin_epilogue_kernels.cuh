@@ -21,12 +21,13 @@ constexpr int kWarps = kThreads / 32;
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 
-// The logit of column j of a row: the target column takes the margin logit, every other column
+// The logit of column j of a row: -inf in the target column (left out of every sweep; the caller
+// combines the statistics with the margin logit in float64), every other column
 // scale * s * inv_nx * inv_nw in this order (the torch twin multiplies in the same order, so
 // both produce the same fp32 z bit for bit).
 __device__ __forceinline__ float logit(float s, float scale, float inx, float inw, int64_t j,
-                                       int64_t target_col, float target) {
-  return j == target_col ? target : scale * s * inx * inw;
+                                       int64_t target_col) {
+  return j == target_col ? -CUDART_INF_F : scale * s * inx * inw;
 }
 
 // Block-wide max (kMax) or sum of one value per thread; `red` is kWarps floats of smem that no
@@ -55,7 +56,7 @@ __global__ void __launch_bounds__(epi::kThreads)
     stats_epilogue_kernel(const float* __restrict__ scores, int64_t cols,
                           const float* __restrict__ inv_nx, const float* __restrict__ inv_nw,
                           const int64_t* __restrict__ labels,
-                          const float* __restrict__ target_logit, int64_t c0, float scale,
+                          int64_t c0, float scale,
                           float* __restrict__ m, float* __restrict__ l, TE* __restrict__ e_out,
                           float* __restrict__ alpha_out) {
   __shared__ float red_max[epi::kWarps], red_sum[epi::kWarps];
@@ -63,16 +64,13 @@ __global__ void __launch_bounds__(epi::kThreads)
   const float* s = scores + row * cols;
   const float inx = inv_nx[row];
   const int64_t target_col = labels[row] < 0 ? -1 : labels[row] - c0;  // may lie outside [0, cols)
-  // The statistics leave the target column out (-inf); the caller combines them with the target
-  // logit in float64 (target_logit is not read).
-  const float target = -CUDART_INF_F;
   const float m_old = m[row];  // read before thread 0 rewrites it (after two barriers)
 
   if (!kWriteE) {  // one read of the row: this thread's online (max, sum-exp) over its columns
     float tm = -CUDART_INF_F, tl = 0.f;
 #pragma unroll 4
     for (int64_t j = threadIdx.x; j < cols; j += epi::kThreads) {
-      const float z = epi::logit(s[j], scale, inx, inv_nw[j], j, target_col, target);
+      const float z = epi::logit(s[j], scale, inx, inv_nw[j], j, target_col);
       if (z > tm) {  // a new max: rescale the sum (tm = -inf: tl is 0 and expf(-inf) = 0)
         tl = tl * expf(tm - z) + 1.f;
         tm = z;
@@ -95,7 +93,7 @@ __global__ void __launch_bounds__(epi::kThreads)
   float tmax = -CUDART_INF_F;
 #pragma unroll 4
   for (int64_t j = threadIdx.x; j < cols; j += epi::kThreads)
-    tmax = fmaxf(tmax, epi::logit(s[j], scale, inx, inv_nw[j], j, target_col, target));
+    tmax = fmaxf(tmax, epi::logit(s[j], scale, inx, inv_nw[j], j, target_col));
   const float m_new = fmaxf(m_old, epi::block_reduce<true>(tmax, red_max));
   // Every logit so far -inf: -inf - -inf would be NaN; those columns contribute 0.
   const bool none_yet = m_new == -CUDART_INF_F;
@@ -104,7 +102,7 @@ __global__ void __launch_bounds__(epi::kThreads)
 #pragma unroll 4
   for (int64_t j = threadIdx.x; j < cols; j += epi::kThreads) {
     const float inw = inv_nw[j];
-    const float z = epi::logit(s[j], scale, inx, inw, j, target_col, target);
+    const float z = epi::logit(s[j], scale, inx, inw, j, target_col);
     const float e = none_yet ? 0.f : expf(z - m_new);
     tsum += e;
     if (kWriteE) epi::store(e_out + row * cols + j, j == target_col ? 0.f : e * inw);
@@ -125,7 +123,7 @@ __global__ void __launch_bounds__(epi::kThreads)
     grads_epilogue_kernel(const float* __restrict__ scores, int64_t cols,
                           const float* __restrict__ inv_nx, const float* __restrict__ inv_nw,
                           const int64_t* __restrict__ labels,
-                          const float* __restrict__ target_logit, int64_t c0, float scale,
+                          int64_t c0, float scale,
                           const float* __restrict__ lse, const float* __restrict__ row_coef,
                           TP* __restrict__ p_out, TP* __restrict__ pw_out) {
   const int64_t row = blockIdx.x;
@@ -142,12 +140,11 @@ __global__ void __launch_bounds__(epi::kThreads)
   const float* s = scores + row * cols;
   const float inx = inv_nx[row], lse_r = lse[row];
   const int64_t target_col = labels[row] < 0 ? -1 : labels[row] - c0;
-  const float target = target_logit[row];
 #pragma unroll 4
   for (int64_t j = threadIdx.x; j < cols; j += epi::kThreads) {
     const float inw = inv_nw[j];
-    const float e = j == target_col ? 0.f
-                                    : expf(epi::logit(s[j], scale, inx, inw, j, target_col, target) - lse_r);
+    const float e =
+        j == target_col ? 0.f : expf(epi::logit(s[j], scale, inx, inw, j, target_col) - lse_r);
     if (p) epi::store(p + j, rc * e);
     if (pw) epi::store(pw + j, e * inw);
   }

@@ -18,7 +18,7 @@ using tile::aligned16;
 template <bool kAsync>
 Status launch_partial(const uint16_t* x, const uint16_t* w, int B, int C, int d,
                       const float* inv_nx, const float* inv_nw, const int64_t* labels,
-                      const float* target_logit, float scale, int64_t splits,
+                      float scale, int64_t splits,
                       int tiles_per_split, float* ws_m, float* ws_l, cudaStream_t stream) {
   // grid.y = splits (the ones that have classes), each of tiles_per_split class tiles.
   constexpr int smem = fused::kSmemBytes;
@@ -31,14 +31,14 @@ Status launch_partial(const uint16_t* x, const uint16_t* w, int B, int C, int d,
   const dim3 grid(static_cast<unsigned>((B + fused::kBM - 1) / fused::kBM),
                   static_cast<unsigned>(splits));
   fused_lse_partial_kernel<kAsync><<<grid, fused::kThreads, smem, stream>>>(
-      x, w, B, C, d, inv_nx, inv_nw, labels, target_logit, scale, tiles_per_split, ws_m, ws_l);
+      x, w, B, C, d, inv_nx, inv_nw, labels, scale, tiles_per_split, ws_m, ws_l);
   return check_launch("margin_fused_lse");
 }
 
 template <int kDP, bool kAsync>
 Status launch_pws_partial(const uint16_t* x, const uint16_t* w, int B, int C, int d,
                           const float* inv_nx, const float* inv_nw, const int64_t* labels,
-                          const float* target_logit, float scale, int64_t splits,
+                          float scale, int64_t splits,
                           int tiles_per_split, float* ws_m, float* ws_l, float* ws_o,
                           cudaStream_t stream) {
   constexpr int smem = fpws::Shape<kDP>::kSmemBytes;
@@ -51,7 +51,7 @@ Status launch_pws_partial(const uint16_t* x, const uint16_t* w, int B, int C, in
   const dim3 grid(static_cast<unsigned>((B + fpws::kBM - 1) / fpws::kBM),
                   static_cast<unsigned>(splits));
   fused_pws_partial_kernel<kDP, kAsync><<<grid, fpws::kThreads, smem, stream>>>(
-      x, w, B, C, d, inv_nx, inv_nw, labels, target_logit, scale, tiles_per_split, ws_m, ws_l,
+      x, w, B, C, d, inv_nx, inv_nw, labels, scale, tiles_per_split, ws_m, ws_l,
       ws_o);
   return check_launch("margin_fused_lse_pws");
 }
@@ -59,21 +59,21 @@ Status launch_pws_partial(const uint16_t* x, const uint16_t* w, int B, int C, in
 template <bool kAsync>
 Status launch_pws_partial_d(const uint16_t* x, const uint16_t* w, int B, int C, int d,
                             const float* inv_nx, const float* inv_nw, const int64_t* labels,
-                            const float* target_logit, float scale, int64_t splits,
+                            float scale, int64_t splits,
                             int tiles_per_split, float* ws_m, float* ws_l, float* ws_o,
                             cudaStream_t stream) {
   // d padded to the next of 64 / 128 / 256 / 512 (zero-filled depth).
   if (d <= 64)
-    return launch_pws_partial<64, kAsync>(x, w, B, C, d, inv_nx, inv_nw, labels, target_logit,
-                                          scale, splits, tiles_per_split, ws_m, ws_l, ws_o, stream);
+    return launch_pws_partial<64, kAsync>(x, w, B, C, d, inv_nx, inv_nw, labels, scale, splits,
+                                          tiles_per_split, ws_m, ws_l, ws_o, stream);
   if (d <= 128)
-    return launch_pws_partial<128, kAsync>(x, w, B, C, d, inv_nx, inv_nw, labels, target_logit,
-                                           scale, splits, tiles_per_split, ws_m, ws_l, ws_o, stream);
+    return launch_pws_partial<128, kAsync>(x, w, B, C, d, inv_nx, inv_nw, labels, scale, splits,
+                                           tiles_per_split, ws_m, ws_l, ws_o, stream);
   if (d <= 256)
-    return launch_pws_partial<256, kAsync>(x, w, B, C, d, inv_nx, inv_nw, labels, target_logit,
-                                           scale, splits, tiles_per_split, ws_m, ws_l, ws_o, stream);
-  return launch_pws_partial<512, kAsync>(x, w, B, C, d, inv_nx, inv_nw, labels, target_logit,
-                                         scale, splits, tiles_per_split, ws_m, ws_l, ws_o, stream);
+    return launch_pws_partial<256, kAsync>(x, w, B, C, d, inv_nx, inv_nw, labels, scale, splits,
+                                           tiles_per_split, ws_m, ws_l, ws_o, stream);
+  return launch_pws_partial<512, kAsync>(x, w, B, C, d, inv_nx, inv_nw, labels, scale, splits,
+                                         tiles_per_split, ws_m, ws_l, ws_o, stream);
 }
 
 }  // namespace
@@ -86,7 +86,7 @@ int64_t margin_fused_default_splits(int64_t B, int64_t C) {
 
 Status margin_fused_lse(const void* x, const void* w, DType dtype, int64_t B, int64_t C, int64_t d,
                         const float* inv_nx, const float* inv_nw, const int64_t* labels,
-                        const float* target_logit, float scale, int64_t splits, float* workspace,
+                        float scale, int64_t splits, float* workspace,
                         int64_t workspace_floats, double* lse, void* stream) {
   const char* what = "margin_fused_lse";
   if (dtype != DType::kBFloat16) return Status::Error("margin_fused_lse: x and w must be bfloat16");
@@ -96,7 +96,7 @@ Status margin_fused_lse(const void* x, const void* w, DType dtype, int64_t B, in
     return Status::Error("margin_fused_lse: B, C and d must be below 2^31 - 128");
   if (splits < 1) return Status::Error("margin_fused_lse: splits must be >= 1");
   if (x == nullptr || w == nullptr || inv_nx == nullptr || inv_nw == nullptr ||
-      labels == nullptr || target_logit == nullptr || workspace == nullptr || lse == nullptr)
+      labels == nullptr || workspace == nullptr || lse == nullptr)
     return Status::Error("margin_fused_lse: null pointer argument");
   if (workspace_floats < margin_fused_workspace_floats(B, splits))
     return Status::Error("margin_fused_lse: workspace has " + std::to_string(workspace_floats) +
@@ -119,9 +119,9 @@ Status margin_fused_lse(const void* x, const void* w, DType dtype, int64_t B, in
   const int Bi = static_cast<int>(B), Ci = static_cast<int>(C), di = static_cast<int>(d);
   const int tps = static_cast<int>(tiles_per_split);
   st = d % 8 == 0 && aligned16(x) && aligned16(w)
-           ? launch_partial<true>(xb, wb, Bi, Ci, di, inv_nx, inv_nw, labels, target_logit, scale,
+           ? launch_partial<true>(xb, wb, Bi, Ci, di, inv_nx, inv_nw, labels, scale,
                                   used, tps, ws_m, ws_l, s)
-           : launch_partial<false>(xb, wb, Bi, Ci, di, inv_nx, inv_nw, labels, target_logit, scale,
+           : launch_partial<false>(xb, wb, Bi, Ci, di, inv_nx, inv_nw, labels, scale,
                                    used, tps, ws_m, ws_l, s);
   if (!st.ok()) return st;
   const unsigned blocks = static_cast<unsigned>((B + fused::kMergeThreads - 1) / fused::kMergeThreads);
@@ -152,7 +152,7 @@ int64_t margin_fused_pws_default_splits(int64_t B, int64_t C) {
 
 Status margin_fused_lse_pws(const void* x, const void* w, DType dtype, int64_t B, int64_t C,
                             int64_t d, const float* inv_nx, const float* inv_nw,
-                            const int64_t* labels, const float* target_logit, float scale,
+                            const int64_t* labels, float scale,
                             int64_t splits, float* workspace, int64_t workspace_floats, double* lse,
                             float* pws, void* stream) {
   const char* what = "margin_fused_lse_pws";
@@ -168,7 +168,7 @@ Status margin_fused_lse_pws(const void* x, const void* w, DType dtype, int64_t B
     return Status::Error("margin_fused_lse_pws: B and C must be below 2^31 - 64");
   if (splits < 1) return Status::Error("margin_fused_lse_pws: splits must be >= 1");
   if (x == nullptr || w == nullptr || inv_nx == nullptr || inv_nw == nullptr ||
-      labels == nullptr || target_logit == nullptr || workspace == nullptr || lse == nullptr ||
+      labels == nullptr || workspace == nullptr || lse == nullptr ||
       pws == nullptr)
     return Status::Error("margin_fused_lse_pws: null pointer argument");
   const int64_t need = margin_fused_pws_workspace_floats(B, d, splits);
@@ -191,10 +191,10 @@ Status margin_fused_lse_pws(const void* x, const void* w, DType dtype, int64_t B
   const int Bi = static_cast<int>(B), Ci = static_cast<int>(C), di = static_cast<int>(d);
   const int tps = static_cast<int>(tiles_per_split);
   st = d % 8 == 0 && aligned16(x) && aligned16(w)
-           ? launch_pws_partial_d<true>(xb, wb, Bi, Ci, di, inv_nx, inv_nw, labels, target_logit,
-                                        scale, used, tps, ws_m, ws_l, ws_o, s)
-           : launch_pws_partial_d<false>(xb, wb, Bi, Ci, di, inv_nx, inv_nw, labels, target_logit,
-                                         scale, used, tps, ws_m, ws_l, ws_o, s);
+           ? launch_pws_partial_d<true>(xb, wb, Bi, Ci, di, inv_nx, inv_nw, labels, scale, used,
+                                        tps, ws_m, ws_l, ws_o, s)
+           : launch_pws_partial_d<false>(xb, wb, Bi, Ci, di, inv_nx, inv_nw, labels, scale, used,
+                                         tps, ws_m, ws_l, ws_o, s);
   if (!st.ok()) return st;
   fused_pws_merge_kernel<<<static_cast<unsigned>(B), fpws::kMergeThreads, 0, s>>>(
       ws_m, ws_l, ws_o, B, di, static_cast<int>(used), lse, pws);

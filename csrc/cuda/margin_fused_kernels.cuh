@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(fused::kThreads, 2)
     fused_lse_partial_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w,
                              int B, int C, int d, const float* __restrict__ inv_nx,
                              const float* __restrict__ inv_nw, const int64_t* __restrict__ labels,
-                             const float* __restrict__ target_logit, float scale,
+                             float scale,
                              int tiles_per_split, float* __restrict__ ws_m,
                              float* __restrict__ ws_l) {
   using namespace fused;
@@ -126,8 +126,8 @@ __global__ void __launch_bounds__(fused::kThreads, 2)
         const int row = m0 + wm * (kMI * 16) + (r / 2) * 16 + mma::acc_row(lane, 2 * (r % 2));
         const bool row_ok = row < B;
         inx[r] = row_ok ? inv_nx[row] : 0.f;
-        // The target column is left out of the statistics (-inf; target_logit is not read): the
-        // caller combines them with the target logit in float64.
+        // The target column is left out of the statistics (-inf): the caller combines them
+        // with the target logit in float64.
         target[r] = -CUDART_INF_F;
         const int64_t label = row_ok ? labels[row] : -1;
         tcol[r] = label >= n0 && label < n0 + kBN ? static_cast<int>(label - n0) : -1;

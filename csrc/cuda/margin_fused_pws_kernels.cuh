@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(fpws::kThreads, 1)
     fused_pws_partial_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w,
                              int B, int C, int d, const float* __restrict__ inv_nx,
                              const float* __restrict__ inv_nw, const int64_t* __restrict__ labels,
-                             const float* __restrict__ target_logit, float scale,
+                             float scale,
                              int tiles_per_split, float* __restrict__ ws_m,
                              float* __restrict__ ws_l, float* __restrict__ ws_o) {
   using namespace fpws;
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(fpws::kThreads, 1)
     const bool ok = row < B;
     const int64_t label = ok ? labels[row] : -1;
     row_inx[tid] = ok ? inv_nx[row] : 0.f;
-    row_tgt[tid] = -CUDART_INF_F;  // the target column is left out (target_logit is not read)
+    row_tgt[tid] = -CUDART_INF_F;  // the target column is left out
     row_lab[tid] = label >= c_begin && label < c_end ? static_cast<int>(label - c_begin) : -1;
   }
   load_rows<kBM, kDP, kLd, kAsync>(xs, x, m0, B - m0, d);

@@ -19,14 +19,14 @@ int pick_tile(int64_t d, int static_bytes) {
 
 template <typename T>
 Status launch_stats(const T* x, const T* w, const float* inv_nx, const float* inv_nw,
-                    const int64_t* labels, const float* target_logit, int64_t B, int64_t C,
+                    const int64_t* labels, int64_t B, int64_t C,
                     int64_t d, float scale, int splits, float* m, float* l, float* acc,
                     cudaStream_t stream) {
   const int64_t per_split = ((C + splits - 1) / splits + kCols - 1) / kCols * kCols;
   if (acc == nullptr) {
     dim3 grid(static_cast<unsigned>((B + kRows - 1) / kRows), splits);
     stats_kernel<T, false><<<grid, kThreads, 0, stream>>>(x, w, inv_nx, inv_nw, labels,
-                                                          target_logit, B, C, d, scale, kRows,
+                                                          B, C, d, scale, kRows,
                                                           per_split, m, l, nullptr);
     return check_launch("margin_softmax_stats");
   }
@@ -39,14 +39,14 @@ Status launch_stats(const T* x, const T* w, const float* inv_nx, const float* in
                        static_cast<int>(smem));
   dim3 grid(static_cast<unsigned>((B + rows - 1) / rows), splits);
   stats_kernel<T, true><<<grid, kThreads, smem, stream>>>(x, w, inv_nx, inv_nw, labels,
-                                                          target_logit, B, C, d, scale, rows,
+                                                          B, C, d, scale, rows,
                                                           per_split, m, l, acc);
   return check_launch("margin_softmax_stats");
 }
 
 template <typename T>
 Status launch_grad_weight(const T* x, const T* w, const float* inv_nx, const float* inv_nw,
-                          const int64_t* labels, const float* target_logit, const float* lse,
+                          const int64_t* labels, const float* lse,
                           const float* row_coef, int64_t B, int64_t C, int64_t d, float scale,
                           float* out, cudaStream_t stream) {
   cudaFuncAttributes attr{};
@@ -59,14 +59,14 @@ Status launch_grad_weight(const T* x, const T* w, const float* inv_nx, const flo
                        static_cast<int>(smem));
   const unsigned blocks = static_cast<unsigned>((C + cols - 1) / cols);
   grad_weight_kernel<T><<<blocks, kThreads, smem, stream>>>(
-      x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, B, C, d, scale, cols, out);
+      x, w, inv_nx, inv_nw, labels, lse, row_coef, B, C, d, scale, cols, out);
   return check_launch("margin_softmax_grad_weight");
 }
 
 }  // namespace
 
 Status margin_softmax_stats(const void* x, const void* w, const float* inv_nx, const float* inv_nw,
-                            const int64_t* labels, const float* target_logit, int64_t B, int64_t C,
+                            const int64_t* labels, int64_t B, int64_t C,
                             int64_t d, DType dtype, float scale, int splits, float* m, float* l,
                             float* acc, void* stream) {
   if (B <= 0 || C <= 0 || d <= 0 || splits <= 0)
@@ -75,21 +75,21 @@ Status margin_softmax_stats(const void* x, const void* w, const float* inv_nx, c
   switch (dtype) {
     case DType::kFloat32:
       return launch_stats(static_cast<const float*>(x), static_cast<const float*>(w), inv_nx,
-                          inv_nw, labels, target_logit, B, C, d, scale, splits, m, l, acc, s);
+                          inv_nw, labels, B, C, d, scale, splits, m, l, acc, s);
     case DType::kFloat16:
       return launch_stats(static_cast<const __half*>(x), static_cast<const __half*>(w), inv_nx,
-                          inv_nw, labels, target_logit, B, C, d, scale, splits, m, l, acc, s);
+                          inv_nw, labels, B, C, d, scale, splits, m, l, acc, s);
     case DType::kBFloat16:
       return launch_stats(static_cast<const __nv_bfloat16*>(x),
                           static_cast<const __nv_bfloat16*>(w), inv_nx, inv_nw, labels,
-                          target_logit, B, C, d, scale, splits, m, l, acc, s);
+                          B, C, d, scale, splits, m, l, acc, s);
   }
   return Status::Error("margin_softmax_stats: unknown dtype code");
 }
 
 Status margin_softmax_grad_weight(const void* x, const void* w, const float* inv_nx,
                                   const float* inv_nw, const int64_t* labels,
-                                  const float* target_logit, const float* lse,
+                                  const float* lse,
                                   const float* row_coef, int64_t B, int64_t C, int64_t d,
                                   DType dtype, float scale, float* out, void* stream) {
   if (B <= 0 || C <= 0 || d <= 0)
@@ -98,16 +98,16 @@ Status margin_softmax_grad_weight(const void* x, const void* w, const float* inv
   switch (dtype) {
     case DType::kFloat32:
       return launch_grad_weight(static_cast<const float*>(x), static_cast<const float*>(w),
-                                inv_nx, inv_nw, labels, target_logit, lse, row_coef, B, C, d,
+                                inv_nx, inv_nw, labels, lse, row_coef, B, C, d,
                                 scale, out, s);
     case DType::kFloat16:
       return launch_grad_weight(static_cast<const __half*>(x), static_cast<const __half*>(w),
-                                inv_nx, inv_nw, labels, target_logit, lse, row_coef, B, C, d,
+                                inv_nx, inv_nw, labels, lse, row_coef, B, C, d,
                                 scale, out, s);
     case DType::kBFloat16:
       return launch_grad_weight(static_cast<const __nv_bfloat16*>(x),
                                 static_cast<const __nv_bfloat16*>(w), inv_nx, inv_nw, labels,
-                                target_logit, lse, row_coef, B, C, d, scale, out, s);
+                                lse, row_coef, B, C, d, scale, out, s);
   }
   return Status::Error("margin_softmax_grad_weight: unknown dtype code");
 }

@@ -18,7 +18,7 @@ template <typename T, bool kWithAcc>
 __global__ void __launch_bounds__(kThreads)
     stats_kernel(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ inv_nx,
                  const float* __restrict__ inv_nw, const int64_t* __restrict__ labels,
-                 const float* __restrict__ target_logit, int64_t B, int64_t C, int64_t d,
+                 int64_t B, int64_t C, int64_t d,
                  float scale, int tile_rows, int64_t classes_per_split, float* __restrict__ m_out,
                  float* __restrict__ l_out, float* __restrict__ acc_out) {
   __shared__ float xs[kRows][kK + 1];
@@ -124,8 +124,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ w,
                        const float* __restrict__ inv_nx, const float* __restrict__ inv_nw,
-                       const int64_t* __restrict__ labels, const float* __restrict__ target_logit,
-                       const float* __restrict__ lse, const float* __restrict__ row_coef, int64_t B,
+                       const int64_t* __restrict__ labels, const float* __restrict__ lse,
+                       const float* __restrict__ row_coef, int64_t B,
                        int64_t C, int64_t d, float scale, int tile_cols, float* __restrict__ out) {
   __shared__ float xs[kRows][kK + 1];
   __shared__ float ws[kCols][kK + 1];

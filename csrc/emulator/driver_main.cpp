@@ -97,7 +97,6 @@ struct FusedMarginInputs {
   const void *x, *w;
   const float *inv_nx, *inv_nw;
   const int64_t* labels;
-  const float* target;
 };
 FusedMarginInputs fused_margin_inputs(int64_t B, int64_t C, int64_t d, const std::string& null_arg) {
   auto arg = [&](const std::string& name, size_t bytes) {
@@ -108,8 +107,7 @@ FusedMarginInputs fused_margin_inputs(int64_t B, int64_t C, int64_t d, const std
           arg("w", C * d * 2),
           static_cast<const float*>(arg("inv_nx", B * 4)),
           static_cast<const float*>(arg("inv_nw", C * 4)),
-          static_cast<const int64_t*>(arg("labels", B * 8)),
-          static_cast<const float*>(arg("target_logit", B * 4))};
+          static_cast<const int64_t*>(arg("labels", B * 8))};
 }
 
 std::vector<uint64_t> seeds() {
@@ -147,7 +145,6 @@ int main(int argc, char** argv) {
     auto inv_nx = static_cast<const float*>(input("inv_nx", B * 4));
     auto inv_nw = static_cast<const float*>(input("inv_nw", C * 4));
     auto labels = static_cast<const int64_t*>(input("labels", B * 8));
-    auto target = static_cast<const float*>(input("target_logit", B * 4));
     if (op == "stats") {
       const int S = static_cast<int>(req_int("splits"));
       const bool with_acc = req_int("with_acc") != 0;
@@ -156,7 +153,7 @@ int main(int argc, char** argv) {
       if (with_acc) outs.push_back(output("acc", S * B * d * 4, 0xff));
       call = [=, &outs] {
         return bct_fast::margin_softmax_stats(
-            x, w, inv_nx, inv_nw, labels, target, B, C, d, static_cast<bct_fast::DType>(dt), scale,
+            x, w, inv_nx, inv_nw, labels, B, C, d, static_cast<bct_fast::DType>(dt), scale,
             S, static_cast<float*>(outs[0].buf), static_cast<float*>(outs[1].buf),
             with_acc ? static_cast<float*>(outs[2].buf) : nullptr, nullptr);
       };
@@ -166,7 +163,7 @@ int main(int argc, char** argv) {
       outs.push_back(output("gw", C * d * 4, 0xff));
       call = [=, &outs] {
         return bct_fast::margin_softmax_grad_weight(
-            x, w, inv_nx, inv_nw, labels, target, lse, row_coef, B, C, d,
+            x, w, inv_nx, inv_nw, labels, lse, row_coef, B, C, d,
             static_cast<bct_fast::DType>(dt), scale, static_cast<float*>(outs[0].buf), nullptr);
       };
     }
@@ -178,7 +175,6 @@ int main(int argc, char** argv) {
     auto inv_nx = static_cast<const float*>(input("inv_nx", B * 4));
     auto inv_nw = static_cast<const float*>(input("inv_nw", cols * 4));
     auto labels = static_cast<const int64_t*>(input("labels", B * 8));
-    auto target = static_cast<const float*>(input("target_logit", B * 4));
     const auto dt = static_cast<bct_fast::DType>(odt);
     if (op == "epi_stats") {
       const bool with_e = req_int("with_e") != 0;
@@ -190,7 +186,7 @@ int main(int argc, char** argv) {
       }
       call = [=, &outs] {
         return bct_fast::margin_epilogue_stats(
-            scores, B, cols, inv_nx, inv_nw, labels, target, c0, scale,
+            scores, B, cols, inv_nx, inv_nw, labels, c0, scale,
             static_cast<float*>(outs[0].buf), static_cast<float*>(outs[1].buf),
             with_e ? outs[2].buf : nullptr, dt,
             with_e ? static_cast<float*>(outs[3].buf) : nullptr, nullptr);
@@ -204,7 +200,7 @@ int main(int argc, char** argv) {
       outs.push_back(output("pw", need_pw ? B * cols * dtype_size(odt) : 0, 0xff));
       call = [=, &outs] {
         return bct_fast::margin_epilogue_grads(
-            scores, B, cols, inv_nx, inv_nw, labels, target, c0, scale, lse, row_coef,
+            scores, B, cols, inv_nx, inv_nw, labels, c0, scale, lse, row_coef,
             need_p ? outs[0].buf : nullptr, need_pw ? outs[1].buf : nullptr, dt, nullptr);
       };
     }
@@ -259,7 +255,7 @@ int main(int argc, char** argv) {
     call = [=, &outs] {
       return bct_fast::margin_fused_lse(
           in.x, in.w, bct_fast::DType::kBFloat16, B, C, d, in.inv_nx, in.inv_nw, in.labels,
-          in.target, scale, S,
+          scale, S,
           null_arg == "workspace" ? nullptr : static_cast<float*>(outs[1].buf), ws_floats,
           null_arg == "lse" ? nullptr : static_cast<double*>(outs[0].buf), nullptr);
     };
@@ -292,7 +288,7 @@ int main(int argc, char** argv) {
     call = [=, &outs] {
       return bct_fast::margin_fused_lse_pws(
           in.x, in.w, bct_fast::DType::kBFloat16, B, C, d, in.inv_nx, in.inv_nw, in.labels,
-          in.target, scale, S,
+          scale, S,
           nul("workspace", outs[2].buf), ws_floats,
           reinterpret_cast<double*>(nul("lse", outs[0].buf)), nul("pws", outs[1].buf), nullptr);
     };

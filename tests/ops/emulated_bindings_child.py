@@ -80,11 +80,9 @@ def loss_inputs(dtype: torch.dtype, B: int = 37, C: int = 300, d: int = 40, seed
     x, w = x.to(dtype), w.to(dtype)
     inv_nx = x.double().norm(dim=1).reciprocal().float()
     inv_nw = w.double().norm(dim=1).reciprocal().float()
-    target_logit = torch.randn(B, generator=g)  # not read by any sweep
     row_coef = torch.rand(B, generator=g) + 0.5
     row_coef[5] = 0.0  # a row whose coefficient is 0 (an ignored row in the backward)
-    return dict(x=x, w=w, inv_nx=inv_nx, inv_nw=inv_nw, labels=labels, target_logit=target_logit,
-                row_coef=row_coef, scale=16.0)
+    return dict(x=x, w=w, inv_nx=inv_nx, inv_nw=inv_nw, labels=labels, row_coef=row_coef, scale=16.0)
 
 
 def search_inputs(dtype: torch.dtype, Q: int = 29, N: int = 333, d: int = 40, seed: int = 1):
@@ -104,7 +102,7 @@ def _lse_of(t: dict) -> torch.Tensor:
 # ---- cases: name -> () -> (inputs, outputs) -------------------------------------------------------
 
 def _loss_args(t):
-    return (t["x"], t["w"], t["inv_nx"], t["inv_nw"], t["labels"], t["target_logit"])
+    return (t["x"], t["w"], t["inv_nx"], t["inv_nw"], t["labels"])
 
 
 def margin_cuda_stats(dtype, with_pws):

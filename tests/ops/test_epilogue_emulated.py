@@ -33,7 +33,7 @@ def _built():
 
 def block_inputs(rng, B, cols, c0, scale=16.0, d=24):
     """A score block as the loop produces it: S = x @ w_c.T (fp32), inverse norms, labels inside
-    this chunk, in another chunk and -1, margin logits."""
+    this chunk, in another chunk and -1."""
     x = rng.standard_normal((B, d)).astype(F32)
     w = rng.standard_normal((cols, d)).astype(F32)
     scores = (x @ w.T).astype(F32)
@@ -42,8 +42,7 @@ def block_inputs(rng, B, cols, c0, scale=16.0, d=24):
     labels = rng.integers(c0, c0 + cols, B).astype(np.int64)
     labels[rng.random(B) < 0.25] = -1
     labels[rng.random(B) < 0.2] = c0 + cols + 3  # a target in a later chunk
-    target = (rng.uniform(-1, 1, B) * scale).astype(F32)
-    return dict(scores=scores, inv_nx=inv_nx, inv_nw=inv_nw, labels=labels, target_logit=target)
+    return dict(scores=scores, inv_nx=inv_nx, inv_nw=inv_nw, labels=labels)
 
 
 def target_cells(a, c0, cols):
@@ -55,7 +54,7 @@ def target_cells(a, c0, cols):
 
 def ref_z(a, c0, scale):
     """float64 logits of the block, each row's target column left out (-inf) as the kernels do
-    (target_logit is not read: the caller combines the results with it)."""
+    (the caller combines the results with the margin logit)."""
     z = scale * a["scores"].astype(np.float64) * a["inv_nx"].astype(np.float64)[:, None] \
         * a["inv_nw"].astype(np.float64)[None, :]
     rows, cols = target_cells(a, c0, z.shape[1])
@@ -118,7 +117,7 @@ def test_stats_epilogue(B, cols, c0, e_dtype):
     tm, tl = torch.from_numpy(m0.copy()), torch.from_numpy(l0.copy())
     te = torch.empty(B, cols, dtype=e_dtype) if e_dtype is not None else None
     ta = torch.empty(B) if e_dtype is not None else None
-    twin.stats_epilogue(t["scores"], t["inv_nx"], t["inv_nw"], t["labels"], t["target_logit"], c0,
+    twin.stats_epilogue(t["scores"], t["inv_nx"], t["inv_nw"], t["labels"], c0,
                         scale, tm, tl, te, ta)
     np.testing.assert_array_equal(m, tm.numpy())  # the same z and an exact max
     assert scaled_err(l, tl.numpy()) < 2e-6
@@ -146,8 +145,7 @@ def test_stats_epilogue_all_neg_inf_rows():
     left out) keep m=-inf, l=0, write e=0 and alpha=0 (no NaN); a row whose running max is -inf
     picks up a finite block."""
     a = dict(scores=np.array([[1.0], [2.0], [0.5]], F32), inv_nx=np.ones(3, F32),
-             inv_nw=np.ones(1, F32), labels=np.array([0, 0, -1], np.int64),
-             target_logit=np.array([-np.inf, 3.0, 0.0], F32))
+             inv_nw=np.ones(1, F32), labels=np.array([0, 0, -1], np.int64))
     m0 = np.array([-np.inf, -np.inf, 1.0], F32)
     l0 = np.array([0.0, 0.0, 2.0], F32)
     m, l, e, alpha = run_stats(a, m0, l0, 0, 4.0, torch.float32)
@@ -180,7 +178,7 @@ def test_grads_epilogue(B, cols, c0, out_dtype, need):
     t = tensors(a)
     tp = torch.empty(B, cols, dtype=out_dtype) if need_p else None
     tpw = torch.empty(B, cols, dtype=out_dtype) if need_pw else None
-    twin.grads_epilogue(t["scores"], t["inv_nx"], t["inv_nw"], t["labels"], t["target_logit"], c0,
+    twin.grads_epilogue(t["scores"], t["inv_nx"], t["inv_nw"], t["labels"], c0,
                         scale, torch.from_numpy(lse), torch.from_numpy(row_coef), tp, tpw)
     live = row_coef != 0
     e = np.zeros_like(z)
@@ -219,10 +217,9 @@ def test_launchers_refuse_bad_arguments():
 
 # ---- the chunk loop with the emulated kernels as its epilogue ---------------------------------
 
-def _emulated_stats(scores, inv_nx, inv_nw, labels, target_logit, c0, scale, m, l, e_out=None,
+def _emulated_stats(scores, inv_nx, inv_nw, labels, c0, scale, m, l, e_out=None,
                     alpha_out=None):
-    a = {k: v.numpy() for k, v in dict(scores=scores, inv_nx=inv_nx, inv_nw=inv_nw, labels=labels,
-                                       target_logit=target_logit).items()}
+    a = {k: v.numpy() for k, v in dict(scores=scores, inv_nx=inv_nx, inv_nw=inv_nw, labels=labels).items()}
     rm, rl, re, ra = run_stats(a, m.numpy().copy(), l.numpy().copy(), c0, scale,
                                e_out.dtype if e_out is not None else None)
     m.copy_(torch.from_numpy(rm.copy()))
@@ -232,12 +229,11 @@ def _emulated_stats(scores, inv_nx, inv_nw, labels, target_logit, c0, scale, m, 
         alpha_out.copy_(torch.from_numpy(ra.copy()))
 
 
-def _emulated_grads(scores, inv_nx, inv_nw, labels, target_logit, c0, scale, lse, row_coef,
+def _emulated_grads(scores, inv_nx, inv_nw, labels, c0, scale, lse, row_coef,
                     p_out=None, pw_out=None):
     B, cols = scores.shape
     out_dtype = (p_out if p_out is not None else pw_out).dtype
-    a = {k: v.numpy() for k, v in dict(scores=scores, inv_nx=inv_nx, inv_nw=inv_nw, labels=labels,
-                                       target_logit=target_logit, lse=lse, row_coef=row_coef).items()}
+    a = {k: v.numpy() for k, v in dict(scores=scores, inv_nx=inv_nx, inv_nw=inv_nw, labels=labels, lse=lse, row_coef=row_coef).items()}
     out = emu.run("epi_grads", a, dict(B=B, cols=cols, c0=c0, scale=scale,
                                        out_dtype=OUT_CODES[out_dtype], need_p=p_out is not None,
                                        need_pw=pw_out is not None), seeds=(1,))
@@ -260,18 +256,17 @@ def test_chunk_loop_with_emulated_kernels(dtype):
     labels = torch.randint(0, C, (B,), generator=g)
     labels[1] = -1
     inv_nx, inv_nw = inv_row_norms(x, torch.float32), inv_row_norms(w, torch.float32)
-    target = torch.rand(B, generator=g) * scale
     row_coef = torch.rand(B, generator=g)
     row_coef[2] = 0.0
-    args = (x, w, inv_nx, inv_nw, labels, target)
+    args = (x, w, inv_nx, inv_nw, labels)
     out = {}
     for name, ep in (("emulated", EMULATED), ("twin", epi.TORCH_EPILOGUE)):
         lse, pws = epi.softmax_stats(*args, scale, True, chunk, epilogue=ep)
         gx, gw = epi.softmax_grads(*args, lse, row_coef, scale, True, True, chunk, epilogue=ep)
         out[name] = (lse, pws, gx, gw)
-    ref = margin_softmax_torch.softmax_stats(x.float(), w.float(), inv_nx, inv_nw, labels, target,
-                                             scale, True, chunk)
-    ref += margin_softmax_torch.softmax_grads(x.float(), w.float(), inv_nx, inv_nw, labels, target,
+    ref = margin_softmax_torch.softmax_stats(x.float(), w.float(), inv_nx, inv_nw, labels, scale,
+                                             True, chunk)
+    ref += margin_softmax_torch.softmax_grads(x.float(), w.float(), inv_nx, inv_nw, labels,
                                               out["twin"][0], row_coef, scale, True, True, chunk)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: e / p blocks and x_hat rounded to bf16
     for name, a, b, r in zip(("lse", "pws", "gx", "gw"), out["emulated"], out["twin"], ref):

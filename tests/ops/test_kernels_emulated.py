@@ -45,13 +45,12 @@ def margin_inputs(rng, B, C, d, dtype, scale=16.0):
     inv_nw = (1 / np.maximum(np.linalg.norm(wv.astype(np.float64), axis=1), 1e-12)).astype(F32)
     labels = rng.integers(0, C, B).astype(np.int64)
     labels[rng.random(B) < 0.2] = -1  # rows without a target column
-    target = (rng.uniform(-1, 1, B) * scale).astype(F32)
-    return dict(x=x, w=w, inv_nx=inv_nx, inv_nw=inv_nw, labels=labels, target_logit=target), xv, wv
+    return dict(x=x, w=w, inv_nx=inv_nx, inv_nw=inv_nw, labels=labels), xv, wv
 
 
 def ref_logits(arrays, xv, wv, scale):
     """float64 z [B, C] with each row's target column left out (-inf), as both kernels do (the
-    caller combines their results with target_logit, which they do not read). A dot product
+    caller combines their results with the margin logit). A dot product
     beyond fp32's range is +-inf, as the kernel's fp32 one (test_margin_stats_all_neg_inf builds
     -inf logits that way)."""
     dot = xv.astype(np.float64) @ wv.astype(np.float64).T
@@ -193,14 +192,12 @@ def test_margin_stats_all_neg_inf():
     arrays["inv_nx"] = (1 / np.linalg.norm(x.astype(np.float64), axis=1)).astype(F32)
     arrays["inv_nw"] = (1 / np.linalg.norm(w.astype(np.float64), axis=1)).astype(F32)
     arrays["labels"] = np.array([40, -1, 5, 69, -1, 33], np.int64)
-    arrays["target_logit"] = np.array([-np.inf, 3, -np.inf, 2, 1, -np.inf], F32)
     # Splits of 32: split 0 is -inf for every row, split 1 holds classes 32..63, split 2 64..69.
     check_stats(arrays, x, w, B, C, d, "float32", 16.0, 3)
 
     # C=1 whose only class is each row's target (left out): the whole row is -inf.
     arrays1, xv1, wv1 = margin_inputs(rng, 2, 1, 8, "float32")
     arrays1["labels"] = np.array([0, 0], np.int64)
-    arrays1["target_logit"] = np.array([-np.inf, 1.5], F32)
     check_stats(arrays1, xv1, wv1, 2, 1, 8, "float32", 16.0, 1)
 
 

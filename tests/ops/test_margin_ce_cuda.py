@@ -29,10 +29,9 @@ def test_kernel_is_used_and_matches_chunked_path(seed):
 
     x, w, y = inputs(50, 3001, 256, "cuda")
     inv_nx, inv_nw = x.norm(dim=1).reciprocal(), w.norm(dim=1).reciprocal()
-    target = torch.randn(50, device="cuda")
     assert cuda_provider.unsupported(x, w) is None
-    a = cuda_provider.softmax_stats(x, w, inv_nx, inv_nw, y, target, 20.0, True)
-    b = torch_provider.softmax_stats(x, w, inv_nx, inv_nw, y, target, 20.0, True)
+    a = cuda_provider.softmax_stats(x, w, inv_nx, inv_nw, y, 20.0, True)
+    b = torch_provider.softmax_stats(x, w, inv_nx, inv_nw, y, 20.0, True)
     for u, v in zip(a, b):
         assert torch.allclose(u, v, rtol=1e-4, atol=1e-5)
     r = torch.rand(50, device="cuda")
@@ -40,7 +39,7 @@ def test_kernel_is_used_and_matches_chunked_path(seed):
     # rescale of the SIMT provider's gx would be 1 and a missing one would go unseen.
     z_y = b[0] + torch.empty(50, device="cuda", dtype=torch.float64).uniform_(-1, 3)
     lse = torch.logaddexp(b[0], z_y)
-    ga = cuda_provider.softmax_grads(x, w, inv_nx, inv_nw, y, target, lse, r, 20.0, True, True)
-    gb = torch_provider.softmax_grads(x, w, inv_nx, inv_nw, y, target, lse, r, 20.0, True, True)
+    ga = cuda_provider.softmax_grads(x, w, inv_nx, inv_nw, y, lse, r, 20.0, True, True)
+    gb = torch_provider.softmax_grads(x, w, inv_nx, inv_nw, y, lse, r, 20.0, True, True)
     for u, v in zip(ga, gb):
         assert torch.allclose(u, v, rtol=1e-4, atol=1e-6)

@@ -46,14 +46,13 @@ def _params(x, w, scale):
     return dict(B=x.shape[0], C=w.shape[0], d=x.shape[1], dtype=DTYPE_CODES[x.dtype], scale=scale)
 
 
-def _arrays(x, w, inv_nx, inv_nw, labels, target_logit, **more):
-    return {k: _np(v) for k, v in dict(x=x, w=w, inv_nx=inv_nx, inv_nw=inv_nw, labels=labels,
-                                       target_logit=target_logit, **more).items()}
+def _arrays(x, w, inv_nx, inv_nw, labels, **more):
+    return {k: _np(v) for k, v in dict(x=x, w=w, inv_nx=inv_nx, inv_nw=inv_nw, labels=labels, **more).items()}
 
 
-def emu_stats_launch(x, w, inv_nx, inv_nw, labels, target_logit, scale, splits, m, l, acc):
+def emu_stats_launch(x, w, inv_nx, inv_nw, labels, scale, splits, m, l, acc):
     """msc.native_stats_launch's launcher call, run by the kernel emulator (CPU tensors)."""
-    out = emu.run("stats", _arrays(x, w, inv_nx, inv_nw, labels, target_logit),
+    out = emu.run("stats", _arrays(x, w, inv_nx, inv_nw, labels),
                   dict(_params(x, w, scale), splits=splits, with_acc=acc is not None), seeds=SEED)
     _put(out, "m", m)
     _put(out, "l", l)
@@ -61,9 +60,9 @@ def emu_stats_launch(x, w, inv_nx, inv_nw, labels, target_logit, scale, splits, 
         _put(out, "acc", acc)
 
 
-def emu_grad_weight_launch(x, w, inv_nx, inv_nw, labels, target_logit, lse, row_coef, scale, gw):
+def emu_grad_weight_launch(x, w, inv_nx, inv_nw, labels, lse, row_coef, scale, gw):
     """msc.native_grad_weight_launch's launcher call, run by the kernel emulator."""
-    out = emu.run("grad_weight", _arrays(x, w, inv_nx, inv_nw, labels, target_logit, lse=lse,
+    out = emu.run("grad_weight", _arrays(x, w, inv_nx, inv_nw, labels, lse=lse,
                                          row_coef=row_coef), _params(x, w, scale), seeds=SEED)
     _put(out, "gw", gw)
 
@@ -73,8 +72,7 @@ LAUNCHES = dict(launch_stats=emu_stats_launch, launch_grad_weight=emu_grad_weigh
 
 def case(B, C, d, dtype, seed):
     """Inputs of the sweeps as CosineMarginCrossEntropyFunction passes them: x, w in ``dtype``,
-    fp32 inverse norms, labels with some rows at -1 (no target), a target logit per row (passed
-    along, not read by the sweeps)."""
+    fp32 inverse norms, labels with some rows at -1 (no target)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(B, d, generator=gen).to(dtype)
     w = torch.randn(C, d, generator=gen).to(dtype)
@@ -83,8 +81,7 @@ def case(B, C, d, dtype, seed):
     labels[-1] = C - 1  # at least one target, in the last (partial) class tile
     if B > 1:
         labels[0] = -1
-    target = SCALE * (2 * torch.rand(B, generator=gen) - 1)
-    return x, w, inv_row_norms(x, torch.float32), inv_row_norms(w, torch.float32), labels, target
+    return x, w, inv_row_norms(x, torch.float32), inv_row_norms(w, torch.float32), labels
 
 
 def f64(args):
@@ -146,7 +143,6 @@ def test_grads(B, C, d, sms, dtype, tol):
     # (the rest's softmax times 1 - p_y) differs clearly from the rest's softmax alone.
     target = (torch.where(torch.isfinite(lse_rest), lse_rest, 0.0).float()
               + 4 * torch.rand(B, generator=gen) - 1)
-    args = (*args[:5], target)
     lse = full_lse(lse_rest, target, args[4])
     row_coef = 2 * torch.rand(B, generator=gen) - 1
     row_coef[torch.rand(B, generator=gen) < 0.2] = 0.0  # skipped rows (ignored labels)

@@ -7,9 +7,8 @@
 // except at the target column c0 + j == labels_i (labels_i < 0: none), which both launchers leave
 // out: the statistics are those of the other columns and the coefficient blocks hold 0 there.
 // The caller combines them with the target logit in float64 (the loss lse - z_y and p_y - 1 of a
-// well-classified row without cancellation); target_logit is not read. The inverse norms are
-// applied here, not to the GEMM operands, so the GEMM reads the caller's x and w as they are (no
-// normalized copy of w).
+// well-classified row without cancellation). The inverse norms are applied here, not to the
+// GEMM operands, so the GEMM reads the caller's x and w as they are (no normalized copy of w).
 // All pointers are device pointers of contiguous row-major arrays; `inv_nw` points at the
 // chunk's first class (inv_nw[0] belongs to class c0). Per-row vectors have B entries.
 #pragma once
@@ -29,7 +28,7 @@ namespace bct_fast {
 // m, l and e leave each row's target column out (e is 0 there).
 Status margin_epilogue_stats(const float* scores, int64_t B, int64_t cols, const float* inv_nx,
                              const float* inv_nw, const int64_t* labels,
-                             const float* target_logit, int64_t c0, float scale, float* m,
+                             int64_t c0, float scale, float* m,
                              float* l, void* e_out, DType e_dtype, float* alpha_out,
                              void* stream);
 
@@ -45,7 +44,7 @@ Status margin_epilogue_stats(const float* scores, int64_t B, int64_t cols, const
 // null (not needed), not both; both have out_dtype (fp32 or bf16), B x cols.
 Status margin_epilogue_grads(const float* scores, int64_t B, int64_t cols, const float* inv_nx,
                              const float* inv_nw, const int64_t* labels,
-                             const float* target_logit, int64_t c0, float scale,
+                             int64_t c0, float scale,
                              const float* lse, const float* row_coef, void* p_out, void* pw_out,
                              DType out_dtype, void* stream);
 

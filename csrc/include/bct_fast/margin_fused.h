@@ -3,7 +3,7 @@
 // For x [B, d] and w [C, d] (bf16, contiguous row-major) the logits are, as in margin_epilogue.h:
 //   z_ij = scale * S_ij * inv_nx_i * inv_nw_j      (S = x @ w^T accumulated in fp32; this order)
 // over the columns j != labels_i (each row's target column is left out; labels_i < 0: none;
-// target_logit is not read: the caller combines the result with it in float64), and
+// the caller combines the result with the margin logit in float64), and
 //   lse_i = log(sum_j exp(z_ij))                    (online max / sum-exp in fp32; the merge
 //                                                     writes M + log L in double).
 // One kernel computes S on tensor cores (mma.sync m16n8k16 bf16, fp32 accumulation; needs sm_80)
@@ -29,7 +29,7 @@ namespace bct_fast {
 // way). workspace_floats is the caller's workspace size, checked.
 Status margin_fused_lse(const void* x, const void* w, DType dtype, int64_t B, int64_t C, int64_t d,
                         const float* inv_nx, const float* inv_nw, const int64_t* labels,
-                        const float* target_logit, float scale, int64_t splits, float* workspace,
+                        float scale, int64_t splits, float* workspace,
                         int64_t workspace_floats, double* lse, void* stream);
 
 // A split count that gives a few hundred blocks when B is small, without making a block's class
@@ -63,7 +63,7 @@ constexpr int64_t kMarginFusedPwsMaxD = 512;
 
 Status margin_fused_lse_pws(const void* x, const void* w, DType dtype, int64_t B, int64_t C,
                             int64_t d, const float* inv_nx, const float* inv_nw,
-                            const int64_t* labels, const float* target_logit, float scale,
+                            const int64_t* labels, float scale,
                             int64_t splits, float* workspace, int64_t workspace_floats, double* lse,
                             float* pws, void* stream);
 

@@ -5,7 +5,7 @@
 // except at the target column j == labels_i (labels_i < 0: none), which both launchers leave
 // out: the statistics are those of the other columns, the gradient sweep gives it 0. The caller
 // combines them with the margin-adjusted target logit in float64 (the loss lse - z_y and p_y - 1
-// of a well-classified row without cancellation); target_logit is not read.
+// of a well-classified row without cancellation).
 // All statistics are fp32; x and w are fp32, fp16 or bf16 with the same dtype.
 #pragma once
 #include <cstdint>
@@ -22,7 +22,7 @@ namespace bct_fast {
 // the caller merges splits (log-sum-exp merge). An empty split writes m=-inf, l=0, acc=0.
 // Layouts: m, l: [splits, B]; acc: [splits, B, d].
 Status margin_softmax_stats(const void* x, const void* w, const float* inv_nx, const float* inv_nw,
-                            const int64_t* labels, const float* target_logit, int64_t B, int64_t C,
+                            const int64_t* labels, int64_t B, int64_t C,
                             int64_t d, DType dtype, float scale, int splits, float* m, float* l,
                             float* acc, void* stream);
 
@@ -33,7 +33,7 @@ Status margin_softmax_stats(const void* x, const void* w, const float* inv_nx, c
 // upstream gradient) are skipped.
 Status margin_softmax_grad_weight(const void* x, const void* w, const float* inv_nx,
                                   const float* inv_nw, const int64_t* labels,
-                                  const float* target_logit, const float* lse,
+                                  const float* lse,
                                   const float* row_coef, int64_t B, int64_t C, int64_t d,
                                   DType dtype, float scale, float* out, void* stream);
 
