@@ -481,11 +481,14 @@ class GalleryIndex:
         gallery = self._rows()
         # Rows are stored normalized: normalize the queries only (no pass over the gallery norms).
         qn = normalize_rows(queries.float() if queries.dtype != torch.float64 else queries)
+        out = qn.device  # results come back on the queries' device
+        if self.device.type == "cuda" and out.type == "cpu":
+            qn = qn.to(self.device)  # a GPU index searches on its GPU
         scores, rows = cosine_topk(qn, gallery, k, normalize=False, chunk_size=chunk_size, progress=progress)
         rows_here = rows.to(self.device)
-        ids = self._ids[rows_here].to(rows.device)
-        labels = self._labels[rows_here].to(rows.device) if self._labels is not None else None
-        return SearchResult(scores, rows, ids, labels)
+        ids = self._ids[rows_here].to(out)
+        labels = self._labels[rows_here].to(out) if self._labels is not None else None
+        return SearchResult(scores.to(out), rows.to(out), ids, labels)
 
     # ---- persistence ----------------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:

@@ -256,7 +256,7 @@ def tar_at_far(scores: Tensor, is_same: Tensor, fars: Sequence[float] = (1e-4, 1
     is_same = _real_tensor(is_same, "is_same")
     if is_same.dtype.is_floating_point and not bool(((is_same == 0) | (is_same == 1)).all()):
         raise ValueError("is_same: expected booleans (or 0/1), got other values")
-    is_same = is_same.bool().flatten()
+    is_same = is_same.bool().flatten().to(scores.device)  # flags may live on another device
     if scores.shape != is_same.shape:
         raise ValueError(f"is_same: expected {scores.numel()} flags, got {is_same.numel()}")
     if not bool(torch.isfinite(scores).all()):

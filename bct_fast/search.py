@@ -90,12 +90,14 @@ class FlatIndex:
         return x
 
     def add(self, x) -> None:
-        """Append rows [n, d] (numpy or torch); their ids are ntotal, ntotal + 1, ..."""
+        """Append rows [n, d] (numpy or torch); their ids are ntotal, ntotal + 1, ... The rows live
+        on the device of the first ones added (later ones are copied there)."""
         x = self._as_tensor(x, "x")
         if x.shape[0]:
             if not bool(torch.isfinite(x).all()):
                 raise ValueError("x: contains NaN or inf")
-            self._parts.append(x.detach().clone())
+            device = self._parts[0].device if self._parts else x.device
+            self._parts.append(x.detach().to(device, copy=True))
             self._rows = None
 
     def search(self, x, k: int):
@@ -111,8 +113,12 @@ class FlatIndex:
         if n and total:
             if self._rows is None:
                 self._rows = torch.cat(self._parts) if len(self._parts) > 1 else self._parts[0]
-            rows = self._rows.to(q.device)
+            # Rows on a GPU search there (host queries are copied over, results come back); host
+            # rows with CUDA queries are streamed to the GPU chunk by chunk by cosine_topk,
+            # never copied whole.
+            on_rows = q.to(self._rows.device) if self._rows.is_cuda and not q.is_cuda else q
             kk = min(k, total)
-            D[:, :kk], I[:, :kk] = cosine_topk(q, rows, kk, normalize=self.metric == "cosine")
+            s, i = cosine_topk(on_rows, self._rows, kk, normalize=self.metric == "cosine")
+            D[:, :kk], I[:, :kk] = s.to(D.device), i.to(I.device)
         return (D.cpu().numpy(), I.cpu().numpy()) if numpy_out else (D, I)
 

@@ -79,6 +79,10 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except TypeError:  # a torch without mm(out_dtype=): exact upcast, slower, same arithmetic
+        except torch.cuda.OutOfMemoryError:
+            raise
+        # A torch without mm(out_dtype=), or a build that refuses bf16 -> fp32 (ROCm): the exact
+        # upcast, slower, the same arithmetic.
+        except (TypeError, RuntimeError):
             pass
     return torch.mm(a.float(), b.float())

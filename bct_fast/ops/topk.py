@@ -61,7 +61,9 @@ def block_shape(Q: int, N: int, d: int, k: int, device_type: str, chunk_size: in
     of rows, when the gallery is read ``in_place``; a gallery converted chunk by chunk (fp16 /
     bf16 rows upcast into one reused buffer) keeps chunks of about 8 MiB of fp32 rows, which the
     product then reads from the cache (a 65536-row fp16 chunk at Q = 16, d = 128 took 2.4x
-    longer than 8192 rows). A user's ``chunk_size`` is kept as given."""
+    longer than 8192 rows). A user's ``chunk_size`` is kept as given, up to N (a larger one would
+    only shrink the query blocks and, for a host gallery headed for a GPU, size its pinned
+    staging buffers)."""
     cache_sized = device_type == "cpu" and not chunk_size
     target = min(_BLOCK_ELEMS, max(1 << 20, (1 << 21) * d // 128)) if cache_sized else _BLOCK_ELEMS
     chunk = chunk_size or min(N, _DEFAULT_CHUNK)
@@ -70,7 +72,7 @@ def block_shape(Q: int, N: int, d: int, k: int, device_type: str, chunk_size: in
         # rows) saves per-chunk calls; Q = 1, N = 1M, d = 64 went from 18 to 11 ms.
         rows_cap = _CPU_CHUNK_BYTES // (4 * d) if in_place else max(_MIN_CHUNK, _CPU_CONVERTED_BYTES // (4 * d))
         chunk = min(N, rows_cap, max(_MIN_CHUNK, target // max(Q, 1)))
-    chunk = max(k, chunk)
+    chunk = min(N, max(k, chunk))
     return chunk, max(1, min(Q, target // chunk))
 
 
@@ -175,7 +177,7 @@ def _gallery_chunks(g, chunk: int, device: torch.device, dtype: torch.dtype | No
                 release(part)  # the consumer is done with this chunk
         return
     src_dtype = _torch_dtype(g)
-    staging = [torch.empty(chunk, g.shape[1], dtype=src_dtype).pin_memory() for _ in range(2)]
+    staging = [torch.empty(min(chunk, N), g.shape[1], dtype=src_dtype).pin_memory() for _ in range(2)]
     done = [None, None]
     for step, n0 in enumerate(range(0, N, chunk)):
         buf = staging[step % 2]

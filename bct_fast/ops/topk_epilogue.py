@@ -477,9 +477,11 @@ def _screened(q: Tensor, g: Tensor, k: int, normalize: bool, exclude_self: bool,
         flag = torch.zeros(1, dtype=torch.int32, device=dev)
         dh = torch.zeros((), dtype=torch.float64, device=dev)
         h_max = torch.zeros((), dtype=torch.float64, device=dev)
+        # Once for the whole gallery (one host check per 1M rows), not one per chunk.
+        inv_ng = inv_row_norms_stepped(g) if normalize else None
         for n0 in range(0, N, cols):
             gb = g[n0:n0 + cols].to(torch.float32)
-            h = gb * inv_row_norms(gb)[:, None] if normalize else gb
+            h = gb * inv_ng[n0:n0 + cols, None] if normalize else gb
             h16 = h.to(torch.bfloat16)
             # the maxima stay on the device (no sync per chunk); NaN / inf propagate into them
             dh = torch.maximum(dh, _max_norm(h - h16.float()))

@@ -458,3 +458,15 @@ def test_composite_keys_order_and_round_trip(seed):
     assert np.array_equal(order, expect)
     v, j = decode_keys(keys)
     assert torch.equal(v, s + 0.0) and torch.equal(j, idx)
+
+
+def test_a_chunk_size_beyond_the_gallery_is_cut_to_it():
+    """chunk_size=2^22 on a 1,000-row gallery: chunks of 1,000 rows, so the query blocks are as
+    large as for any other 1,000-row chunk (and a host gallery headed for a GPU pins 1,000-row
+    staging buffers, not 2^22-row ones: 16 GiB at d = 512). The rule only, for both device types."""
+    from bct_fast.ops import topk as topk_mod
+
+    for device_type in ("cpu", "cuda"):
+        chunk, q_block = topk_mod.block_shape(300, 1000, 512, 10, device_type, 1 << 22)
+        assert chunk == 1000 and q_block == min(300, topk_mod._BLOCK_ELEMS // 1000)
+        assert topk_mod.block_shape(300, 1000, 512, 10, device_type, 256) == (256, 300)
