@@ -153,7 +153,8 @@ def _read_only_view(part: np.ndarray) -> Tensor:
 def _gallery_chunks(g, chunk: int, device: torch.device, dtype: torch.dtype | None,
                     reuse: bool = False) -> Iterator[tuple[int, Tensor]]:
     """Yield ``(row0, chunk on device)``. Host galleries headed for CUDA go through two pinned
-    staging buffers so the next copy overlaps the current chunk's search. Memory-mapped
+    staging buffers: the host fills the next one while the GPU searches the current chunk (the
+    transfer itself is queued on the search's stream, so it does not overlap the search). Memory-mapped
     galleries are read in place and their pages released after each chunk (_PageRelease).
     With ``reuse``, CPU chunks that need a dtype conversion are converted into one buffer that
     every chunk reuses (the consumer must be done with a chunk before asking for the next): a
