@@ -51,14 +51,15 @@ class CompatibilityValidator:
             are their own gallery (leave-one-out).
         metric: the metric of the rule and of the criterion (a key of ``evaluate_retrieval``).
         new_new_tolerance: how much new/new the chosen epoch may give up (absolute, e.g. 0.02).
-        device: where the new model embeds the validation images.
+        device: where the new model embeds the validation images (default: where it is; a
+            model moved elsewhere for this goes back afterwards).
         restore: load the chosen epoch's state when training ends (False: record and plot only,
             e.g. curves on a split that must not select the model).
     """
 
     def __init__(self, query_loader: Iterable, old_queries: Tensor, *, gallery_loader: Iterable | None = None,
                  old_gallery: Tensor | None = None, metric: str = "precision_at_1",
-                 new_new_tolerance: float = 0.02, device: str | torch.device = "cpu",
+                 new_new_tolerance: float = 0.02, device: str | torch.device | None = None,
                  restore: bool = True) -> None:
         check_matrix(old_queries, "old_queries")
         if (gallery_loader is None) != (old_gallery is None):

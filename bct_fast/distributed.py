@@ -1,7 +1,10 @@
 """Model-parallel classifier and sharded gallery search on ``torch.distributed``.
 
 Runs over any process group: NCCL on GPUs, gloo on CPU. Each rank holds a contiguous slice of
-the class weights (``shard_range``) or of the gallery; nothing is approximated.
+the class weights (``shard_range``) or of the gallery; nothing is approximated. Under NCCL each
+rank must have called ``torch.cuda.set_device(local_rank)`` (torchrun's usual setup): the object
+collectives of :func:`save_gallery_shard` run on the current device, and ranks sharing cuda:0
+make NCCL fail.
 
 - :class:`ShardedCosineMarginLoss`: EXACT model-parallel normalized-softmax margin loss (like
   insightface's PartialFC with sample_rate = 1). Embeddings and labels of the data-parallel
@@ -205,6 +208,11 @@ def distributed_topk(queries: Tensor, local_gallery: Tensor, k: int, group=None,
     rank, ties to the lower global index."""
     rank, world = _world(group)
     check_matrix(queries, "queries")
+    out_device = queries.device
+    # A GPU shard searched with host queries: the search and the collectives run on the GPU
+    # (NCCL has no CPU tensors); the results come back to the queries' device.
+    if local_gallery.is_cuda and not queries.is_cuda:
+        queries = queries.to(local_gallery.device)
     n_local = local_gallery.shape[0]
     sizes = [torch.zeros(1, dtype=torch.int64, device=queries.device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([n_local], dtype=torch.int64, device=queries.device), group=group)
@@ -225,7 +233,7 @@ def distributed_topk(queries: Tensor, local_gallery: Tensor, k: int, group=None,
     dist.all_gather(all_i, i, group=group)
     # Shards are contiguous in rank order, so column order among equal scores is index order.
     top, cols = topk_lowest_index_ties(torch.cat(all_s, 1), k)
-    return top, torch.cat(all_i, 1).gather(1, cols)
+    return top.to(out_device), torch.cat(all_i, 1).gather(1, cols).to(out_device)
 
 
 _MANIFEST_FORMAT = "bct_fast sharded gallery v1"

@@ -28,8 +28,9 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from bct_fast._core.autocast import without_autocast
 from bct_fast._core.checks import (check_device, check_int, check_labels, check_matrix, embedding_output,
-                                   nonfinite_error)
+                                   module_device, nonfinite_error)
 from bct_fast.ops import MarginValue
 from bct_fast.ops import check_loss_options, cosine_margin_cross_entropy, normalize_rows
 
@@ -266,7 +267,8 @@ class InfluenceLoss(nn.Module):
         if embeddings.shape[1] != self.projection.in_features:
             raise ValueError(f"embeddings: dim {embeddings.shape[1]}, but the learned projection takes "
                              f"{self.projection.in_features}")
-        return self.projection(embeddings.to(self.projection.weight.dtype))
+        w = self.projection.weight  # on the device fit trained it on; results where the input is
+        return self.projection(embeddings.to(w.device, w.dtype)).to(embeddings.device)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_matrix(embeddings, "embeddings")
@@ -356,6 +358,7 @@ class OldFeatureContrastiveLoss(nn.Module):
             raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
         self.temperature = float(temperature)
 
+    @without_autocast  # fp32 logits: under CUDA AMP the B x B product would be fp16 (1/T up to 20+)
     def forward(self, new_embeddings: Tensor, old_embeddings: Tensor, labels: Tensor) -> Tensor:
         check_matrix(new_embeddings, "new_embeddings")
         check_matrix(old_embeddings, "old_embeddings")
@@ -382,8 +385,9 @@ def _class_means(old_model: nn.Module, loader: Iterable, first_class: int, num_c
     """Mean of the old model's L2-normalized embeddings for classes [first_class, num_classes)."""
     from tqdm.auto import tqdm
 
-    if device is None:
-        device = next((p.device for p in old_model.parameters()), torch.device("cpu"))
+    # The model runs where it lives; `device` is only where the means are kept and returned.
+    model_device = module_device(old_model)
+    device = model_device if device is None else device
     sums = counts = None
     was_training = old_model.training
     old_model.eval()
@@ -394,7 +398,7 @@ def _class_means(old_model: nn.Module, loader: Iterable, first_class: int, num_c
             keep = (labels >= first_class) & (labels < num_classes)
             if not bool(keep.any()):
                 continue
-            emb = embedding_output(old_model(inputs.to(device)), "old_model").float()
+            emb = embedding_output(old_model(inputs.to(model_device)), "old_model").float().to(device)
             if emb.dim() != 2 or (dim is not None and emb.shape[1] != dim):
                 raise ValueError(f"old_model: returns shape {tuple(emb.shape)}, expected [batch, "
                                  f"{dim if dim is not None else 'd_old'}]")

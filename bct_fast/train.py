@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bct_fast import losses
-from bct_fast._core.checks import check_device, embedding_output
+from bct_fast._core.checks import check_device, embedding_output, module_device
 from bct_fast._core.io import atomic_write, remove_stale_temps, writable_folder
 
 __all__ = ["fit", "embed", "train_bct", "train_contrastive", "train_independent", "train_l2",
@@ -183,7 +183,9 @@ def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     start = 0
     if checkpoint is not None and resume and Path(checkpoint).exists():
-        state = load_checkpoint(checkpoint, map_location=device)
+        # On the CPU: load_state_dict copies into the parameters' devices, and Adam's step
+        # counters must stay host tensors (on a GPU each step would sync on them).
+        state = load_checkpoint(checkpoint, map_location="cpu")
         saved_opt = state.get("optimizer_type")
         if saved_opt is not None and saved_opt != type(opt).__name__:
             raise ValueError(f"optimizer: {checkpoint} was written with {saved_opt}, not "
@@ -195,7 +197,8 @@ def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
         except (KeyError, ValueError) as e:
             raise ValueError(f"optimizer: cannot resume from {checkpoint}: its optimizer state does "
                              f"not fit this optimizer ({type(e).__name__}: {e})") from None
-        scaler.load_state_dict(state["scaler"])
+        if state.get("scaler"):  # a checkpoint written without AMP (or on a CPU) has none
+            scaler.load_state_dict(state["scaler"])
         start = int(state["epoch"])
     bar = tqdm(range(start, epochs), desc=desc, disable=not progress, leave=False, initial=start, total=epochs)
     for epoch in bar:
@@ -240,22 +243,40 @@ def fit(model: nn.Module, loss: nn.Module, loader: Iterable, epochs: int,
 
 
 @torch.no_grad()
-def embed(model: nn.Module, loader: Iterable, *, device: str | torch.device = "cpu", amp: bool = False,
+def embed(model: nn.Module, loader: Iterable, *, device: str | torch.device | None = None, amp: bool = False,
           progress: bool = False) -> tuple[Tensor, Tensor]:
-    """Embeddings [n, d] (fp32, CPU) and labels [n] of every batch of ``loader``, in eval mode."""
-    device = check_device(device)
+    """Embeddings [n, d] (fp32, CPU) and labels [n] of every batch of ``loader``, in eval mode.
+
+    ``device``: where the model runs (default: where it is). A model moved there for this call
+    goes back where it was afterwards, so that a validation hook inside ``fit`` on a GPU does not
+    leave the model on another device than its optimizer state."""
+    home = module_device(model)
+    device = check_device(device) if device is not None else home
     was_training = model.training
     model.eval().to(device)
     embs, labels = [], []
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    for x, y in tqdm(loader, desc="embed", disable=not progress, leave=False):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            embs.append(embedding_output(model(x.to(device)), "model").float().cpu())
-        labels.append(torch.as_tensor(y).cpu())
-    model.train(was_training)
+    try:
+        for x, y in tqdm(loader, desc="embed", disable=not progress, leave=False):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                embs.append(embedding_output(model(x.to(device)), "model").float().cpu())
+            labels.append(torch.as_tensor(y).cpu())
+    finally:
+        model.train(was_training).to(home)
     if not embs:
         raise ValueError("loader: yielded no batches")
     return torch.cat(embs), torch.cat(labels)
+
+
+@torch.no_grad()
+def _frozen_embeddings(old_model: nn.Module, inputs: Tensor) -> Tensor:
+    """The frozen old model's embeddings of a batch, in eval mode (fit calls .train() on the new
+    model only; BatchNorm). The old model is not a submodule of the objectives, so fit's
+    ``.to(device)`` does not reach it: it follows the batch here (once; later calls find it
+    there)."""
+    if module_device(old_model) != inputs.device:
+        old_model.to(inputs.device)
+    return embedding_output(old_model.eval()(inputs), "old_model")
 
 
 class L2RegressionObjective(nn.Module):
@@ -274,8 +295,7 @@ class L2RegressionObjective(nn.Module):
         self.last_terms: dict[str, float] = {}
 
     def forward(self, embeddings: Tensor, labels: Tensor, *, inputs: Tensor) -> Tensor:
-        with torch.no_grad():
-            old = self._old[0](inputs)
+        old = _frozen_embeddings(self._old[0], inputs)
         cls, reg = self.new_loss(embeddings, labels), self.l2(embeddings, old)
         self.last_terms = {"classification": float(cls.detach()), "l2": float(reg.detach())}
         return cls + self.weight * reg
@@ -312,10 +332,7 @@ class ContrastiveObjective(nn.Module):
         return embeddings
 
     def forward(self, embeddings: Tensor, labels: Tensor, *, inputs: Tensor) -> Tensor:
-        old_model = self._old[0]
-        old_model.eval()  # fit() calls .train() on the new model only, but be sure (BatchNorm)
-        with torch.no_grad():
-            old = embedding_output(old_model(inputs), "old_model")
+        old = _frozen_embeddings(self._old[0], inputs)
         cls = self.new_loss(embeddings, labels)
         con = self.contrastive(self.to_old_space(embeddings), old, labels)
         total = cls + self.contrastive_weight * con

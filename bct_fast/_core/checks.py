@@ -90,6 +90,16 @@ def embedding_output(out: object, name: str) -> torch.Tensor:
     return out
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module lives: its first parameter's (or buffer's) device; a module with neither
+    lives on the CPU."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def free_bytes(device: torch.device) -> int | None:
     """Memory that can still be allocated on ``device`` (CUDA: free device memory plus torch's
     cached unused blocks; CPU: the kernel's MemAvailable), or None where it cannot be read."""
