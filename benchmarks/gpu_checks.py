@@ -201,6 +201,11 @@ def check_cuda_tests(results: Path) -> dict:
 def sanitizer_verdict(log: str, rc: int) -> str:
     """``clean`` (0 errors), ``errors`` (it found some), ``refused`` (the machine does not
     support it: some GPU sandboxes) or ``failed`` (the run broke for another reason)."""
+    # pytest ending before any CUDA call (a case id that no longer exists, a collection error)
+    # also makes the sanitizer say the target "terminated before first instrumented API call":
+    # that is a broken run, not a machine that refuses the tool.
+    if re.search(r"ERROR: not found|no tests ran|errors? during collection|ERROR collecting", log):
+        return "failed"
     if re.search(r"Device not supported|not supported on this|Unable to find injection library|"
                  r"CUDA_ERROR_NOT_SUPPORTED|error 999|Target application terminated before first "
                  r"instrumented API call", log):

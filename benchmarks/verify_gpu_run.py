@@ -11,11 +11,15 @@ A run verifies a family when all of these hold:
   - no collection error, no CUDA test from a file without ``KERNEL_FAMILIES``, and every
     collected CUDA test that names the family (its file's ``KERNEL_FAMILIES``) finished and
     passed: none failed, skipped or unfinished;
-  - compute-sanitizer memcheck and racecheck: for each tool, the machine ``refused`` it, or the
-    family's cases ran under it, at least one passed, and every process of that tool in which
-    the family's cases ran (``sanitizer_<tool>`` or one group ``sanitizer_<tool>_<group>``) said
-    ``clean`` with none of them failing or unfinished. A group with no case of the family
-    (whatever its verdict) does not count for it: the groups are separate processes.
+  - compute-sanitizer memcheck and racecheck: for each tool, the machine ``refused`` it (every
+    process of the tool said so and no test ran under any), or the family's cases ran under it,
+    at least one passed in the process of the family's own group (``sanitizer_<tool>_margin`` /
+    ``_topk``, or the single ``sanitizer_<tool>`` of the earlier layout), and every process of
+    that tool in which the family's cases ran said ``clean`` with none of them failing or
+    unfinished. A group with no case of the family (whatever its verdict) does not count for
+    it: the groups are separate processes. Passes in another group do not count either: test
+    files declare families per file, so a margin case of a file naming both kinds of family is
+    counted for the top-k ones too, although no top-k kernel ran in it.
 Anything missing (a step skipped for time, say) verifies nothing. Prints one JSON object.
 """
 from __future__ import annotations
@@ -30,6 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "bct_fast" / "_core" / "gpu_verified.json"
 SANITIZERS = ("memcheck", "racecheck")
+# The sanitizer group (gpu_session.sh: SAN_MARGIN / SAN_TOPK) whose cases run each family's kernels.
+SANITIZER_GROUP = {"margin_softmax": "margin", "margin_epilogue": "margin", "margin_fused": "margin",
+                   "cosine_topk": "topk", "topk_epilogue": "topk", "topk_fused": "topk"}
+_COUNTS = ("passed", "failed", "skipped", "unfinished")
 
 
 def sanitizer_runs(run: dict, tool: str) -> dict[str, dict]:
@@ -40,22 +48,34 @@ def sanitizer_runs(run: dict, tool: str) -> dict[str, dict]:
             if (k == name or k.startswith(name + "_")) and isinstance(v, dict)}
 
 
+def _ran(proc: dict) -> bool:
+    """Whether any test finished (or was started) under this sanitizer process."""
+    return any(row.get(key) for row in (proc.get("per_family") or {}).values() for key in _COUNTS)
+
+
 def _sanitizer_reasons(run: dict, tool: str, family: str) -> list[str]:
     procs = sanitizer_runs(run, tool)
     if not procs:
         return [f"sanitizer {tool}: not run"]
-    if any(p.get("verdict") == "refused" for p in procs.values()):
+    if all(p.get("verdict") == "refused" for p in procs.values()):
+        if any(_ran(p) for p in procs.values()):
+            return [f"sanitizer {tool}: said 'refused' although tests ran under it"]
         return []
     reasons, passed = [], 0
+    grouped = any(name != f"sanitizer_{tool}" for name in procs)
+    own = f"sanitizer_{tool}_{SANITIZER_GROUP.get(family, '?')}"
+    if grouped and own not in procs:
+        reasons.append(f"{own}: not run (the process with this family's own cases)")
     for name, p in sorted(procs.items()):
         row = (p.get("per_family") or {}).get(family) or {}
-        if not any(row.get(key) for key in ("passed", "failed", "skipped", "unfinished")):
+        if not any(row.get(key) for key in _COUNTS):
             continue  # none of the family's cases in this process
         if p.get("verdict") != "clean":
             reasons.append(f"{name}: {p.get('verdict') or 'no verdict'}")
         elif row.get("failed") or row.get("unfinished"):
             reasons.append(f"{name}: this family's cases did not all pass under it ({row})")
-        passed += row.get("passed", 0)
+        if not grouped or name == own:
+            passed += row.get("passed", 0)
     if not reasons and not passed:
         reasons.append(f"sanitizer {tool}: none of this family's cases passed under it")
     return reasons

@@ -146,6 +146,60 @@ def test_grouped_sanitizer_missing_a_tool_verifies_nothing():
     assert verified(run) == set()
 
 
+MARGIN_FAMILIES = {"margin_softmax", "margin_epilogue", "margin_fused"}
+
+
+def test_a_group_skipped_for_time_keeps_its_families_out():
+    """Racecheck's top-k group never ran (the deadline): no top-k family verifies, though the
+    margin group counted passes for cosine_topk (its file names both kinds of family) where no
+    top-k kernel ran. The margin families still verify."""
+    run = grouped_run()
+    del run["sanitizer_racecheck_topk"]
+    assert verified(run) == MARGIN_FAMILIES
+
+
+def test_a_refused_group_beside_a_clean_one_is_not_a_refusal():
+    """One group 'refused' (pytest ended before any CUDA call), the other clean: the machine runs
+    the tool, so the refused group's families have no sanitizer result and stay out."""
+    run = grouped_run()
+    run["sanitizer_memcheck_topk"] = {"verdict": "refused", "per_family": {}}
+    assert verified(run) == MARGIN_FAMILIES
+
+
+def test_refused_with_tests_run_under_it_verifies_nothing():
+    run = good_run()
+    for tool in verify.SANITIZERS:
+        run[f"sanitizer_{tool}"]["verdict"] = "refused"  # per_family still shows passed tests
+    assert verified(run) == set()
+
+
+def test_a_vanished_case_id_is_a_failed_sanitizer_run_not_a_refusal():
+    log = ("ERROR: not found: /repo/tests/ops/test_x.py::test_renamed\n"
+           "========= Target application terminated before first instrumented API call\n")
+    assert verify_checks.sanitizer_verdict(log, 4) == "failed"
+    refusal = "========= Target application terminated before first instrumented API call\n"
+    assert verify_checks.sanitizer_verdict(refusal, 1) == "refused"
+
+
+def test_every_case_id_the_session_names_is_collected():
+    """FIRST, SAN_MARGIN and SAN_TOPK of gpu_session.sh name single tests: one that was renamed
+    would make its sanitizer process end before any CUDA call. Collected as on a GPU machine."""
+    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    ids = set()
+    for name in ("FIRST", "SAN_MARGIN", "SAN_TOPK"):
+        block = script[script.index(f"{name}=("):]
+        block = block[:block.index(")\n")]
+        ids.update(re.findall(r'"(tests/[^"]+)"', block))
+    assert len(ids) > 10
+    env = dict(os.environ, BCT_FAST_TEST_DEVICE="all")
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                        *sorted(ids)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    collected = set(r.stdout.split())
+    for i in ids:
+        assert i in collected or any(c.startswith(i + "::") or c.startswith(i + "[") for c in collected), i
+
+
 def test_write_adds_entries_once_and_the_provider_logic_reads_them(tmp_path, monkeypatch):
     record = tmp_path / "gpu_verified.json"
     record.write_text(empty_record())
