@@ -18,11 +18,15 @@ import xml.etree.ElementTree as ET
 def machine() -> dict:
     import torch
 
-    import bct_fast
+    try:  # a failed build leaves nothing to import: the JSON must still come back
+        import bct_fast
 
+        build = bct_fast.build_info()
+    except Exception as e:  # noqa: BLE001 - whatever broke, say it and go on
+        build = {"error": f"{type(e).__name__}: {e}"}
     info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "bct_fast": bct_fast.build_info(), "gpu": None, "driver": None}
+            "bct_fast": build, "gpu": None, "driver": None}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info["gpu"] = {"name": p.name, "sm_count": p.multi_processor_count,
