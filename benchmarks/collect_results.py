@@ -68,12 +68,31 @@ def tests_summary(path: str) -> dict | None:
 
 
 def bench_rows(path: str) -> list[dict]:
+    """Rows of a pytest-benchmark JSON, or of the .jsonl record benchmarks/conftest.py appends
+    as rows finish (BCT_FAST_BENCH_RECORD; a line cut short by a kill is ignored)."""
     if not path or not os.path.exists(path):
         return []
+    if path.endswith(".jsonl"):
+        rows = []
+        for line in open(path):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
     raw = json.load(open(path))
     return [{"name": b["fullname"], "params": b.get("params"), "extra_info": b.get("extra_info"),
              "stats_s": {k: b["stats"][k] for k in ("min", "median", "mean", "stddev", "rounds")}}
             for b in raw.get("benchmarks", [])]
+
+
+def merged_bench_rows(paths: list[str]) -> list[dict]:
+    """Every row once: a pytest-benchmark JSON's row wins over the same row's record line."""
+    rows: dict[str, dict] = {}
+    for path in sorted(paths, key=lambda p: p.endswith(".jsonl")):  # the JSON files first
+        for row in bench_rows(path):
+            rows.setdefault(row["name"], row)
+    return list(rows.values())
 
 
 def main() -> None:
@@ -94,7 +113,7 @@ def main() -> None:
     doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "commit": a.commit, "exit_codes": dict(kv.split("=", 1) for kv in a.rc), "steps": steps,
            "machine": machine(), "tests": tests_summary(a.tests), **attached,
-           "benchmarks": [row for path in a.bench for row in bench_rows(path)]}
+           "benchmarks": merged_bench_rows(a.bench)}
     # Atomic write: a partial JSON never lands under the final name.
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(a.out)), suffix=".tmp")
     with os.fdopen(fd, "w") as f:

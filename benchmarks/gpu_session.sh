@@ -282,7 +282,8 @@ fi
 
 # ---- 6. CUDA benchmarks ----------------------------------------------------------------------
 # One pytest run (and JSON) per entry, each under what is left of the budget: pytest-benchmark
-# writes its JSON only at the end, so an entry that runs out of time loses its own figures only.
+# writes its JSON only at the end, so each row is also appended to rows_<entry>.jsonl as it
+# finishes (benchmarks/conftest.py): an entry cut by the deadline keeps the rows it finished.
 # FILE@K restricts FILE to pytest -k K ('+' for spaces). Default: the device's floors, then the
 # goal rows of issue 15 (bf16 search 10k x 10M k=100; bf16 loss 1024 x 1M, d = 512; Liger's rows
 # there took 3 s a call on the H200 and are known), then the epilogue providers' block / chunk
@@ -300,12 +301,13 @@ if want bench; then
     while [ -e "$WORK/raw_${NAME}.json" ] || [ -e "$WORK/${NAME}.log" ]; do NAME="$(basename "$F" .py)_$((N+=1))"; done
     if T=$(budget "${BCT_FAST_GPU_BENCH_TIMEOUT:-300}" 40); then
       echo "== CUDA benchmarks: $F ${K:+-k \"$K\"} (timeout $T s)"
-      timeout -k 10 "$T" $PY -m pytest "$F" ${K:+-k "$K"} -q -p no:cacheprovider -m cuda --benchmark-only \
+      BCT_FAST_BENCH_RECORD="$WORK/rows_$NAME.jsonl" timeout -k 10 "$T" $PY -m pytest "$F" ${K:+-k "$K"} \
+        -q -p no:cacheprovider -m cuda --benchmark-only \
         --benchmark-json="$WORK/raw_$NAME.json" >"$WORK/$NAME.log" 2>&1
       RC=$?
       tail -5 "$WORK/$NAME.log"
       step "bench_$NAME" "$RC"
-      BENCH_JSONS+=("$WORK/raw_$NAME.json")
+      BENCH_JSONS+=("$WORK/raw_$NAME.json" "$WORK/rows_$NAME.jsonl")  # the rows so far, if cut
       [ "$RC" -ne 0 ] && BENCH_RC=$RC
     else skipped "bench_$NAME"; fi
     collect_if_ran
