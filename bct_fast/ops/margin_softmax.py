@@ -141,13 +141,16 @@ def normalization_backward_rows(t: Tensor, inv_n: Tensor, grad_hat: Tensor, chun
     1M-class weight gradient meant ~1,700 small kernel launches)."""
     if chunk is None:
         chunk = max(1, (1 << 24) // max(1, t.shape[1])) if t.is_cuda else 4096
-    if t.shape[0] <= chunk:  # one chunk: no slicing
-        th = normalized_rows(t, inv_n)
-        return grad_hat.sub_(th * (th * grad_hat).sum(1, keepdim=True)).mul_(inv_n[:, None])
-    for r0 in range(0, t.shape[0], chunk):
-        g = grad_hat[r0:r0 + chunk]
-        th = normalized_rows(t[r0:r0 + chunk], inv_n[r0:r0 + chunk])
-        g.sub_(th * (th * g).sum(1, keepdim=True)).mul_(inv_n[r0:r0 + chunk, None])
+
+    def rows(g: Tensor, t_rows: Tensor, inv: Tensor) -> None:
+        th = normalized_rows(t_rows, inv)
+        g.sub_(th * (th * g).sum(1, keepdim=True)).mul_(inv[:, None])
+
+    if t.shape[0] <= chunk:  # one chunk: no slicing (a small problem's fixed cost)
+        rows(grad_hat, t, inv_n)
+    else:
+        for r0 in range(0, t.shape[0], chunk):
+            rows(grad_hat[r0:r0 + chunk], t[r0:r0 + chunk], inv_n[r0:r0 + chunk])
     return grad_hat
 
 

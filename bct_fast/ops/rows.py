@@ -39,11 +39,10 @@ def row_norms(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
     # One comparison for the common case (a NaN fails it too): every norm in [_TINY, max].
     if torch.equal(n, n.clamp(_TINY, torch.finfo(n.dtype).max)):
         return n
-    redo = _unreliable(n)  # rare: huge, tiny, zero or non-finite rows
-    if bool(redo.any()):
-        rows = redo.nonzero()[:, 0]
-        n = n.clone()
-        n[rows] = _scaled_norms(t[rows]).to(n.dtype)
+    # Rare: huge, tiny, zero or non-finite rows (the comparison above failed, so there are some).
+    rows = _unreliable(n).nonzero()[:, 0]
+    n = n.clone()
+    n[rows] = _scaled_norms(t[rows]).to(n.dtype)
     return n
 
 
