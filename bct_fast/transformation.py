@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bct_fast import losses
-from bct_fast._core.checks import check_device, check_int, check_matrix, nonfinite_error
+from bct_fast._core.checks import check_device, check_int, check_matrix, module_device, nonfinite_error
 from bct_fast.ops import normalize_rows
 from bct_fast.train import embed
 
@@ -131,7 +131,7 @@ def upgrade_gallery(transformation: EmbeddingTransformation, old_embeddings: Ten
     batch_size = check_int(batch_size, "batch_size", 1)
     was_training = transformation.training
     transformation.eval()
-    device = next(transformation.parameters()).device
+    device = module_device(transformation)
     parts = []
     for b0 in tqdm(range(0, old_embeddings.shape[0], batch_size), desc="upgrade gallery", disable=not progress,
                    leave=False):
@@ -148,13 +148,13 @@ def transformation_cost(transformation: EmbeddingTransformation, new_model: nn.M
     from torch.utils.flop_counter import FlopCounterMode
 
     x = example_input if example_input.dim() > 0 and example_input.shape[0] == 1 else example_input[None]
-    device = next(new_model.parameters()).device
+    device = module_device(new_model)
     counts = {}
     for name, module, inp in (("transform", transformation, torch.zeros(1, transformation.old_dim)),
                               ("reembed", new_model, x)):
         was_training = module.training
         module.eval()
-        dev = next(module.parameters()).device if name == "transform" else device
+        dev = module_device(module) if name == "transform" else device
         with FlopCounterMode(display=False) as fc:
             module(inp.to(dev))
         module.train(was_training)

@@ -73,13 +73,7 @@ def bench_rows(path: str) -> list[dict]:
     if not path or not os.path.exists(path):
         return []
     if path.endswith(".jsonl"):
-        rows = []
-        for line in open(path):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return rows
+        return _gpu_checks().json_lines(path)
     raw = json.load(open(path))
     return [{"name": b["fullname"], "params": b.get("params"), "extra_info": b.get("extra_info"),
              "stats_s": {k: b["stats"][k] for k in ("min", "median", "mean", "stddev", "rounds")}}

@@ -114,6 +114,17 @@ def cuda_test_counts(junit: Path) -> dict[str, dict[str, int]]:
 _RANK = {"passed": 0, "skipped": 1, "failed": 2}
 
 
+def json_lines(path: str | Path) -> list[dict]:
+    """The objects of a JSON-lines file, skipping a line cut short by a kill."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def read_record(record: Path) -> dict:
     """The JSON-lines record tests/conftest.py writes (BCT_FAST_TEST_RECORD) as tests finish:
     ``outcome`` (nodeid -> passed / failed / skipped, the worst of its phases: a failing teardown
@@ -121,11 +132,7 @@ def read_record(record: Path) -> dict:
     ``collected_cuda`` (nodeid -> the kernel families it exercises) and ``collect_errors``. A line
     cut short by a kill is ignored."""
     out = {"outcome": {}, "cuda": set(), "collected": None, "collected_cuda": {}, "collect_errors": 0}
-    for line in Path(record).read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for r in json_lines(record):
         if "collected_cuda" in r:
             out["collected"], out["collected_cuda"] = r["collected"], r["collected_cuda"]
         elif "collect_error" in r:

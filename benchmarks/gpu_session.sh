@@ -61,7 +61,7 @@ PY="${PYTHON:-python3}"
 DRY="${BCT_FAST_GPU_DRY_RUN:-}"
 # `first` (the tile checks and smallest cases alone) is opt-in: the tests step runs the same cases,
 # and a kernel that hangs there would burn pytest-timeout's 90 s twice.
-STEPS=",${BCT_FAST_GPU_STEPS:-build,tests,sanitizer,trace,bench},"
+STEPS=",${BCT_FAST_GPU_STEPS:-tests,sanitizer,trace,bench},"  # the build always runs (step 2)
 want() { case "$STEPS" in *",$1,"*) return 0;; *) return 1;; esac; }
 export PYTHONUNBUFFERED=1
 export PYTHONSAFEPATH=1          # never put the current folder (the source tree) on sys.path
@@ -141,20 +141,16 @@ else
   step peers "none carried (benchmarks/fetch_gpu_wheels.sh, then carry .whl)"
 fi
 
-# ---- 2. build and install, offline (also when asked for no build but nothing is installed: a
-# machine that went cold between two commands starts bare) ------------------------------------
-# Always (incremental on a warm machine: build/gpu is kept): a second call after a fix made
-# here must not benchmark the code installed by the first.
-STEPS="${STEPS}build,"
-if want build || [ -n "$DRY" ]; then
-  echo "== build"
-  timeout -k 10 300 $PY -m pip install --no-build-isolation --no-deps --no-index -Cbuild-dir=build/gpu -v . \
-    >"$WORK/build.log" 2>&1
-  BUILD_RC=$?
-  tail -3 "$WORK/build.log"
-  step build "$BUILD_RC"
-  [ "$BUILD_RC" -eq 0 ] || { collect; exit 5; }
-fi
+# ---- 2. build and install, offline, on every call, whatever BCT_FAST_GPU_STEPS says: incremental
+# on a warm machine (build/gpu is kept), a full build on one that went cold between two commands,
+# and a second call after a fix made here never benchmarks the code the first one installed. ---
+echo "== build"
+timeout -k 10 300 $PY -m pip install --no-build-isolation --no-deps --no-index -Cbuild-dir=build/gpu -v . \
+  >"$WORK/build.log" 2>&1
+BUILD_RC=$?
+tail -3 "$WORK/build.log"
+step build "$BUILD_RC"
+[ "$BUILD_RC" -eq 0 ] || { collect; exit 5; }
 
 # ---- 3. the installed build is what the tests import -----------------------------------------
 $CHECK installed "$ROOT" | tee "$WORK/installed.json"

@@ -13,6 +13,7 @@ from torch import nn
 
 from bct_fast import losses, train
 from bct_fast.compat_monitor import CompatibilityValidator
+from test_compat_monitor import clustered
 
 KERNEL_FAMILIES = ("margin_epilogue",)
 
@@ -20,10 +21,8 @@ pytestmark = pytest.mark.cuda
 
 
 def _data(seed, n_per=8, classes=6, d=10):
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(classes, d, generator=g)
-    y = torch.arange(classes).repeat_interleave(n_per)
-    x = centres[y] + 0.5 * torch.randn(len(y), d, generator=g)
+    """test_compat_monitor's clustered data, as 16-row batches."""
+    x, y = clustered(n_per, classes, d, seed)
     return [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(y), 16)], x, y
 
 
