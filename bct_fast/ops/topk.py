@@ -7,8 +7,8 @@ CUDA tensors when it is verified or requested, else this chunked PyTorch path. O
 score blocks come from oneDNN (:mod:`bct_fast.ops.cpu_gemm`) and the running top-k is kept by
 the extension's C++ selector when it is built, else by the PyTorch one
 (:mod:`bct_fast.ops.topk_select`). On a GPU the running top-k keeps fixed shapes
-(``DeviceRunningTopk``: no host sync per block; rows tied at a block's k-th place are redone
-exactly at the end) and non-finite scores are checked once, after the loop. Results are exact,
+(``DeviceRunningTopk``: no host sync per block; rows whose final k-th best ties at a block's
+k-th place are redone exactly at the end) and non-finite scores are checked once, after the loop. Results are exact,
 sorted by score descending, ties to the lower gallery index.
 
 Galleries larger than device memory: pass the gallery as a CPU tensor or a numpy array / memmap
@@ -336,7 +336,7 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
     chunk, q_block = block_shape(Q, N, q.shape[1], k, q.device.type, chunk_size, in_place=g_dtype == acc)
     choice = choose("cosine_topk", q.device, backend, lambda: topk_cuda.unsupported(q.dtype, g_dtype, k),
                     lambda: _epilogue_unsupported(g, g_dtype, q.dtype, k, streamed),
-                    lambda: _fused_unsupported(g, g_dtype, q, k, streamed))
+                    lambda: _fused_unsupported(g, g_dtype, q, k, streamed), rows=Q)
     note_fallback("cosine_topk", choice)
     if choice.provider == "fused":  # tensor-core tiles, selection in shared memory (bf16, k <= 128)
         return topk_fused.cosine_topk_fused(q, g, k, normalize, exclude_self, chunk_size=chunk_size)
@@ -402,7 +402,7 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
             q0, n0, rows = blocks[bad]
             raise nonfinite_error({"queries": q[q0:q0 + q_block], "gallery": _rows(g, n0, rows)})
         redo = torch.cat([r.ambiguous for r in running]).nonzero()[:, 0]
-        if redo.numel():  # a tie at some block's k-th place: the exact selection for those rows
+        if redo.numel():  # the final k-th best tied at a block's k-th place: the exact selection
             out_s[redo], out_i[redo] = _exact_rows(redo, q_rows, inv_nq, inv_ng_all, g, k, chunk, q_block,
                                                    acc, bf16_scores, normalize, exclude_self)
     return out_s.to(torch.float32), out_i

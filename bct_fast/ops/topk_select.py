@@ -168,14 +168,18 @@ def decode_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
 class DeviceRunningTopk:
     """The running top-k of one query block over gallery chunks, in fixed shapes (no host sync).
 
-    Exact except where a block holds more scores equal to its k-th best than the k places take:
-    those rows are set in :attr:`ambiguous` (the tie rule needs the lower indices among them),
-    and the caller recomputes them with :class:`RunningTopk`."""
+    Exact except where a block holds more scores equal to its k-th best ``v`` than the k places
+    take (torch.topk picks among them arbitrarily) AND the row's final k-th best equals ``v``:
+    the final k-th best is never below ``v`` (that block alone kept k scores >= v), and when it
+    is above, no score ``v`` is in the result, so the block's choice among them does not matter.
+    Those rows are :attr:`ambiguous` (the tie rule needs the lower indices) and the caller
+    recomputes them with :class:`RunningTopk`. Per row only the largest such ``v`` is kept."""
 
     def __init__(self, rows: int, k: int, device: torch.device):
         self.k = k
         self.keys: Tensor | None = None  # [rows, <= k] composite keys, descending
-        self.ambiguous = torch.zeros(rows, dtype=torch.bool, device=device)
+        # Per row the largest k-th best of a block with more ties there than places (-inf: none).
+        self.tie_floor = torch.full((rows,), -math.inf, dtype=torch.float32, device=device)
 
     def add(self, s: Tensor, n0: int) -> None:
         """Scores [rows, n] (fp32) of gallery rows n0 .. n0 + n - 1 (n0 + n <= 2^31)."""
@@ -183,11 +187,21 @@ class DeviceRunningTopk:
         vals, cols = torch.topk(s, kk, dim=1)
         if kk < s.shape[1]:
             kth = vals[:, -1:]
-            self.ambiguous |= (s == kth).sum(1) > (vals == kth).sum(1)
+            tied = (s == kth).sum(1) > (vals == kth).sum(1)
+            self.tie_floor = torch.maximum(self.tie_floor, torch.where(tied, kth[:, 0].float(), -math.inf))
         keys = composite_keys(vals, cols + n0)
         if self.keys is not None:
             keys = torch.cat([self.keys, keys], 1)
         self.keys = torch.topk(keys, min(self.k, keys.shape[1]), dim=1).values
+
+    @property
+    def ambiguous(self) -> Tensor:
+        """[rows] bool: the rows whose result a block's arbitrary choice among ties may have
+        changed (a tied ``v`` equal to the final k-th best score)."""
+        if self.keys is None:
+            return torch.zeros_like(self.tie_floor, dtype=torch.bool)
+        final_kth = decode_keys(self.keys[:, -1])[0]
+        return (self.tie_floor > -math.inf) & (self.tie_floor >= final_kth)
 
     def flush(self) -> tuple[Tensor, Tensor]:
         """(scores, indices) sorted by score descending, ties by ascending gallery index."""
