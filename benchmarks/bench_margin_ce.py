@@ -5,8 +5,9 @@ Axes: provider x mode (forward | full) x classifier (trainable | frozen). Provid
 ``bct_fast`` (the chunked path) and ``torch`` (naive); on CUDA ``bct_fast_cuda`` (the kernels,
 ``backend="cuda"``), ``bct_fast_epilogue`` (cuBLAS GEMMs on class chunks + our epilogue kernels,
 ``backend="epilogue"``), ``bct_fast_fused`` (tensor-core tiles with the forward statistics in
-registers, backward = the epilogue's; bf16 only, ``backend="fused"``), ``bct_fast_torch`` (the chunked path on cuBLAS, ``backend="torch"``, the
-default until the kernels pass a recorded GPU run), ``torch``, and the fused linear cross-entropy
+registers, backward = the epilogue's; bf16 only, ``backend="fused"``), ``bct_fast_torch`` (the chunked path on cuBLAS,
+``backend="torch"``), ``bct_fast_auto`` (the default: whatever ``backend="auto"`` picks with this
+checkout's gpu_verified.json), ``torch``, and the fused linear cross-entropy
 peers where their wheels are installed (benchmarks/fetch_gpu_wheels.sh carries them to the offline
 GPU machine): ``liger`` (Liger-Kernel's ``liger_fused_linear_cross_entropy``) and ``cce`` (Cut
 Cross-Entropy's ``linear_cross_entropy``, its default gradient filter). The peers have no margin:
@@ -65,10 +66,11 @@ PROVIDERS = {"bct_fast": ours, "torch": naive, "liger": liger, "cce": cce,
              "bct_fast_cuda": lambda x, w, y: ours(x, w, y, "cuda"),
              "bct_fast_epilogue": lambda x, w, y: ours(x, w, y, "epilogue"),
              "bct_fast_fused": lambda x, w, y: ours(x, w, y, "fused"),
-             "bct_fast_torch": lambda x, w, y: ours(x, w, y, "torch")}
+             "bct_fast_torch": lambda x, w, y: ours(x, w, y, "torch"),
+             "bct_fast_auto": lambda x, w, y: ours(x, w, y, "auto")}
 CPU_PROVIDERS = ["bct_fast", "torch"]
-CUDA_PROVIDERS = ["bct_fast_cuda", "bct_fast_epilogue", "bct_fast_fused", "bct_fast_torch", "torch",
-                  "liger", "cce"]
+CUDA_PROVIDERS = ["bct_fast_auto", "bct_fast_cuda", "bct_fast_epilogue", "bct_fast_fused", "bct_fast_torch",
+                  "torch", "liger", "cce"]
 
 
 @functools.lru_cache(maxsize=2)
@@ -138,10 +140,10 @@ def test_margin_ce_cuda(measure, B, C, d, dtype, provider, mode, classifier):
     _bench(measure, "cuda", dtype, B, C, provider, mode, classifier, d)
 
 
-# Classes per chunk of the epilogue sweeps (None: the default, ~4M scores at B = 1024 = 4096
-# classes, sized for the L2). The trainable step's backward took ~44 ms on the H200 against
-# ~15 ms of GPU work by the arithmetic: larger chunks mean fewer launches per sweep.
-EPILOGUE_CHUNKS = [None, 16_384, 65_536]
+# Classes per chunk of the epilogue sweeps (None: the default, ~16M scores: 16384 classes at
+# B = 1024). H200, 2026-11-26: 56.6 ms at 4096 (the default then, sized for the L2), 29.2 ms at
+# 16384, 27.5 ms at 65536 (gpu_2026-11-26b_h200.md); 4096 stays as the old default's row.
+EPILOGUE_CHUNKS = [None, 4096, 65_536]
 
 
 @pytest.mark.cuda

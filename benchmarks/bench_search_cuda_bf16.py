@@ -5,8 +5,9 @@ ends of the fused kernel's range and past it, and d = 128 / 1024 beside 512.
 Providers: ``bct_fast_fused`` (tensor-core score tiles with the selection in shared memory,
 ``backend="fused"``, k <= 128), ``bct_fast_epilogue`` (cuBLAS bf16 blocks with fp32 output + the
 selection kernel), ``bct_fast_cuda`` (the SIMT kernel; skipped where it takes seconds a call),
-``bct_fast_torch`` (the chunked path on cuBLAS, the default until a recorded GPU run) and
-``torch`` (bf16 mm + topk per gallery chunk). Time and peak memory
+``bct_fast_torch`` (the chunked path on cuBLAS), ``bct_fast_auto`` (the default: what
+``backend="auto"`` picks with this checkout's gpu_verified.json) and ``torch`` (bf16 mm + topk
+per gallery chunk). Time and peak memory
 (torch.cuda.max_memory_allocated). A file of its own so a timeout of the fp32 grid
 (bench_search.py) cannot take these figures with it (pytest-benchmark writes at the end).
 Run: pytest benchmarks/bench_search_cuda_bf16.py -m cuda --benchmark-only
@@ -25,8 +26,12 @@ from bench_search import cuda_rows, cuda_search_fn
 CUDA_CASES = [(10_000, 10_000_000, 100, 512), (1, 10_000_000, 100, 512), (1, 1_000_000, 10, 512),
               (1000, 1_000_000, 10, 512), (1000, 1_000_000, 100, 512), (10_000, 1_000_000, 100, 512),
               (1000, 1_000_000, 1000, 512), (1000, 1_000_000, 4096, 512), (1000, 1_000_000, 100, 128),
-              (1000, 1_000_000, 100, 256), (1000, 1_000_000, 100, 768), (1000, 1_000_000, 100, 1024)]
-CUDA_BF16_PROVIDERS = ["bct_fast_fused", "bct_fast_epilogue", "bct_fast_cuda", "bct_fast_torch", "torch"]
+              (1000, 1_000_000, 100, 256), (1000, 1_000_000, 100, 768), (1000, 1_000_000, 100, 1024),
+              # Q between 1 and 1000, where `auto` switches from the fused provider (Q <= 128) to
+              # the epilogue one: the first leases measured only Q = 1 and Q >= 1000.
+              (16, 1_000_000, 100, 512), (128, 1_000_000, 100, 512), (256, 1_000_000, 100, 512)]
+CUDA_BF16_PROVIDERS = ["bct_fast_auto", "bct_fast_fused", "bct_fast_epilogue", "bct_fast_cuda", "bct_fast_torch",
+                       "torch"]
 
 
 @pytest.mark.cuda
