@@ -217,12 +217,29 @@ def sanitizer_verdict(log: str, rc: int) -> str:
                  r"CUDA_ERROR_NOT_SUPPORTED|error 999|Target application terminated before first "
                  r"instrumented API call", log):
         return "refused"
-    m = re.search(r"ERROR SUMMARY:\s*(\d+)\s+error", log)
+    # memcheck ends with "ERROR SUMMARY: N errors"; racecheck with "RACECHECK SUMMARY: N hazards
+    # displayed (E errors, W warnings)" (a warning is a possible hazard: counted as one).
+    m = re.search(r"(?:ERROR|RACECHECK) SUMMARY:\s*(\d+)\s+(?:errors?|hazards?)\b", log)
     if m and int(m.group(1)) > 0:
         return "errors"
     if m and rc == 0:
         return "clean"
     return "failed"
+
+
+def pytest_exit_code(log: str) -> int | None:
+    """The exit code pytest's closing summary line implies (0: everything collected passed or
+    was skipped/deselected; 1: something failed or errored), or None without such a line (cut
+    off, crashed). For runs recorded before the sanitizer step kept its exit code: under
+    ``--error-exitcode 1`` compute-sanitizer exits with the application's code when it reports
+    no error, and with 1 when it does."""
+    lines = [ln.strip() for ln in log.splitlines()
+             if re.fullmatch(r"=*\s*\d+ (passed|failed|skipped|deselected|errors?|xfailed|xpassed|"
+                             r"warnings?)\b.* in [\d.]+s.*", ln.strip())]
+    if not lines:
+        return None
+    last = lines[-1]
+    return 1 if re.search(r"\d+ (failed|errors?)\b", last) else (0 if " passed" in last else None)
 
 
 # ---- Nsight Compute --------------------------------------------------------------------------
@@ -288,7 +305,7 @@ def main(argv: list[str]) -> int:
     elif cmd == "sanitizer":
         log = Path(args[0]).read_text(errors="replace") if Path(args[0]).exists() else ""
         verdict = sanitizer_verdict(log, int(args[1]))
-        res = {"ok": verdict in ("clean", "refused"), "verdict": verdict}
+        res = {"ok": verdict in ("clean", "refused"), "verdict": verdict, "rc": int(args[1])}
         if len(args) > 2 and Path(args[2]).exists():  # the record of the tests it ran
             res["per_family"] = family_counts(read_record(Path(args[2])))
     elif cmd == "ncu":

@@ -21,10 +21,19 @@ A run verifies a family when all of these hold:
     files declare families per file, so a margin case of a file naming both kinds of family is
     counted for the top-k ones too, although no top-k kernel ran in it.
 Anything missing (a step skipped for time, say) verifies nothing. Prints one JSON object.
+
+``--sanitizer-logs DIR`` grades each sanitizer process again from its log (``DIR/<name>.log``,
+as the lease brought it back) with this checkout's ``gpu_checks.sanitizer_verdict``: for a run
+graded by an older parser (the lease of 2026-11-26 10:08 UTC read racecheck's "RACECHECK
+SUMMARY: 0 hazards" as no summary at all). The exit code is the run's own where it kept one,
+else the one pytest's closing line implies; without either the process is ``failed``. The
+regrades are printed and named in the entries written.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
 import json
 import os
 import sys
@@ -81,6 +90,36 @@ def _sanitizer_reasons(run: dict, tool: str, family: str) -> list[str]:
     return reasons
 
 
+def _gpu_checks():
+    spec = importlib.util.spec_from_file_location("gpu_checks", Path(__file__).with_name("gpu_checks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def regrade_sanitizers(run: dict, log_dir: Path) -> tuple[dict, list[dict]]:
+    """A copy of the run whose sanitizer verdicts come from their logs in ``log_dir``, and one
+    row per process whose log was there (name, old and new verdict, the exit code used)."""
+    checks = _gpu_checks()
+    run = copy.deepcopy(run)
+    rows = []
+    for tool in SANITIZERS:
+        for name, proc in sorted(sanitizer_runs(run, tool).items()):
+            log_path = log_dir / f"{name}.log"
+            if not log_path.is_file():
+                continue
+            log = log_path.read_text(errors="replace")
+            rc = proc.get("rc")
+            source = "run"
+            if rc is None:
+                rc, source = checks.pytest_exit_code(log), "pytest summary line"
+            verdict = checks.sanitizer_verdict(log, 1 if rc is None else rc)
+            rows.append({"process": name, "recorded": proc.get("verdict"), "regraded": verdict,
+                         "rc": rc, "rc_from": source if rc is not None else "none (counted as 1)"})
+            proc["verdict"] = verdict
+    return run, rows
+
+
 def _source_hashes(root: Path) -> dict[str, str]:
     sys.path.insert(0, str(root))  # the checkout's own hashing (no torch, no extension needed)
     try:
@@ -122,15 +161,21 @@ def family_verdicts(run: dict, hashes: dict[str, str]) -> dict[str, dict]:
     return out
 
 
-def entry(run: dict, run_path: Path, sha: str) -> dict:
-    verdicts = {p.get("verdict") for t in SANITIZERS for p in sanitizer_runs(run, t).values()}
+def _relative(path: Path) -> str:
     try:
-        result = run_path.resolve().relative_to(ROOT).as_posix()
+        return path.resolve().relative_to(ROOT).as_posix()
     except ValueError:
-        result = str(run_path)
-    return {"sha256": sha, "result": result, "device": run["machine"]["gpu"]["name"],
-            "date": run.get("date"), "commit": run.get("commit"),
-            "sanitizer": "refused" if "refused" in verdicts else "clean"}
+        return str(path)
+
+
+def entry(run: dict, run_path: Path, sha: str, log_dir: Path | None = None) -> dict:
+    verdicts = {p.get("verdict") for t in SANITIZERS for p in sanitizer_runs(run, t).values()}
+    out = {"sha256": sha, "result": _relative(run_path), "device": run["machine"]["gpu"]["name"],
+           "date": run.get("date"), "commit": run.get("commit"),
+           "sanitizer": "refused" if "refused" in verdicts else "clean"}
+    if log_dir is not None:
+        out["sanitizer_graded_from_logs"] = _relative(log_dir)
+    return out
 
 
 def write_record(record_path: Path, additions: dict[str, dict]) -> dict:
@@ -161,19 +206,31 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="gpu_<stamp>.json from benchmarks/gpu_session.sh")
     ap.add_argument("--write", action="store_true", help="add the verified families to the record")
+    ap.add_argument("--sanitizer-logs", type=Path, metavar="DIR",
+                    help="grade the sanitizer processes again from DIR/<name>.log")
     ap.add_argument("--record", type=Path, default=RECORD, help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     run = read_run(a.run)
     if run is None:
         return 2
+    regrades = None
+    if a.sanitizer_logs is not None:
+        if not a.sanitizer_logs.is_dir():
+            print(f"--sanitizer-logs: {a.sanitizer_logs} is not a folder", file=sys.stderr)
+            return 2
+        run, regrades = regrade_sanitizers(run, a.sanitizer_logs)
     hashes = _source_hashes(a.root)
     verdicts = family_verdicts(run, hashes)
-    verified = {f: entry(run, a.run, hashes[f]) for f, v in verdicts.items() if v["verified"]}
+    verified = {f: entry(run, a.run, hashes[f], a.sanitizer_logs) for f, v in verdicts.items()
+                if v["verified"]}
     if a.write and verified:
         write_record(a.record, verified)
-    print(json.dumps({"run": str(a.run), "verified": sorted(verified), "families": verdicts,
-                      "written": bool(a.write and verified)}, indent=1))
+    out = {"run": str(a.run), "verified": sorted(verified), "families": verdicts,
+           "written": bool(a.write and verified)}
+    if regrades is not None:
+        out["sanitizer_regraded"] = regrades
+    print(json.dumps(out, indent=1))
     return 0 if verified else 1
 
 

@@ -31,9 +31,9 @@ select it. Margin softmax also has a ``fused`` provider (``margin_softmax_fused`
 not fuse go to the epilogue provider). ``backend="fused"`` requests it (CUDA bf16 tensors only, an
 error otherwise). So does cosine top-k (``topk_fused``, family ``topk_fused``: tensor-core score
 tiles with the selection in shared memory; bf16 queries and gallery, k <= 128). Under ``"auto"``
-the verified tensor-core providers come first, in the order of ``AUTO_ORDER`` (the faster first
-on the measured GPU rows), then the verified SIMT kernels, except where those were measured
-slower than the torch path (``SIMT_SLOWER_THAN_TORCH``).
+the verified tensor-core providers come first, in the order of :func:`auto_order` (the faster
+first on the measured GPU rows), then the verified SIMT kernels, except where those were measured
+slower than the torch path (``SIMT_SLOWER_THAN_TORCH``: both families on the H200).
 """
 from __future__ import annotations
 
@@ -54,14 +54,22 @@ FUSED_FAMILIES = {"margin_softmax": "margin_fused", "cosine_topk": "topk_fused"}
 # Family of the epilogue provider of an op family that has one.
 EPILOGUE_FAMILIES = {"margin_softmax": "margin_epilogue", "cosine_topk": "topk_epilogue"}
 # The order in which `auto` tries an op family's verified tensor-core providers: the faster first
-# on the first GPU measurements (H200, 2026-11-26, benchmarks/results/gpu_2026-11-26_h200.md,
-# the goal rows only): margin forward fused 6.7 ms vs epilogue 12.1 ms; search epilogue 585 ms
-# vs fused 1101 ms.
+# on the GPU measurements (H200, benchmarks/results/gpu_2026-11-26_h200.md and
+# gpu_2026-11-26b_h200.md). Margin: fused before epilogue on every bf16 row (forward 6.7-6.9 vs
+# 10.0-12.1 ms at C = 1M; ties only at d = 1024 forward, 3.0 vs 2.9 ms). Search: epilogue before
+# fused from Q = 1000 up (6.2 vs 9.9 ms .. 588 vs 1106 ms) ...
 AUTO_ORDER = {"margin_softmax": ("fused", "epilogue"), "cosine_topk": ("epilogue", "fused")}
+# ... but fused first for batches of at most one fused query tile (128 rows): at Q = 1 it took
+# 1.5 ms vs 4.5 ms (N = 1M) and 10.6 ms vs 39.2 ms (N = 10M), and up to 128 queries its tile
+# work is the same (rows beyond Q are padding). Only Q = 1 and Q >= 1000 were measured.
+SMALL_BATCH_ORDER = {"cosine_topk": (128, ("fused", "epilogue"))}
 # Op families whose SIMT kernels `auto` leaves alone even once verified: measured slower than the
-# chunked torch path (same run).
-SIMT_SLOWER_THAN_TORCH = {"margin_softmax": "H200, B = 1024, C = 1M, d = 512, bf16: 140 ms vs "
-                                            "95 ms forward, 1008 ms vs 230 ms forward + backward"}
+# chunked torch path on every row (same runs).
+SIMT_SLOWER_THAN_TORCH = {
+    "margin_softmax": "H200, B = 1024, C = 1M, d = 512, bf16: 140 ms vs 25 ms forward, 1010 ms vs "
+                      "73 ms forward + backward",
+    "cosine_topk": "H200, bf16, 10 shapes from Q = 1 to 1000, N = 1M to 10M, k = 10 to 4096: "
+                   "1.2-11x slower, e.g. 287 ms vs 109 ms at Q = 1000, N = 1M, k = 10"}
 UNVERIFIED_ENV = "BCT_FAST_UNVERIFIED_KERNELS"
 
 
@@ -124,14 +132,25 @@ def _choose_fused(family: str, device: torch.device,
     return Choice("fused", "backend='fused' requested")
 
 
+def auto_order(family: str, rows: int | None = None) -> tuple[str, ...]:
+    """The order in which ``auto`` tries ``family``'s verified tensor-core providers for a call
+    with ``rows`` queries (None: unknown)."""
+    small = SMALL_BATCH_ORDER.get(family)
+    if small is not None and rows is not None and rows <= small[0]:
+        return small[1]
+    return AUTO_ORDER.get(family, ())
+
+
 def choose(family: str, device: torch.device, backend: str,
            unsupported: Callable[[], Unsupported | None],
            epilogue_unsupported: Callable[[], Unsupported | None] | None = None,
-           fused_unsupported: Callable[[], Unsupported | None] | None = None) -> Choice:
+           fused_unsupported: Callable[[], Unsupported | None] | None = None,
+           rows: int | None = None) -> Choice:
     """The provider of ``family`` (``"margin_softmax"`` | ``"cosine_topk"``) for tensors on
     ``device``; ``unsupported`` is asked only when the CUDA kernels are compiled.
     ``epilogue_unsupported`` / ``fused_unsupported``: the same question for the family's
-    epilogue / fused provider (None: the family has none)."""
+    epilogue / fused provider (None: the family has none). ``rows``: the call's query rows
+    (see :func:`auto_order`)."""
     check_backend(backend)
     if backend == "torch":
         return Choice("torch", "backend='torch' requested")
@@ -153,7 +172,7 @@ def choose(family: str, device: torch.device, backend: str,
         return Choice("cuda", "backend='cuda' requested")
     candidates = {"fused": (FUSED_FAMILIES, fused_unsupported),
                   "epilogue": (EPILOGUE_FAMILIES, epilogue_unsupported)}
-    for provider in AUTO_ORDER.get(family, ()):
+    for provider in auto_order(family, rows):
         families, unsupported_fn = candidates[provider]
         if unsupported_fn is not None and _verified(families[family]) and unsupported_fn() is None:
             return Choice(provider, f"its {provider} kernels passed a recorded GPU run")

@@ -117,9 +117,38 @@ def test_record_takes_the_worst_phase(tmp_path, monkeypatch):
     ("========= Error: Device not supported\n", 1, "refused"),
     ("Traceback ...\n", 1, "failed"),
     ("========= ERROR SUMMARY: 0 errors\n", 1, "failed"),  # tests failed under the sanitizer
+    # racecheck's own summary line (the lease of 2026-11-26 10:08 UTC printed the first one and
+    # the parser of the time called it "failed")
+    ("18 passed in 66.17s (0:01:06)\n"
+     "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n", 0, "clean"),
+    ("========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)\n", 1, "errors"),
+    ("========= RACECHECK SUMMARY: 1 hazard displayed (0 errors, 1 warning)\n", 0, "errors"),
+    ("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n", 1, "failed"),
 ])
 def test_sanitizer_verdicts(log, rc, verdict):
     assert gpu_checks.sanitizer_verdict(log, rc) == verdict
+
+
+@pytest.mark.parametrize("log,rc", [
+    ("..........  [100%]\n18 passed in 66.17s (0:01:06)\n========= RACECHECK SUMMARY: 0 hazards\n", 0),
+    ("11 passed, 2 deselected in 3.87s\n", 0),
+    ("============ 17 passed, 1 skipped in 4.00s ============\n", 0),
+    ("FAILED tests/x.py::a\n1 failed, 17 passed in 13.74s\n", 1),
+    ("============ 17 passed, 1 error in 4.00s ============\n", 1),
+    ("..........\n", None),  # cut off before pytest's summary
+    ("collected 0 items\n============ no tests ran in 0.01s ============\n", None),
+])
+def test_pytest_exit_code_from_its_summary_line(log, rc):
+    assert gpu_checks.pytest_exit_code(log) == rc
+
+
+def test_the_sanitizer_check_records_the_exit_code(tmp_path):
+    log = tmp_path / "s.log"
+    log.write_text("3 passed in 1.0s\n========= ERROR SUMMARY: 0 errors\n")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_checks.py"), "sanitizer",
+                          str(log), "0"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"ok": True, "verdict": "clean", "rc": 0}
 
 
 def test_cmake_floor_is_read_from_pyproject():

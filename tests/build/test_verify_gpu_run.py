@@ -271,3 +271,73 @@ def test_a_gpu_machine_collects_every_cuda_test_with_its_families(tmp_path):
     assert len(cuda) > 173 and device_cases, "the device=cuda cases were not collected"
     unknown = {n: f for n, f in cuda.items() if not f or not set(f) <= set(FAMILIES)}
     assert not unknown, list(unknown.items())[:5]
+
+
+CLEAN_RACECHECK_LOG = ("========= COMPUTE-SANITIZER\n.......  [100%]\n18 passed in 66.17s (0:01:06)\n"
+                       "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
+
+
+def _misgraded_run(tmp_path, logs: dict[str, str]):
+    """A grouped run whose racecheck processes an older parser called 'failed', with the logs."""
+    run = grouped_run()
+    for group in ("margin", "topk"):
+        run[f"sanitizer_racecheck_{group}"]["verdict"] = "failed"
+    run_path = tmp_path / "gpu_x.json"
+    run_path.write_text(json.dumps(run))
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    for name, text in logs.items():
+        (log_dir / f"{name}.log").write_text(text)
+    return run_path, log_dir
+
+
+def _main_json(args, capsys):
+    rc = verify.main(args)
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def test_sanitizer_logs_regrade_a_misread_racecheck(tmp_path, capsys):
+    run_path, log_dir = _misgraded_run(tmp_path, {"sanitizer_racecheck_margin": CLEAN_RACECHECK_LOG,
+                                                  "sanitizer_racecheck_topk": CLEAN_RACECHECK_LOG})
+    rc, out = _main_json([str(run_path)], capsys)
+    assert rc == 1 and out["verified"] == []  # as recorded
+    record = tmp_path / "gpu_verified.json"
+    record.write_text(empty_record())
+    rc, out = _main_json([str(run_path), "--sanitizer-logs", str(log_dir), "--write",
+                          "--record", str(record)], capsys)
+    assert rc == 0 and out["verified"] == FAMILIES
+    assert {r["process"]: (r["recorded"], r["regraded"], r["rc_from"]) for r in out["sanitizer_regraded"]} == {
+        "sanitizer_racecheck_margin": ("failed", "clean", "pytest summary line"),
+        "sanitizer_racecheck_topk": ("failed", "clean", "pytest summary line")}
+    entries = json.loads(record.read_text())
+    assert all(e[0]["sanitizer_graded_from_logs"] == str(log_dir) for f, e in entries.items() if f != "_about")
+
+
+@pytest.mark.parametrize("margin_log,rc_kept,verified_families", [
+    # hazards found: the margin families stay out
+    (CLEAN_RACECHECK_LOG.replace("0 hazards displayed (0 errors", "3 hazards displayed (3 errors"), None,
+     TOPK_GROUP),
+    # cut off before pytest's summary: no exit code to infer, counted as failed
+    ("========= COMPUTE-SANITIZER\n.......\n", None, TOPK_GROUP),
+    # the run kept its own exit code (1: a test failed under the sanitizer): it wins over the log
+    (CLEAN_RACECHECK_LOG, 1, TOPK_GROUP),
+])
+def test_sanitizer_logs_regrade_keeps_out_what_the_log_does_not_show_clean(
+        tmp_path, capsys, margin_log, rc_kept, verified_families):
+    run_path, log_dir = _misgraded_run(tmp_path, {"sanitizer_racecheck_margin": margin_log,
+                                                  "sanitizer_racecheck_topk": CLEAN_RACECHECK_LOG})
+    if rc_kept is not None:
+        run = json.loads(run_path.read_text())
+        run["sanitizer_racecheck_margin"]["rc"] = rc_kept
+        run_path.write_text(json.dumps(run))
+    _, out = _main_json([str(run_path), "--sanitizer-logs", str(log_dir)], capsys)
+    # margin_softmax / cosine_topk cases also ran in the margin group: they need both clean
+    assert set(out["verified"]) == set(verified_families) - set(MARGIN_GROUP)
+
+
+def test_sanitizer_logs_without_a_log_keep_the_recorded_verdict(tmp_path, capsys):
+    run_path, log_dir = _misgraded_run(tmp_path, {"sanitizer_racecheck_topk": CLEAN_RACECHECK_LOG})
+    _, out = _main_json([str(run_path), "--sanitizer-logs", str(log_dir)], capsys)
+    assert set(out["verified"]) == set(TOPK_GROUP) - set(MARGIN_GROUP)
+    assert [r["process"] for r in out["sanitizer_regraded"]] == ["sanitizer_racecheck_topk"]
+    assert verify.main([str(run_path), "--sanitizer-logs", str(tmp_path / "nowhere")]) == 2

@@ -60,19 +60,52 @@ def test_unverified_kernels_run_only_on_request(compiled, monkeypatch):
     assert providers.choose("margin_softmax", CUDA, "auto", lambda: None).provider == "cuda"
 
 
-def test_verified_kernels_are_the_default(compiled, monkeypatch):
+def test_verified_simt_kernels_are_the_default_where_not_measured_slower(compiled, monkeypatch):
     monkeypatch.setattr(providers, "_verified", lambda family: True)
+    monkeypatch.setattr(providers, "SIMT_SLOWER_THAN_TORCH", {})
     c = providers.choose("cosine_topk", CUDA, "auto", lambda: None)
     assert c.provider == "cuda" and not c.warn
 
 
-def test_verified_simt_margin_kernels_stay_on_request(compiled, monkeypatch):
-    """Measured slower than the chunked torch path on the H200: `auto` keeps the torch path and
-    says why (no warning: nothing unexpected); backend='cuda' and the env variable still run them."""
+@pytest.mark.parametrize("family", ["margin_softmax", "cosine_topk"])
+def test_verified_simt_kernels_stay_on_request(compiled, monkeypatch, family):
+    """Both measured slower than the chunked torch path on the H200: `auto` keeps the torch path
+    and says why (no warning: nothing unexpected); backend='cuda' still runs them."""
     monkeypatch.setattr(providers, "_verified", lambda family: True)
-    c = providers.choose("margin_softmax", CUDA, "auto", lambda: None)
+    c = providers.choose(family, CUDA, "auto", lambda: None)
     assert c.provider == "torch" and "slower" in c.reason and not c.warn
-    assert providers.choose("margin_softmax", CUDA, "cuda", lambda: None).provider == "cuda"
+    assert providers.choose(family, CUDA, "cuda", lambda: None).provider == "cuda"
+
+
+SERVES = lambda: None  # noqa: E731
+REFUSES = lambda: providers.Unsupported("test: cannot serve")  # noqa: E731
+
+
+@pytest.mark.parametrize("family,rows,epilogue,fused,expected", [
+    ("margin_softmax", 1024, SERVES, SERVES, "fused"),
+    ("margin_softmax", 1, SERVES, SERVES, "fused"),
+    ("margin_softmax", 1024, SERVES, REFUSES, "epilogue"),   # fp32: the fused provider is bf16 only
+    ("cosine_topk", 1000, SERVES, SERVES, "epilogue"),
+    ("cosine_topk", None, SERVES, SERVES, "epilogue"),
+    ("cosine_topk", 129, SERVES, SERVES, "epilogue"),
+    ("cosine_topk", 128, SERVES, SERVES, "fused"),           # one fused query tile
+    ("cosine_topk", 1, SERVES, SERVES, "fused"),
+    ("cosine_topk", 1, SERVES, REFUSES, "epilogue"),         # k > 128, fp32
+    ("cosine_topk", 1000, REFUSES, SERVES, "fused"),
+    ("cosine_topk", 1000, REFUSES, REFUSES, "torch"),        # k > 4096: the SIMT kernel is slower
+])
+def test_auto_order_of_the_verified_tensor_core_providers(compiled, monkeypatch, family, rows,
+                                                          epilogue, fused, expected):
+    """The orders measured on the H200 (providers.AUTO_ORDER, SMALL_BATCH_ORDER)."""
+    monkeypatch.setattr(providers, "_verified", lambda family: True)
+    c = providers.choose(family, CUDA, "auto", SERVES, epilogue, fused, rows=rows)
+    assert c.provider == expected and not c.warn
+
+
+def test_an_unverified_tensor_core_family_is_skipped(compiled, monkeypatch):
+    monkeypatch.setattr(providers, "_verified", lambda family: family != "topk_fused")
+    c = providers.choose("cosine_topk", CUDA, "auto", SERVES, SERVES, SERVES, rows=1)
+    assert c.provider == "epilogue"
 
 
 def test_float64_stays_on_torch_without_a_warning(compiled):
@@ -144,7 +177,7 @@ def test_kernel_route_end_to_end_with_a_stub(seed, monkeypatch):
     """cosine_topk's kernel route (chunks, splits, exclude_self with k = chunk rows) with the
     launch stubbed: exact against the float64 reference, no -1 or offset -1 leaks."""
     monkeypatch.setattr(topk_cuda, "launch_partial", fake_launch)
-    monkeypatch.setattr("bct_fast.ops.topk.choose", lambda *a: providers.Choice("cuda", "test"))
+    monkeypatch.setattr("bct_fast.ops.topk.choose", lambda *a, **kw: providers.Choice("cuda", "test"))
     g = torch.randn(40, 12)
     s, i = cosine_topk(g, g, 10, exclude_self=True, chunk_size=10)
     assert (i >= 0).all()
