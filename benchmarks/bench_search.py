@@ -4,7 +4,8 @@ Axes: provider x (Q, N, k) at d = 512, fp32 on CPU. Every provider gets the same
 vectors (IndexFlatIP's contract); ``bct_fast`` is ``cosine_topk(normalize=False)`` (what
 ``GalleryIndex`` runs: rows are normalized once when added), ``bct_fast_cosine`` also
 normalizes on the fly. ``torch`` is the plain q @ g.T + topk (a Q x N matrix) where it fits in
-memory. On CUDA (``test_cuda_search_fp32``, the issue's shapes): ``bct_fast_cuda`` (the SIMT
+memory. On CUDA (``test_cuda_search_fp32``, the issue's shapes): ``bct_fast_auto`` (the default:
+``backend="auto"`` with this checkout's gpu_verified.json), ``bct_fast_cuda`` (the SIMT
 fused kernel, ``backend="cuda"``), ``bct_fast_epilogue`` (cuBLAS fp32 blocks + the selection
 kernel, its fp32 exact mode), ``bct_fast_epilogue_screen`` (its screened mode: bf16 tensor-core
 screen, float64 rescoring), ``torch`` (mm + topk in gallery chunks) and ``faiss`` (GpuIndexFlatIP,
@@ -36,7 +37,7 @@ CUDA_FP32_CASES = ([(10_000, 10_000_000, 100)] + [(10_000, 1_000_000, k) for k i
                    + [(1000, 10_000_000, 10), (1000, 10_000_000, 1000)]
                    + [(1000, 1_000_000, k) for k in (10, 100, 1000, 4096)]
                    + [(1, 10_000_000, k) for k in (10, 100, 1000, 4096)] + [(1, 1_000_000, 100)])
-CUDA_PROVIDERS = ["bct_fast_cuda", "bct_fast_epilogue", "bct_fast_epilogue_screen", "torch", "faiss"]
+CUDA_PROVIDERS = ["bct_fast_auto", "bct_fast_cuda", "bct_fast_epilogue", "bct_fast_epilogue_screen", "torch", "faiss"]
 
 _data: dict = {}
 

@@ -23,10 +23,13 @@
 #        bench_floors, then the goal rows (search 10k x 10M k=100 bf16; loss 1024 x 1M d=512 bf16)
 #   2. at once, while the machine is warm (given back after ~30 s idle), with what is left
 #      (status's budget_left_s minus ~60 s): BCT_FAST_GPU_BUDGET_S=<that> BCT_FAST_GPU_STEPS=bench
-#        BCT_FAST_GPU_BENCH="benchmarks/bench_search_cuda_bf16.py@not+Q10000-N10000000
-#        benchmarks/bench_margin_ce.py@(C100000-+or+C200000-)+and+bf16+and+not+bct_fast_cuda+and+not+liger"
+#        BCT_FAST_GPU_BENCH="benchmarks/bench_search_cuda_bf16.py@not+Q10000-N10000000+and+not+epilogue_blocks+and+not+small_q
+#        benchmarks/bench_margin_ce.py@(C100000-+or+C200000-)+and+bf16+and+not+bct_fast_cuda+and+not+liger
+#        benchmarks/bench_margin_ce.py@B1024-C1000000-d512+and+fp32+and+(auto+or+bct_fast_torch+or+-torch-)
+#        benchmarks/bench_search.py@cuda_search_fp32+and+Q1000-N1000000-+and+(auto+or+torch)"
 #        (-k matches substrings: without the dash C100000 also selects the C = 1M goal rows)
-#        (the shapes beyond the goal rows: one query, k 10 / 1000 / 4096, d 128..1024, C 100k / 200k;
+#        (the shapes beyond the goal rows: Q 1 / 16 / 128 / 256, k 10 / 1000 / 4096, d 128..1024,
+#        C 100k / 200k; fp32 inputs, whose `auto` route is the epilogue provider, unmeasured so far;
 #        a cold machine rebuilds by itself: the installed check fails, so the build runs)
 #   3. give_back.
 #   4. here: python benchmarks/gpu_run_report.py benchmarks/results/gpu_<stamp>.json (the page to read
@@ -282,12 +285,13 @@ fi
 # finishes (benchmarks/conftest.py): an entry cut by the deadline keeps the rows it finished.
 # FILE@K restricts FILE to pytest -k K ('+' for spaces). Default: the device's floors, then the
 # goal rows of issue 15 (bf16 search 10k x 10M k=100; bf16 loss 1024 x 1M, d = 512; Liger's rows
-# there took 3 s a call on the H200 and are known), then the epilogue providers' block / chunk
-# sweeps (is the chunk loop host-bound?).
+# there took 3 s a call on the H200 and are known), then the epilogue search's chunk width at few
+# queries, and the loss's class-chunk sweep (its default changed after the second lease). The
+# search block-shape sweep (test_cuda_search_epilogue_blocks) was decided by the second lease.
 DEFAULT_BENCH="benchmarks/bench_floors.py \
 benchmarks/bench_search_cuda_bf16.py@Q10000-N10000000-k100-d512 \
 benchmarks/bench_margin_ce.py@B1024-C1000000-d512+and+bf16+and+not+liger \
-benchmarks/bench_search_cuda_bf16.py@epilogue_blocks \
+benchmarks/bench_search_cuda_bf16.py@epilogue_small_q \
 benchmarks/bench_margin_ce.py@epilogue_chunks"
 if want bench; then
   for ENTRY in ${BCT_FAST_GPU_BENCH:-$DEFAULT_BENCH}; do
