@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from bct_fast._core.extension import native
-from bct_fast.ops import margin_softmax_epilogue
+from bct_fast.ops import device_limits, margin_softmax_epilogue
 from bct_fast.ops.native_call import DTYPE_CODES, f32, stream_of
 from bct_fast.ops.providers import Unsupported
 
@@ -40,7 +40,19 @@ def unsupported(x: Tensor, w: Tensor) -> Unsupported | None:
                            expected=True)
     if torch.cuda.get_device_capability(x.device) < (8, 0):
         return Unsupported("a GPU older than compute capability 8.0 (bf16 mma.sync needs sm_80)")
+    short = device_limits.smem_shortfall(x.device, device_limits.MARGIN_FUSED_LSE_SMEM,
+                                         "the fused loss kernel")
+    if short is not None:
+        return Unsupported(short, expected=True)
     return None
+
+
+def _pws_fused(x: Tensor, d: int) -> bool:
+    """Whether the fused lse + pws kernel serves depth ``d`` on x's device (else the epilogue
+    provider's sweep computes pws): d <= 512 and the device's shared memory holds its tiles."""
+    if d > native().margin_fused_pws_max_d:
+        return False
+    return device_limits.smem_shortfall(x.device, device_limits.margin_fused_pws_smem(d), "") is None
 
 
 def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
@@ -52,7 +64,7 @@ def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: 
     if why is not None:
         raise ValueError(f"x, w: the fused provider cannot serve them: {why.reason}")
     mod = native()
-    if with_pws and x.shape[1] > mod.margin_fused_pws_max_d:
+    if with_pws and not _pws_fused(x, x.shape[1]):
         return margin_softmax_epilogue.softmax_stats(x, w, inv_nx, inv_nw, labels, scale,
                                                      with_pws, chunk)
     x, w = x.contiguous(), w.contiguous()

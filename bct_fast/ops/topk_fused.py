@@ -30,6 +30,7 @@ from torch import Tensor
 from bct_fast._core.autocast import without_autocast
 from bct_fast._core.checks import check_matrix, nonfinite_error
 from bct_fast._core.extension import native
+from bct_fast.ops import device_limits
 from bct_fast.ops.native_call import DTYPE_CODES, stream_of
 from bct_fast.ops.providers import Unsupported
 from bct_fast.ops.rows import inv_row_norms, inv_row_norms_stepped
@@ -77,6 +78,11 @@ def unsupported(q: Tensor, g_dtype: torch.dtype, k: int) -> Unsupported | None:
         return Unsupported(f"k={k} is above the fused kernel's limit of {MAX_K}", expected=True)
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return Unsupported("a GPU older than compute capability 8.0 (bf16 mma.sync needs sm_80)")
+    kmax = device_limits.topk_fused_kmax(k)
+    short = device_limits.smem_shortfall(q.device, device_limits.TOPK_FUSED_SMEM[kmax],
+                                         f"the fused search kernel for k={k} (lists of {kmax})")
+    if short is not None:
+        return Unsupported(short, expected=True)
     return None
 
 

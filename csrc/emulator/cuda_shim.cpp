@@ -583,7 +583,14 @@ cudaError_t cudaGetDevice(int* dev) {
 }
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
-  *value = static_cast<int>(bct_emu::kOptinSmemLimit);
+  // BCT_EMU_OPTIN_SMEM: a smaller device (an A100's 166912, an sm_89's 101376) for the tests of
+  // the launchers' shared-memory checks; never above the emulator's arena.
+  size_t limit = bct_emu::kOptinSmemLimit;
+  if (const char* env = std::getenv("BCT_EMU_OPTIN_SMEM")) {
+    const long long v = std::atoll(env);
+    if (v > 0 && static_cast<size_t>(v) < limit) limit = static_cast<size_t>(v);
+  }
+  *value = static_cast<int>(limit);
   return cudaSuccess;
 }
 cudaError_t cudaGetLastError() {

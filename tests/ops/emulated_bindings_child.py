@@ -178,6 +178,44 @@ def tile_checks(dtype):
     return dict(a=a, b=b, c=c), outs
 
 
+def _launch_at_limit(run, need: int) -> torch.Tensor:
+    """[ran with exactly ``need`` bytes allowed, refused with one byte less (and said why)]."""
+    import os
+
+    out = []
+    for limit in (need, need - 1):
+        os.environ["BCT_EMU_OPTIN_SMEM"] = str(limit)
+        try:
+            run()
+            out.append(limit == need)
+        except RuntimeError as e:
+            out.append(limit < need and "more than this device allows" in str(e))
+        finally:
+            del os.environ["BCT_EMU_OPTIN_SMEM"]
+    return torch.tensor(out)
+
+
+def smem_limits():
+    """Each fused launcher against device_limits' byte counts (the device's opt-in limit set
+    through the emulated runtime)."""
+    from bct_fast.ops import device_limits as dl
+
+    outs = {}
+    t = search_inputs(BF16)
+    for k in (10, 50, 100):
+        outs[f"topk_fused_k{k}"] = _launch_at_limit(
+            lambda k=k: tkf.cosine_topk_fused(t["q"], t["g"], k, True, False, launch=tkf.native_launch),
+            dl.TOPK_FUSED_SMEM[dl.topk_fused_kmax(k)])
+    lt = loss_inputs(BF16)
+    outs["margin_fused_lse"] = _launch_at_limit(
+        lambda: msf.softmax_stats(*_loss_args(lt), lt["scale"], False), dl.MARGIN_FUSED_LSE_SMEM)
+    for d in (40, 100, 200, 300):
+        lt = loss_inputs(BF16, B=9, C=70, d=d)
+        outs[f"margin_fused_pws_d{d}"] = _launch_at_limit(
+            lambda lt=lt: msf.softmax_stats(*_loss_args(lt), lt["scale"], True), dl.margin_fused_pws_smem(d))
+    return {}, outs
+
+
 BF16, F32 = torch.bfloat16, torch.float32
 CASES = {
     "margin_cuda_stats_f32": lambda: margin_cuda_stats(F32, False),
@@ -196,6 +234,7 @@ CASES = {
     "topk_fused_bf16_exclude": lambda: topk_fused_search(BF16, True),
     "topk_fused_bf16": lambda: topk_fused_search(BF16, False),
     "tile_checks_bf16": lambda: tile_checks(BF16),
+    "smem_limits": smem_limits,
 }
 
 

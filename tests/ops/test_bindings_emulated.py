@@ -144,3 +144,14 @@ def test_a_swapped_integer_is_refused_by_the_launcher(module_path, tmp_path):
     self column is negative, and the launcher's own argument check names it."""
     with pytest.raises(ChildFailed, match="topk_epilogue_select: n0 must be >= 0"):
         run_case(module_path, tmp_path, "topk_epilogue_f32_exclude", "swap=topk_epilogue_select:6:8")
+
+
+def test_fused_launchers_need_what_device_limits_says(module_path, tmp_path):
+    """bct_fast.ops.device_limits' byte counts are the launchers' own: each fused launch runs with
+    exactly that much shared memory allowed and is refused, naming the reason, with one byte
+    less. So `auto` on a smaller GPU (an A100, an sm_89 part) picks another provider instead of
+    raising from the launcher."""
+    _, out = run_case(module_path, tmp_path, "smem_limits")
+    assert len(out) == 8
+    for name, (ran_at_need, refused_below) in out.items():
+        assert ran_at_need and refused_below, name
