@@ -15,6 +15,7 @@ import functools
 import hashlib
 import importlib
 import json
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -81,6 +82,38 @@ def cuda_kernels_compiled() -> bool:
     """True when the extension was built with its CUDA kernels."""
     mod = native()
     return bool(mod is not None and mod.build_info()["cuda_compiled"])
+
+
+def built_architectures() -> str | None:
+    """The CUDA architectures the extension was compiled for (CMake's list, comma-separated), or
+    None without CUDA kernels."""
+    mod = native()
+    if mod is None or not mod.build_info().get("cuda_compiled"):
+        return None
+    return mod.build_info().get("cuda_architectures") or None
+
+
+def build_runs_on(capability: tuple[int, int]) -> bool | None:
+    """Whether the extension's CUDA code can run on a GPU of ``capability`` (major, minor): a
+    cubin of the same major and a minor not above it, or PTX of an architecture not above it
+    (``a``-suffixed architectures only on their own). None when the build does not say (no CUDA
+    kernels, or an architecture list such as ``all`` that this cannot read)."""
+    archs = built_architectures()
+    if not archs:
+        return None
+    major, minor = capability
+    for entry in str(archs).replace(";", ",").split(","):
+        m = re.fullmatch(r"(\d+?)(\d)(a|f)?(?:-(real|virtual))?", entry.strip())
+        if m is None:
+            return None
+        x, y, suffix, kind = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
+        if suffix == "a" and (x, y) != (major, minor):
+            continue
+        if kind in (None, "real") and x == major and y <= minor:
+            return True
+        if kind in (None, "virtual") and (x, y) <= (major, minor):
+            return True
+    return False
 
 
 def source_hashes(root: str | Path) -> dict[str, str]:

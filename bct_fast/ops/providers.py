@@ -46,7 +46,8 @@ from typing import Callable
 import torch
 
 from bct_fast._core.checks import check_choice
-from bct_fast._core.extension import cuda_kernels_compiled, kernel_verification
+from bct_fast._core.extension import (build_runs_on, built_architectures, cuda_kernels_compiled,
+                                     kernel_verification)
 
 BACKENDS = ("auto", "torch", "cuda", "epilogue", "fused")
 # Family of the fused provider of an op family that has one.
@@ -94,6 +95,33 @@ def _verified(family: str) -> bool:
     return bool(kernel_verification()[family]["verified_on_gpu"])
 
 
+def _no_code_for(device: torch.device) -> Unsupported | None:
+    """Why this build cannot run on ``device`` (no cubin or PTX for its architecture), or None
+    (also when the build does not say what it was built for)."""
+    if not built_architectures() or not torch.cuda.is_available():
+        return None  # no list to check, or no GPU to ask (a test's stand-in device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _no_code_for_index(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _no_code_for_index(index: int) -> Unsupported | None:
+    major, minor = torch.cuda.get_device_capability(index)
+    if build_runs_on((major, minor)) is False:
+        return Unsupported(f"bct_fast was built for CUDA architectures {built_architectures()}, none "
+                           f"of which runs on this sm_{major}{minor} GPU (rebuild with "
+                           f"CUDAARCHS={major}{minor}-real)")
+    return None
+
+
+def _cuda_build_unsupported(device: torch.device) -> Unsupported | None:
+    """Why no CUDA kernel of this build can serve tensors on ``device``, or None."""
+    if not cuda_kernels_compiled():
+        return Unsupported("bct_fast was built without CUDA kernels (CPU-only build or extension "
+                           "not importable)")
+    return _no_code_for(device)
+
+
 def check_backend(backend: object) -> str:
     check_choice(backend, "backend", BACKENDS)
     return backend  # type: ignore[return-value]
@@ -108,9 +136,9 @@ def _choose_epilogue(family: str, device: torch.device,
     if why is not None:
         raise ValueError(f"backend: the epilogue provider of {family} cannot serve this call: {why.reason}")
     if device.type == "cuda":
-        if not cuda_kernels_compiled():
-            raise ValueError("backend: 'epilogue' needs the CUDA kernels, and bct_fast was built "
-                             "without them (CPU-only build or extension not importable)")
+        build = _cuda_build_unsupported(device)
+        if build is not None:
+            raise ValueError(f"backend: 'epilogue' needs the CUDA kernels: {build.reason}")
         return Choice("epilogue", "backend='epilogue' requested")
     return Choice("epilogue", f"backend='epilogue' on {device.type} tensors: the chunk loop with "
                               f"the PyTorch twin of the epilogue kernels")
@@ -124,8 +152,9 @@ def _choose_fused(family: str, device: torch.device,
     if device.type != "cuda":
         raise ValueError(f"backend: 'fused' needs CUDA tensors, got tensors on {device} (the fused "
                          f"kernels have no CPU twin; backend='epilogue' has one)")
-    if not cuda_kernels_compiled():
-        raise ValueError("backend: 'fused' needs the CUDA kernels, and bct_fast was built without them")
+    build = _cuda_build_unsupported(device)
+    if build is not None:
+        raise ValueError(f"backend: 'fused' needs the CUDA kernels: {build.reason}")
     why = fused_unsupported()
     if why is not None:
         raise ValueError(f"backend: the fused provider of {family} cannot serve this call: {why.reason}")
@@ -162,20 +191,27 @@ def choose(family: str, device: torch.device, backend: str,
         if backend == "cuda":
             raise ValueError(f"backend: 'cuda' needs CUDA tensors, got tensors on {device}")
         return Choice("torch", f"{device.type} tensors")
-    why = (Unsupported("bct_fast was built without CUDA kernels (CPU-only build or extension "
-                       "not importable)") if not cuda_kernels_compiled() else unsupported())
-    if why is not None:
+    build = _cuda_build_unsupported(device)
+    if build is not None:
         if backend == "cuda":
-            raise ValueError(f"backend: the CUDA kernels of {family} cannot serve this call: {why.reason}")
-        return Choice("torch", why.reason, warn=not why.expected)
+            raise ValueError(f"backend: the CUDA kernels of {family} cannot serve this call: {build.reason}")
+        return Choice("torch", build.reason, warn=True)
     if backend == "cuda":
+        why = unsupported()
+        if why is not None:
+            raise ValueError(f"backend: the CUDA kernels of {family} cannot serve this call: {why.reason}")
         return Choice("cuda", "backend='cuda' requested")
+    # auto: the verified tensor-core providers first (each asked only whether it can serve), then
+    # the SIMT kernels, whose own limits (k, dtypes, shared memory) bind only them.
     candidates = {"fused": (FUSED_FAMILIES, fused_unsupported),
                   "epilogue": (EPILOGUE_FAMILIES, epilogue_unsupported)}
     for provider in auto_order(family, rows):
         families, unsupported_fn = candidates[provider]
         if unsupported_fn is not None and _verified(families[family]) and unsupported_fn() is None:
             return Choice(provider, f"its {provider} kernels passed a recorded GPU run")
+    why = unsupported()
+    if why is not None:
+        return Choice("torch", why.reason, warn=not why.expected)
     if _verified(family):
         if family in SIMT_SLOWER_THAN_TORCH:
             return Choice("torch", f"its SIMT kernels passed a recorded GPU run but were slower than "

@@ -201,3 +201,61 @@ def test_fallback_warning_names_the_reason(compiled):
         warnings.simplefilter("always")
         providers.note_fallback("unique_op_name_for_this_test", c)
     assert any("not passed a recorded GPU run" in str(r.message) for r in rec)
+
+
+@pytest.mark.parametrize("archs,capability,runs", [
+    ("80-real,90-real,90-virtual", (8, 0), True),
+    ("80-real,90-real,90-virtual", (8, 6), True),     # same major: the sm_80 cubin runs
+    ("80-real,90-real,90-virtual", (8, 9), True),
+    ("80-real,90-real,90-virtual", (12, 0), True),    # newer: the compute_90 PTX is compiled at load
+    ("80-real,90-real,90-virtual", (7, 5), False),    # a T4: nothing older than sm_80
+    ("90a-real", (9, 0), True),
+    ("90a-real", (10, 0), False),                     # arch-specific code runs on its own GPU only
+    ("90a-real", (8, 0), False),
+    ("86-real", (8, 0), False),
+    ("80", (9, 0), True),                             # "80": cubin and PTX
+    ("80-real", (9, 0), False),
+    ("all", (9, 0), None),                            # a list this cannot read: no verdict
+    (None, (9, 0), None),
+])
+def test_build_runs_on(monkeypatch, archs, capability, runs):
+    monkeypatch.setattr(extension, "built_architectures", lambda: archs)
+    assert extension.build_runs_on(capability) is runs
+
+
+def test_a_build_without_code_for_the_gpu_falls_back_and_says_why(compiled, monkeypatch):
+    """A T4 (sm_75) with the default build (sm_80 / sm_90): every verified provider would fail to
+    launch; `auto` takes the torch path with a warning naming the rebuild, the explicit backends
+    raise."""
+    monkeypatch.setattr(providers, "_verified", lambda family: True)
+    monkeypatch.setattr(providers, "built_architectures", lambda: "80-real,90-real,90-virtual")
+    monkeypatch.setattr(extension, "built_architectures", lambda: "80-real,90-real,90-virtual")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (7, 5))
+    providers._no_code_for_index.cache_clear()
+    try:
+        dev = torch.device("cuda", 0)
+        c = providers.choose("cosine_topk", dev, "auto", lambda: None, lambda: None, lambda: None, rows=1)
+        assert c.provider == "torch" and c.warn and "sm_75" in c.reason and "CUDAARCHS=75-real" in c.reason
+        for backend in ("cuda", "epilogue", "fused"):
+            with pytest.raises(ValueError, match="sm_75"):
+                providers.choose("cosine_topk", dev, backend, lambda: None, lambda: None, lambda: None)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (8, 9))
+        providers._no_code_for_index.cache_clear()
+        c = providers.choose("cosine_topk", dev, "auto", lambda: None, lambda: None, lambda: None, rows=1)
+        assert c.provider == "fused"
+    finally:
+        providers._no_code_for_index.cache_clear()
+
+
+def test_simt_limits_do_not_hold_back_the_tensor_core_providers(compiled, monkeypatch):
+    """A call the SIMT kernel cannot serve (its own k, dtype or shared-memory limits) still goes
+    to a verified epilogue / fused provider that can."""
+    monkeypatch.setattr(providers, "_verified", lambda family: True)
+    simt_refuses = lambda: providers.Unsupported("SIMT: test limit")  # noqa: E731
+    c = providers.choose("margin_softmax", CUDA, "auto", simt_refuses, lambda: None, lambda: None)
+    assert c.provider == "fused"
+    c = providers.choose("cosine_topk", CUDA, "auto", simt_refuses, lambda: None, lambda: None, rows=1000)
+    assert c.provider == "epilogue"
+    c = providers.choose("cosine_topk", CUDA, "auto", simt_refuses, REFUSES, REFUSES, rows=1000)
+    assert c.provider == "torch" and "SIMT: test limit" in c.reason
