@@ -219,20 +219,24 @@ def sanitizer_verdict(log: str, rc: int) -> str:
         return "refused"
     # memcheck ends with "ERROR SUMMARY: N errors"; racecheck with "RACECHECK SUMMARY: N hazards
     # displayed (E errors, W warnings)" (a warning is a possible hazard: counted as one).
-    m = re.search(r"(?:ERROR|RACECHECK) SUMMARY:\s*(\d+)\s+(?:errors?|hazards?)\b", log)
-    if m and int(m.group(1)) > 0:
+    # Every summary line counts (a target that starts several processes prints several).
+    counts = [int(n) for n in re.findall(r"(?:ERROR|RACECHECK) SUMMARY:\s*(\d+)\s+(?:errors?|hazards?)\b", log)]
+    if any(counts):
         return "errors"
-    if m and rc == 0:
+    if counts and rc == 0:
         return "clean"
     return "failed"
 
 
 def pytest_exit_code(log: str) -> int | None:
-    """The exit code pytest's closing summary line implies (0: everything collected passed or
-    was skipped/deselected; 1: something failed or errored), or None without such a line (cut
-    off, crashed). For runs recorded before the sanitizer step kept its exit code: under
-    ``--error-exitcode 1`` compute-sanitizer exits with the application's code when it reports
-    no error, and with 1 when it does."""
+    """The exit code a sanitizer log implies: 1 when pytest's closing line names a failure or
+    error, or compute-sanitizer says the target returned an error (a crash after that line, at
+    teardown); 0 when the line shows passed tests and nothing else went wrong; None without such
+    a line (cut off, crashed) or with nothing passed. For runs recorded before the sanitizer
+    step kept its exit code: under ``--error-exitcode 1`` compute-sanitizer exits with the
+    application's code when it reports no error, and with 1 when it does."""
+    if "Target application returned an error" in log:
+        return 1
     lines = [ln.strip() for ln in log.splitlines()
              if re.fullmatch(r"=*\s*\d+ (passed|failed|skipped|deselected|errors?|xfailed|xpassed|"
                              r"warnings?)\b.* in [\d.]+s.*", ln.strip())]

@@ -25,9 +25,11 @@ Anything missing (a step skipped for time, say) verifies nothing. Prints one JSO
 ``--sanitizer-logs DIR`` grades each sanitizer process again from its log (``DIR/<name>.log``,
 as the lease brought it back) with this checkout's ``gpu_checks.sanitizer_verdict``: for a run
 graded by an older parser (the lease of 2026-11-26 10:08 UTC read racecheck's "RACECHECK
-SUMMARY: 0 hazards" as no summary at all). The exit code is the run's own where it kept one,
-else the one pytest's closing line implies; without either the process is ``failed``. The
-regrades are printed and named in the entries written.
+SUMMARY: 0 hazards" as no summary at all). Each log needs its test record beside it
+(``<name>.jsonl``) with the run's per-family counts, and pytest's closing line the record's
+passed count (so a folder from another run is refused). The exit code is the run's own where it
+kept one, else the one the log implies; without either the process is ``failed``. The regrades
+are printed and named in the entries written.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -97,9 +100,26 @@ def _gpu_checks():
     return module
 
 
+def _log_matches_run(checks, log: str, record_path: Path, proc: dict) -> str | None:
+    """Why the log and its test record cannot be this process's, or None. The record (the
+    tests' JSON lines, beside the log) must give the run's own per-family counts, and pytest's
+    closing line the record's number of passed tests: a folder from another run or commit fails."""
+    if not record_path.is_file():
+        return f"no test record {record_path.name} beside the log"
+    rec = checks.read_record(record_path)
+    if checks.family_counts(rec) != (proc.get("per_family") or {}):
+        return "its test record's per-family counts differ from the run's"
+    passed = sum(1 for outcome in rec["outcome"].values() if outcome == "passed")
+    m = re.findall(r"(\d+) passed", log)
+    if not m or int(m[-1]) != passed:
+        return f"pytest's closing line does not show the record's {passed} passed tests"
+    return None
+
+
 def regrade_sanitizers(run: dict, log_dir: Path) -> tuple[dict, list[dict]]:
-    """A copy of the run whose sanitizer verdicts come from their logs in ``log_dir``, and one
-    row per process whose log was there (name, old and new verdict, the exit code used)."""
+    """A copy of the run whose sanitizer verdicts come from their logs in ``log_dir`` (each with
+    its test record, ``<name>.jsonl``, that must match the run), and one row per process whose
+    log was there (name, old and new verdict, the exit code used, or why it was not regraded)."""
     checks = _gpu_checks()
     run = copy.deepcopy(run)
     rows = []
@@ -109,10 +129,15 @@ def regrade_sanitizers(run: dict, log_dir: Path) -> tuple[dict, list[dict]]:
             if not log_path.is_file():
                 continue
             log = log_path.read_text(errors="replace")
+            mismatch = _log_matches_run(checks, log, log_dir / f"{name}.jsonl", proc)
+            if mismatch is not None:
+                rows.append({"process": name, "recorded": proc.get("verdict"), "regraded": None,
+                             "why_not": mismatch})
+                continue
             rc = proc.get("rc")
             source = "run"
             if rc is None:
-                rc, source = checks.pytest_exit_code(log), "pytest summary line"
+                rc, source = checks.pytest_exit_code(log), "the log (pytest's closing line)"
             verdict = checks.sanitizer_verdict(log, 1 if rc is None else rc)
             rows.append({"process": name, "recorded": proc.get("verdict"), "regraded": verdict,
                          "rc": rc, "rc_from": source if rc is not None else "none (counted as 1)"})
@@ -169,6 +194,7 @@ def _relative(path: Path) -> str:
 
 
 def entry(run: dict, run_path: Path, sha: str, log_dir: Path | None = None) -> dict:
+    """The record entry of one verified family; ``log_dir`` only where a regrade took place."""
     verdicts = {p.get("verdict") for t in SANITIZERS for p in sanitizer_runs(run, t).values()}
     out = {"sha256": sha, "result": _relative(run_path), "device": run["machine"]["gpu"]["name"],
            "date": run.get("date"), "commit": run.get("commit"),
@@ -222,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         run, regrades = regrade_sanitizers(run, a.sanitizer_logs)
     hashes = _source_hashes(a.root)
     verdicts = family_verdicts(run, hashes)
-    verified = {f: entry(run, a.run, hashes[f], a.sanitizer_logs) for f, v in verdicts.items()
+    regraded_dir = a.sanitizer_logs if regrades and any(r["regraded"] for r in regrades) else None
+    verified = {f: entry(run, a.run, hashes[f], regraded_dir) for f, v in verdicts.items()
                 if v["verified"]}
     if a.write and verified:
         write_record(a.record, verified)

@@ -96,7 +96,7 @@ def built_architectures() -> str | None:
 def build_runs_on(capability: tuple[int, int]) -> bool | None:
     """Whether the extension's CUDA code can run on a GPU of ``capability`` (major, minor): a
     cubin of the same major and a minor not above it, or PTX of an architecture not above it
-    (``a``-suffixed architectures only on their own). None when the build does not say (no CUDA
+    (``a``-suffixed architectures only on their own, ``f``-suffixed PTX within its major). None when the build does not say (no CUDA
     kernels, or an architecture list such as ``all`` that this cannot read)."""
     archs = built_architectures()
     if not archs:
@@ -108,10 +108,11 @@ def build_runs_on(capability: tuple[int, int]) -> bool | None:
             return None
         x, y, suffix, kind = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
         if suffix == "a" and (x, y) != (major, minor):
-            continue
+            continue  # arch-specific: its own GPU only
         if kind in (None, "real") and x == major and y <= minor:
             return True
-        if kind in (None, "virtual") and (x, y) <= (major, minor):
+        # PTX: any newer GPU, but family-specific ("f") PTX only within its own major
+        if kind in (None, "virtual") and (x, y) <= (major, minor) and (suffix != "f" or x == major):
             return True
     return False
 

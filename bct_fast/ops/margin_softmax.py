@@ -15,9 +15,10 @@ exp(z_y - lse) - 1 from an fp32 lse (error ~ulp(scale)), p_y - 1 made the fp32 g
 well-classified rows 5-8x less accurate than plain PyTorch's at scale 64 (losses 1e-2 .. 1e-6).
 
 Each has a CUDA registration that asks :func:`bct_fast.ops.providers.choose` for the provider
-(the ``bct_fast._C`` SIMT kernels or the epilogue provider -- cuBLAS GEMMs + our epilogue
-kernels, :mod:`bct_fast.ops.margin_softmax_epilogue` -- when verified or requested, else the
-chunked PyTorch path), a CPU registration (chunked PyTorch; with ``backend="epilogue"`` the
+(verified and the default since 2026-11-26: the fused tensor-core forward for bf16,
+:mod:`bct_fast.ops.margin_softmax_fused`, and the epilogue provider -- cuBLAS GEMMs + our
+epilogue kernels, :mod:`bct_fast.ops.margin_softmax_epilogue` -- for the bf16 backward and fp32;
+the ``bct_fast._C`` SIMT kernels on request; the chunked PyTorch path for the rest), a CPU registration (chunked PyTorch; with ``backend="epilogue"`` the
 epilogue chunk loop with the PyTorch twin of its kernels) and a fake implementation so that
 ``torch.compile`` can trace them. Everything of size B (target cosines, margins, the loss itself) is plain PyTorch in
 :class:`CosineMarginCrossEntropyFunction`, shared by both devices.
@@ -326,13 +327,14 @@ def cosine_margin_cross_entropy(
         label_smoothing: as ``F.cross_entropy`` (over the margin logits).
         arcface_grad: ``"exact"`` or ``"straight_through"`` (insightface arcface_torch).
         chunk_size: classes per chunk on the PyTorch and epilogue paths (default: ~4M logits
-            per chunk).
+            per chunk on a CPU, ~32M on the PyTorch path on a GPU, ~16M on the epilogue one).
         validate: check labels and finiteness (costs one host sync; off under torch.compile).
-        backend: ``"auto"`` (the CUDA kernels for CUDA tensors once they passed a recorded GPU
-            run, or with ``BCT_FAST_UNVERIFIED_KERNELS=1``; else the chunked PyTorch path),
-            ``"cuda"`` (the kernels, or an error saying why they cannot serve the call),
-            ``"torch"``, or ``"epilogue"`` (cuBLAS GEMMs on class chunks + our epilogue kernels;
-            fp32 or bf16 inputs; on CPU tensors the same loop with the kernels' PyTorch twin)
+        backend: ``"auto"`` (on CUDA tensors the fastest verified provider that can serve the
+            call: ``"fused"`` forward for bf16, ``"epilogue"`` for the rest of bf16 and fp32;
+            else the chunked PyTorch path), ``"cuda"`` (the SIMT kernels, or an error saying
+            why they cannot serve the call), ``"torch"``, ``"epilogue"`` (cuBLAS GEMMs on class
+            chunks + our epilogue kernels; fp32 or bf16 inputs; on CPU tensors the same loop
+            with the kernels' PyTorch twin) or ``"fused"`` (bf16 on CUDA)
             (:mod:`bct_fast.ops.providers`).
 
     Returns:

@@ -58,8 +58,9 @@ def _pws_fused(x: Tensor, d: int) -> bool:
 def softmax_stats(x: Tensor, w: Tensor, inv_nx: Tensor, inv_nw: Tensor, labels: Tensor,
                   scale: float, with_pws: bool, chunk: int = 0) -> tuple[Tensor, Tensor]:
     """Over each row's non-target columns: the log-sum-exp of the logits (float64) and, with
-    ``with_pws``, sum_j softmax_ij * w_hat_j (fp32 [B, d]; fused for d <= 512, the epilogue
-    provider's sweep for larger d). ``chunk`` is only used by the epilogue provider."""
+    ``with_pws``, sum_j softmax_ij * w_hat_j (fp32 [B, d]; fused where :func:`_pws_fused`
+    says so -- d <= 512 and the device's shared memory holds the tiles, d <= 128 on a 99 KiB
+    part -- else the epilogue provider's sweep). ``chunk`` is only used by the epilogue provider."""
     why = unsupported(x, w)
     if why is not None:
         raise ValueError(f"x, w: the fused provider cannot serve them: {why.reason}")

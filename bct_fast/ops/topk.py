@@ -2,8 +2,10 @@
 
 ``cosine_topk`` scores ``query_block x chunk_size`` similarity blocks, reduces each to its top-k
 and merges, so the Q x N score matrix never exists. The provider is picked by
-:func:`bct_fast.ops.providers.choose`: the fused CUDA kernel (:mod:`bct_fast.ops.topk_cuda`) for
-CUDA tensors when it is verified or requested, else this chunked PyTorch path. On a CPU the
+:func:`bct_fast.ops.providers.choose`: for CUDA tensors the verified tensor-core providers
+(:mod:`bct_fast.ops.topk_fused` for up to 128 bf16 queries, :mod:`bct_fast.ops.topk_epilogue`
+otherwise), the SIMT kernel (:mod:`bct_fast.ops.topk_cuda`) on request, and this chunked PyTorch
+path for what they cannot serve (a host gallery streamed to the GPU, k > 4096, fp64). On a CPU the
 score blocks come from oneDNN (:mod:`bct_fast.ops.cpu_gemm`) and the running top-k is kept by
 the extension's C++ selector when it is built, else by the PyTorch one
 (:mod:`bct_fast.ops.topk_select`). On a GPU the running top-k keeps fixed shapes
@@ -283,9 +285,10 @@ def cosine_topk(queries, gallery, k: int, *, normalize: bool = True, exclude_sel
             same set): drop that row from query i's results (leave-one-out retrieval).
         chunk_size: gallery rows per block (default: ~16M scores per block).
         progress: show a tqdm bar over gallery chunks.
-        backend: ``"auto"`` (the CUDA kernel for CUDA tensors once it passed a recorded GPU run,
-            or with ``BCT_FAST_UNVERIFIED_KERNELS=1``; else the chunked PyTorch path),
-            ``"cuda"`` (the kernel, or an error saying why it cannot serve the call),
+        backend: ``"auto"`` (on CUDA tensors the fastest verified provider that can serve the
+            call: ``"fused"`` for up to 128 bf16 queries and k <= 128, else ``"epilogue"``; the
+            chunked PyTorch path for the rest), ``"cuda"`` (the SIMT kernel, or an error saying
+            why it cannot serve the call),
             ``"epilogue"`` (cuBLAS score blocks + the top-k selection kernel, k <= 4096; on CPU
             tensors the same loop with its PyTorch twin: :mod:`bct_fast.ops.topk_epilogue`),
             ``"fused"`` (tensor-core score tiles with the selection in shared memory, bf16

@@ -124,6 +124,8 @@ def test_record_takes_the_worst_phase(tmp_path, monkeypatch):
     ("========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)\n", 1, "errors"),
     ("========= RACECHECK SUMMARY: 1 hazard displayed (0 errors, 1 warning)\n", 0, "errors"),
     ("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n", 1, "failed"),
+    # two summary lines (a target starting several processes): any count > 0 is an error
+    ("========= ERROR SUMMARY: 0 errors\n========= ERROR SUMMARY: 2 errors\n", 1, "errors"),
 ])
 def test_sanitizer_verdicts(log, rc, verdict):
     assert gpu_checks.sanitizer_verdict(log, rc) == verdict
@@ -137,6 +139,8 @@ def test_sanitizer_verdicts(log, rc, verdict):
     ("============ 17 passed, 1 error in 4.00s ============\n", 1),
     ("..........\n", None),  # cut off before pytest's summary
     ("collected 0 items\n============ no tests ran in 0.01s ============\n", None),
+    ("3 skipped in 1.00s\n", None),  # nothing passed: nothing shown clean
+    ("18 passed in 6.1s\nSegmentation fault\n========= Target application returned an error\n", 1),
 ])
 def test_pytest_exit_code_from_its_summary_line(log, rc):
     assert gpu_checks.pytest_exit_code(log) == rc

@@ -273,12 +273,21 @@ def test_a_gpu_machine_collects_every_cuda_test_with_its_families(tmp_path):
     assert not unknown, list(unknown.items())[:5]
 
 
-CLEAN_RACECHECK_LOG = ("========= COMPUTE-SANITIZER\n.......  [100%]\n18 passed in 66.17s (0:01:06)\n"
+CLEAN_RACECHECK_LOG = ("========= COMPUTE-SANITIZER\n..  [100%]\n2 passed in 66.17s (0:01:06)\n"
                        "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
 
 
-def _misgraded_run(tmp_path, logs: dict[str, str]):
-    """A grouped run whose racecheck processes an older parser called 'failed', with the logs."""
+def _test_record(families) -> str:
+    """The tests' JSON-lines record of a grouped_run() process: two CUDA tests naming every
+    family of the group, both passed (per family: 2 passed)."""
+    rows = [{"collected": 2, "collected_cuda": {"t.py::a": list(families), "t.py::b": list(families)}}]
+    rows += [{"nodeid": n, "when": "call", "outcome": "passed", "cuda": True} for n in ("t.py::a", "t.py::b")]
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def _misgraded_run(tmp_path, logs: dict[str, str], records: bool = True):
+    """A grouped run whose racecheck processes an older parser called 'failed', with the logs
+    (and, unless ``records`` is False, each process's test record beside its log)."""
     run = grouped_run()
     for group in ("margin", "topk"):
         run[f"sanitizer_racecheck_{group}"]["verdict"] = "failed"
@@ -288,6 +297,9 @@ def _misgraded_run(tmp_path, logs: dict[str, str]):
     log_dir.mkdir()
     for name, text in logs.items():
         (log_dir / f"{name}.log").write_text(text)
+        if records:
+            group = MARGIN_GROUP if name.endswith("_margin") else TOPK_GROUP
+            (log_dir / f"{name}.jsonl").write_text(_test_record(group))
     return run_path, log_dir
 
 
@@ -306,24 +318,26 @@ def test_sanitizer_logs_regrade_a_misread_racecheck(tmp_path, capsys):
     rc, out = _main_json([str(run_path), "--sanitizer-logs", str(log_dir), "--write",
                           "--record", str(record)], capsys)
     assert rc == 0 and out["verified"] == FAMILIES
-    assert {r["process"]: (r["recorded"], r["regraded"], r["rc_from"]) for r in out["sanitizer_regraded"]} == {
-        "sanitizer_racecheck_margin": ("failed", "clean", "pytest summary line"),
-        "sanitizer_racecheck_topk": ("failed", "clean", "pytest summary line")}
+    assert {r["process"]: (r["recorded"], r["regraded"], r["rc"]) for r in out["sanitizer_regraded"]} == {
+        "sanitizer_racecheck_margin": ("failed", "clean", 0),
+        "sanitizer_racecheck_topk": ("failed", "clean", 0)}
     entries = json.loads(record.read_text())
     assert all(e[0]["sanitizer_graded_from_logs"] == str(log_dir) for f, e in entries.items() if f != "_about")
 
 
-@pytest.mark.parametrize("margin_log,rc_kept,verified_families", [
-    # hazards found: the margin families stay out
-    (CLEAN_RACECHECK_LOG.replace("0 hazards displayed (0 errors", "3 hazards displayed (3 errors"), None,
-     TOPK_GROUP),
-    # cut off before pytest's summary: no exit code to infer, counted as failed
-    ("========= COMPUTE-SANITIZER\n.......\n", None, TOPK_GROUP),
-    # the run kept its own exit code (1: a test failed under the sanitizer): it wins over the log
-    (CLEAN_RACECHECK_LOG, 1, TOPK_GROUP),
+HAZARDS = CLEAN_RACECHECK_LOG.replace("0 hazards displayed (0 errors", "3 hazards displayed (3 errors")
+
+
+@pytest.mark.parametrize("margin_log,rc_kept", [
+    (HAZARDS, None),                                             # hazards found
+    ("========= COMPUTE-SANITIZER\n..\n", None),                 # cut off before pytest's summary
+    (CLEAN_RACECHECK_LOG, 1),                                    # the run's own exit code wins
+    (CLEAN_RACECHECK_LOG + "========= Target application returned an error\n", None),  # crash after
+    (CLEAN_RACECHECK_LOG + "========= ERROR SUMMARY: 1 error\n", None),   # a second summary line
+    (CLEAN_RACECHECK_LOG.replace("2 passed", "18 passed"), None),  # another run's log
 ])
 def test_sanitizer_logs_regrade_keeps_out_what_the_log_does_not_show_clean(
-        tmp_path, capsys, margin_log, rc_kept, verified_families):
+        tmp_path, capsys, margin_log, rc_kept):
     run_path, log_dir = _misgraded_run(tmp_path, {"sanitizer_racecheck_margin": margin_log,
                                                   "sanitizer_racecheck_topk": CLEAN_RACECHECK_LOG})
     if rc_kept is not None:
@@ -332,7 +346,23 @@ def test_sanitizer_logs_regrade_keeps_out_what_the_log_does_not_show_clean(
         run_path.write_text(json.dumps(run))
     _, out = _main_json([str(run_path), "--sanitizer-logs", str(log_dir)], capsys)
     # margin_softmax / cosine_topk cases also ran in the margin group: they need both clean
-    assert set(out["verified"]) == set(verified_families) - set(MARGIN_GROUP)
+    assert set(out["verified"]) == set(TOPK_GROUP) - set(MARGIN_GROUP)
+
+
+def test_sanitizer_logs_need_the_runs_own_test_records(tmp_path, capsys):
+    run_path, log_dir = _misgraded_run(tmp_path, {"sanitizer_racecheck_margin": CLEAN_RACECHECK_LOG,
+                                                  "sanitizer_racecheck_topk": CLEAN_RACECHECK_LOG},
+                                       records=False)
+    _, out = _main_json([str(run_path), "--sanitizer-logs", str(log_dir)], capsys)
+    assert out["verified"] == [] and all(r["regraded"] is None for r in out["sanitizer_regraded"])
+    (log_dir / "sanitizer_racecheck_topk.jsonl").write_text(_test_record(MARGIN_GROUP))  # another group's
+    (log_dir / "sanitizer_racecheck_margin.jsonl").write_text(_test_record(MARGIN_GROUP))
+    _, out = _main_json([str(run_path), "--sanitizer-logs", str(log_dir)], capsys)
+    rows = {r["process"]: r for r in out["sanitizer_regraded"]}
+    assert rows["sanitizer_racecheck_topk"]["regraded"] is None and "per-family" in rows["sanitizer_racecheck_topk"]["why_not"]
+    assert rows["sanitizer_racecheck_margin"]["regraded"] == "clean"
+    # margin_softmax / cosine_topk also ran in the (still misgraded) top-k group
+    assert set(out["verified"]) == set(MARGIN_GROUP) - set(TOPK_GROUP)
 
 
 def test_sanitizer_logs_without_a_log_keep_the_recorded_verdict(tmp_path, capsys):

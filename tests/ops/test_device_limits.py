@@ -18,6 +18,9 @@ def gpu(monkeypatch):
     limit = {"bytes": H100}
     monkeypatch.setattr(device_limits, "_optin_of", lambda index: limit["bytes"])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    # the stand-in's architecture is not this machine's (a GPU run of this file must not cache a
+    # verdict about its real device 0 from the fake capability)
+    monkeypatch.setattr(providers, "_no_code_for", lambda device: None)
     return limit
 
 
@@ -81,3 +84,14 @@ def test_opt_in_limit_from_the_device_or_its_capability(monkeypatch):
     finally:
         device_limits._optin_of.cache_clear()
     assert device_limits.optin_smem(torch.device("cpu")) is None
+
+
+def test_the_frozen_forward_hands_pws_to_the_epilogue_sweep_where_its_tiles_do_not_fit(gpu, monkeypatch):
+    monkeypatch.setattr(margin_softmax_fused, "native",
+                        lambda: types.SimpleNamespace(margin_fused_pws_max_d=512))
+    x = rows()
+    gpu["bytes"] = SM89
+    assert [margin_softmax_fused._pws_fused(x, d) for d in (64, 128, 129, 512, 513)] == \
+        [True, True, False, False, False]
+    gpu["bytes"] = H100
+    assert [margin_softmax_fused._pws_fused(x, d) for d in (64, 512, 513)] == [True, True, False]

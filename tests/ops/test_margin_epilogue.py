@@ -183,7 +183,7 @@ def test_epilogue_is_injectable():
                      ("grads", 80, 10, True, False)]
 
 
-def test_chunk_width_keeps_the_score_block_near_16_mib():
+def test_chunk_width_keeps_the_score_block_near_64_mib():
     assert epi.epilogue_chunk(1024, 1_000_000) == 16384  # 16M fp32 scores = 64 MiB (measured, H200)
     assert epi.epilogue_chunk(1000, 1_000_000) % 256 == 0
     assert epi.epilogue_chunk(100_000, 10**6) == 256  # at least one GEMM-friendly width

@@ -14,10 +14,15 @@ from topk_reference import assert_topk_matches_reference
 CUDA = torch.device("cuda")  # only its type is read: no GPU needed
 
 
+_REAL_NO_CODE_FOR = providers._no_code_for
+
+
 @pytest.fixture
 def compiled(monkeypatch):
-    """Pretend the CUDA kernels are compiled (and unverified) on this machine."""
+    """Pretend the CUDA kernels are compiled (and unverified) on this machine, for a stand-in
+    device whatever GPU (if any) this machine has."""
     monkeypatch.setattr(providers, "cuda_kernels_compiled", lambda: True)
+    monkeypatch.setattr(providers, "_no_code_for", lambda device: None)
     monkeypatch.setattr(providers, "_verified", lambda family: False)
     monkeypatch.delenv(providers.UNVERIFIED_ENV, raising=False)
 
@@ -215,6 +220,9 @@ def test_fallback_warning_names_the_reason(compiled):
     ("86-real", (8, 0), False),
     ("80", (9, 0), True),                             # "80": cubin and PTX
     ("80-real", (9, 0), False),
+    ("100f-real", (10, 3), True),                     # family-specific cubin: its major
+    ("100f-virtual", (12, 0), False),                 # family-specific PTX: its major only
+    ("100f-virtual", (10, 3), True),
     ("all", (9, 0), None),                            # a list this cannot read: no verdict
     (None, (9, 0), None),
 ])
@@ -228,6 +236,7 @@ def test_a_build_without_code_for_the_gpu_falls_back_and_says_why(compiled, monk
     launch; `auto` takes the torch path with a warning naming the rebuild, the explicit backends
     raise."""
     monkeypatch.setattr(providers, "_verified", lambda family: True)
+    monkeypatch.setattr(providers, "_no_code_for", _REAL_NO_CODE_FOR)
     monkeypatch.setattr(providers, "built_architectures", lambda: "80-real,90-real,90-virtual")
     monkeypatch.setattr(extension, "built_architectures", lambda: "80-real,90-real,90-virtual")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
