@@ -211,3 +211,23 @@ def test_cuda_fused_with_pws_above_512_is_the_epilogue_sweep(seed):
     a = fused.softmax_stats(*args, 20.0, True)
     b = epi.softmax_stats(*args, 20.0, True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("dtype,named", [(torch.bfloat16, "fused"), (torch.float32, "epilogue")],
+                         ids=["bf16", "fp32"])
+def test_cuda_auto_is_the_measured_provider(monkeypatch, frozen, dtype, named):
+    """`auto` on a GPU with the families verified (forced here, so that a run of changed
+    sources tests the same routing): the loss and gradients of the provider it names, bit for
+    bit, and within the float64 reference's tolerance."""
+    monkeypatch.setattr(providers, "_verified", lambda family: True)
+    x, w, y = inputs(96, 5000, 128, "cuda", dtype=dtype)
+    kw = dict(scale=30.0, margin_type="cosface", margin=0.2)
+    auto = run(cosine_margin_cross_entropy, x, w, y, frozen, **kw)
+    ref = run(cosine_margin_cross_entropy, x, w, y, frozen, backend=named, **kw)
+    for a, b in zip(auto, ref):
+        assert (a is None and b is None) or torch.equal(a, b)
+    exact = run(cosine_margin_cross_entropy_ref, x.double(), w.double(), y, frozen, **kw)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert rel_err(auto[0], exact[0]) < tol and rel_err(auto[1], exact[1]) < tol

@@ -277,3 +277,26 @@ def test_cuda_cosine_topk_routes_backend_fused():
     torch.testing.assert_close(s_f, s_e, rtol=0, atol=2e-5)
     with pytest.raises(ValueError, match="fused provider of cosine_topk cannot serve.*k=129"):
         cosine_topk(q, g, 129, backend="fused")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("Q,k,named", [(16, 20, "fused"), (128, 128, "fused"), (129, 20, "epilogue"),
+                                       (16, 129, "epilogue")])
+def test_cuda_auto_routes_by_batch_and_k(monkeypatch, Q, k, named):
+    """`auto` on a GPU with the families verified (forced here, so that a run of changed sources
+    tests the same routing): fused for up to 128 bf16 queries and k <= 128, else the epilogue
+    provider; the named provider's results bit for bit. The build has code for this GPU and
+    the device's opt-in shared memory is what device_limits reads."""
+    from bct_fast._core.extension import build_runs_on
+    from bct_fast.ops import device_limits
+
+    assert build_runs_on(torch.cuda.get_device_capability()) is not False
+    props = torch.cuda.get_device_properties(0)
+    if hasattr(props, "shared_memory_per_block_optin"):
+        assert device_limits.optin_smem(torch.device("cuda", 0)) == props.shared_memory_per_block_optin
+    monkeypatch.setattr(providers, "_verified", lambda family: True)
+    q, g = _gpu(Q, 3000, 64, Q + k)
+    s, i = cosine_topk(q, g, k)
+    s_n, i_n = cosine_topk(q, g, k, backend=named)
+    assert torch.equal(s, s_n) and torch.equal(i, i_n)
+    assert_topk_matches_reference(s, i, q.cpu(), g.cpu(), k, atol=2e-5)
