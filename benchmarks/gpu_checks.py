@@ -237,13 +237,19 @@ def pytest_exit_code(log: str) -> int | None:
     application's code when it reports no error, and with 1 when it does."""
     if "Target application returned an error" in log:
         return 1
+    last = pytest_summary_line(log)
+    if last is None:
+        return None
+    return 1 if re.search(r"\d+ (failed|errors?)\b", last) else (0 if " passed" in last else None)
+
+
+def pytest_summary_line(log: str) -> str | None:
+    """pytest's closing line ("18 passed in 66.17s", "1 failed, 17 passed, 2 deselected in
+    4.00s", with or without its ``=`` frame), the last one in the log; None without one."""
     lines = [ln.strip() for ln in log.splitlines()
              if re.fullmatch(r"=*\s*\d+ (passed|failed|skipped|deselected|errors?|xfailed|xpassed|"
                              r"warnings?)\b.* in [\d.]+s.*", ln.strip())]
-    if not lines:
-        return None
-    last = lines[-1]
-    return 1 if re.search(r"\d+ (failed|errors?)\b", last) else (0 if " passed" in last else None)
+    return lines[-1] if lines else None
 
 
 # ---- Nsight Compute --------------------------------------------------------------------------

@@ -110,8 +110,8 @@ def _log_matches_run(checks, log: str, record_path: Path, proc: dict) -> str | N
     if checks.family_counts(rec) != (proc.get("per_family") or {}):
         return "its test record's per-family counts differ from the run's"
     passed = sum(1 for outcome in rec["outcome"].values() if outcome == "passed")
-    m = re.findall(r"(\d+) passed", log)
-    if not m or int(m[-1]) != passed:
+    m = re.search(r"(\d+) passed", checks.pytest_summary_line(log) or "")
+    if m is None or int(m.group(1)) != passed:
         return f"pytest's closing line does not show the record's {passed} passed tests"
     return None
 

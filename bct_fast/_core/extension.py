@@ -84,13 +84,13 @@ def cuda_kernels_compiled() -> bool:
     return bool(mod is not None and mod.build_info()["cuda_compiled"])
 
 
+@functools.lru_cache(maxsize=None)
 def built_architectures() -> str | None:
     """The CUDA architectures the extension was compiled for (CMake's list, comma-separated), or
-    None without CUDA kernels."""
+    None without CUDA kernels. Cached: ``providers.choose`` asks on every CUDA call."""
     mod = native()
-    if mod is None or not mod.build_info().get("cuda_compiled"):
-        return None
-    return mod.build_info().get("cuda_architectures") or None
+    info = mod.build_info() if mod is not None else {}
+    return (info.get("cuda_architectures") or None) if info.get("cuda_compiled") else None
 
 
 def build_runs_on(capability: tuple[int, int]) -> bool | None:
